@@ -1,0 +1,291 @@
+"""Data sets by name, held in memory as uint8 tensors, with a seeded validation split.
+
+fashion-mnist  Debian's IDX files (dataset-fashion-mnist) or torchvision's download
+cifar10/100    torchvision's download and file layout, read with a restricted unpickler
+imagefolder:P  one folder per class (P/train and P/test when present)
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import pickle
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.config import AugmentConfig, DataConfig
+from engine.errors import DataError
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+DEFAULT_AUGMENT = {"fashion-mnist": AugmentConfig(crop_padding=2, flip=True),
+                   "cifar10": AugmentConfig(crop_padding=4, flip=True),
+                   "cifar100": AugmentConfig(crop_padding=4, flip=True)}
+
+
+@dataclass
+class ImageSet:
+    x: torch.Tensor  # uint8 [N, C, H, W]
+    y: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        return ImageSet(self.x[index], self.y[index])
+
+
+@dataclass
+class Splits:
+    name: str
+    classes: list[str]
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    augment: AugmentConfig
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        """Per-channel statistics of the train split only (never val or test)."""
+        x = self.train.x.double() / 255
+        return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256("\n".join([self.name, *self.classes]).encode())
+        for part in (self.train, self.val, self.test):
+            h.update(part.x.numpy().tobytes())
+            h.update(part.y.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "classes": self.classes, "augment": self.augment.model_dump()}
+        for split in ("train", "val", "test"):
+            part = getattr(self, split)
+            d[f"{split}_x"], d[f"{split}_y"] = part.x, part.y
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Splits":
+        parts = {s: ImageSet(d[f"{s}_x"], d[f"{s}_y"]) for s in ("train", "val", "test")}
+        return cls(d["name"], list(d["classes"]), augment=AugmentConfig(**d["augment"]), **parts)
+
+
+# ---------------------------------------------------------------- IDX (Fashion-MNIST)
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (EOFError, OSError, zlib.error) as e:
+        raise DataError(f"{path}: truncated or corrupt gzip file ({e})") from None
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An IDX file of uint8 with `ndim` dimensions; every fault is named with the file."""
+    raw = _read_bytes(path)
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated: {len(raw)} bytes is shorter than the {header}-byte header")
+    if raw[:2] != b"\0\0" or raw[2] != 0x08 or raw[3] != ndim:
+        raise DataError(f"{path}: wrong magic number 0x{raw[:4].hex()}; expected 0x000008{ndim:02x} (uint8, {ndim}-d)")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        raise DataError(f"{path}: truncated or padded: {len(raw)} bytes, its header {dims} needs {expected}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find_idx(stem: str, dirs: list[Path]) -> Path:
+    for d in dirs:
+        for name in (stem + ".gz", stem):
+            if (d / name).exists():
+                return d / name
+    raise DataError(f"{stem}: not found in {', '.join(map(str, dirs))}")
+
+
+def load_fashion_mnist(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+    source, raw_dir = Path(cfg.source_dir), Path(cfg.root) / "FashionMNIST" / "raw"
+    if not (source / "train-images-idx3-ubyte.gz").exists() and not raw_dir.exists():
+        import torchvision  # the Debian package is absent: fetch the same files with torchvision
+
+        torchvision.datasets.FashionMNIST(cfg.root, train=True, download=True)
+    sets = []
+    for split in ("train", "test"):
+        images, labels = (_find_idx(stem, [source, raw_dir]) for stem in FASHION_FILES[split])
+        x, y = read_idx(images, 3), read_idx(labels, 1)
+        if len(x) != len(y):
+            raise DataError(f"{labels}: {len(y)} labels for {len(x)} images in {images}")
+        sets.append(ImageSet(torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64))))
+    return sets[0], sets[1]
+
+
+# ---------------------------------------------------------------- CIFAR
+
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR's python batches are pickles; only numpy arrays and plain containers may load."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: not plain CIFAR data")
+
+
+def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        d = _CifarUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+    except Exception as e:
+        raise DataError(f"{path}: not a valid CIFAR pickle ({e})") from None
+    if not isinstance(d, dict) or "data" not in d or label_key not in d:
+        raise DataError(f"{path}: CIFAR batch must be a dict with 'data' and {label_key!r}")
+    data, labels = np.asarray(d["data"]), np.asarray(d[label_key], dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+        raise DataError(f"{path}: 'data' must be uint8 [N, 3072] matching {len(labels)} labels, got {data.dtype} {data.shape}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str]]:
+    import torchvision
+
+    tv = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
+    folder = Path(cfg.root) / tv.base_folder
+    if not folder.exists():
+        tv(cfg.root, train=True, download=True)
+    label_key = "labels" if cfg.name == "cifar10" else "fine_labels"
+    sets = []
+    for files in (tv.train_list, tv.test_list):
+        parts = [_read_cifar_batch(folder / name, label_key) for name, _md5 in files]
+        x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        sets.append(ImageSet(torch.from_numpy(x), torch.from_numpy(y)))
+    meta_path = folder / tv.meta["filename"]
+    try:
+        meta = _CifarUnpickler(io.BytesIO(meta_path.read_bytes()), encoding="latin1").load()
+        classes = [str(c) for c in meta[tv.meta["key"]]]
+    except FileNotFoundError:
+        raise DataError(f"{meta_path}: file not found") from None
+    except Exception as e:
+        raise DataError(f"{meta_path}: not a valid CIFAR meta pickle ({e})") from None
+    return sets[0], sets[1], classes
+
+
+# ---------------------------------------------------------------- image folders
+
+def _read_folder(root: Path, classes: list[str], cfg: DataConfig) -> ImageSet:
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    images, labels, bad = [], [], []
+    for label, cls in enumerate(classes):
+        files = sorted(p for p in (root / cls).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+        if not files:
+            raise DataError(f"{root / cls}: class folder has no images ({', '.join(IMG_EXTENSIONS)})")
+        for p in files:
+            try:
+                with Image.open(p) as im:
+                    im = im.convert("L" if cfg.channels == 1 else "RGB").resize((cfg.image_size, cfg.image_size))
+                    images.append(np.asarray(im, dtype=np.uint8).reshape(cfg.image_size, cfg.image_size, cfg.channels))
+                    labels.append(label)
+            except Exception as e:
+                bad.append(f"{p} ({type(e).__name__})")
+    if bad:
+        raise DataError(f"{root}: {len(bad)} unreadable image(s): " + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(x, torch.tensor(labels, dtype=torch.long))
+
+
+def _class_folders(root: Path) -> list[str]:
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder not found")
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def load_image_folder(cfg: DataConfig) -> tuple[ImageSet, ImageSet | None, list[str]]:
+    root = Path(cfg.name.split(":", 1)[1])
+    split = (root / "train").is_dir() and (root / "test").is_dir()
+    classes = _class_folders(root / "train" if split else root)
+    if len(classes) < 2:
+        raise DataError(f"{root}: found {len(classes)} class folder(s); need at least 2")
+    if split:
+        if _class_folders(root / "test") != classes:
+            raise DataError(f"{root / 'test'}: class folders differ from {root / 'train'}")
+        return _read_folder(root / "train", classes, cfg), _read_folder(root / "test", classes, cfg), classes
+    return _read_folder(root, classes, cfg), None, classes
+
+
+# ---------------------------------------------------------------- splits
+
+def _check(part: ImageSet, num_classes: int, what: str) -> None:
+    if len(part) == 0:
+        raise DataError(f"{what}: the data set is empty")
+    bad = (part.y < 0) | (part.y >= num_classes)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise DataError(f"{what}: label {int(part.y[i])} at index {i} is out of range 0..{num_classes - 1}")
+
+
+def _shuffled(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Load a data set by name and carve the seeded validation split from its train split."""
+    if cfg.name == "fashion-mnist":
+        (train, test), classes = load_fashion_mnist(cfg), FASHION_CLASSES
+    elif cfg.name in ("cifar10", "cifar100"):
+        train, test, classes = load_cifar(cfg)
+    else:
+        train, test, classes = load_image_folder(cfg)
+        if test is None:  # one folder only: carve a seeded test split too
+            order = _shuffled(len(train), cfg.split_seed + 1)
+            n_test = max(1, round(len(train) * 0.2))
+            train, test = train.subset(order[n_test:]), train.subset(order[:n_test])
+    if len(classes) < 2:
+        raise DataError(f"{cfg.name}: {len(classes)} class(es); need at least 2")
+    _check(train, len(classes), f"{cfg.name} train split")
+    _check(test, len(classes), f"{cfg.name} test split")
+    order = _shuffled(len(train), cfg.split_seed)
+    if cfg.train_subset:
+        order = order[: cfg.train_subset]
+    n_val = max(1, round(len(order) * cfg.val_fraction))
+    if cfg.test_subset:
+        test = test.subset(_shuffled(len(test), cfg.split_seed + 2)[: cfg.test_subset])
+    augment = cfg.augment or DEFAULT_AUGMENT.get(cfg.name, AugmentConfig(crop_padding=4, flip=True))
+    return Splits(cfg.name.split(":")[0], list(classes), train.subset(order[n_val:]), train.subset(order[:n_val]), test, augment)
+
+
+class DeviceSet:
+    """A split resident on the device, normalised on the fly with the train split's statistics."""
+
+    def __init__(self, part: ImageSet, mean: list[float], std: list[float], device: torch.device):
+        self.x = part.x.to(device)
+        self.y = part.y.to(device)
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)

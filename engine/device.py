@@ -1,0 +1,32 @@
+"""Device choice and the per-device speed settings we measured."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; on CPU it is off (this CPU has no bf16 units: 5x slower)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seeds torch's global RNG (model init) and returns the trainer's own generator."""
+    torch.manual_seed(seed)
+    if os.environ.get("KD_THREADS"):
+        torch.set_num_threads(int(os.environ["KD_THREADS"]))
+    return torch.Generator().manual_seed(seed)

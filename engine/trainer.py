@@ -1,0 +1,165 @@
+"""One training loop for teacher, assistant, student, baselines and fine-tuning.
+
+Data lives on the device as uint8; each step takes a batch by index, augments it on the
+device, and, when distilling, looks up the teacher's logits for exactly the view the
+student sees. All randomness flows through one generator, saved in every checkpoint,
+so a resumed run ends with the same metrics as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from engine import augment
+from engine.atomic import load_torch, save_torch
+from engine.config import AugmentConfig, KDConfig, TrainConfig
+from engine.data import DeviceSet
+from engine.device import autocast
+from engine.errors import DivergedError
+from engine.losses import Batch, DistillLoss, lam_at
+
+Callback = Callable[[dict], None]
+
+
+@dataclass
+class Teacher:
+    """Where soft targets come from: a SoftTargets cache or an OnlineTeacher, plus the fixed views."""
+
+    targets: Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+    views: augment.Views  # [K, N]
+
+    @property
+    def k_views(self) -> int:
+        return self.views.dx.shape[0]
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best_val_acc: float = -1.0
+    best_epoch: int = -1
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                              nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:  # stepped every iteration
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        if cfg.lr_schedule == "step":
+            return cfg.gamma ** sum(step >= m * steps_per_epoch for m in cfg.milestones)
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: DeviceSet, batch_size: int = 1024) -> torch.Tensor:
+    """Logits for a whole split, un-augmented, in order."""
+    model.eval()
+    device = data.x.device
+    out = []
+    for start in range(0, len(data), batch_size):
+        with autocast(device):
+            out.append(model(data.normalize(data.x[start:start + batch_size])).float())
+    return torch.cat(out)
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+def _checkpoint(model, opt, sched, gen, epoch, result, run_key) -> dict:
+    return {"run_key": run_key, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "rng": gen.get_state(), "history": result.history,
+            "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch}
+
+
+def _resume(path: Path, run_key: str, model, opt, sched, gen, result) -> int:
+    if not path.exists():
+        return 0
+    ckpt = load_torch(path)
+    if ckpt.get("run_key") != run_key:
+        return 0  # a checkpoint of some other configuration: start over, it gets overwritten
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    gen.set_state(ckpt["rng"])
+    result.history, result.best_val_acc, result.best_epoch = ckpt["history"], ckpt["best_val_acc"], ckpt["best_epoch"]
+    return ckpt["epoch"]
+
+
+def fit(model: nn.Module, train: DeviceSet, val: DeviceSet, cfg: TrainConfig, loss_fn: DistillLoss,
+        generator: torch.Generator, spec: AugmentConfig, *, kd: KDConfig | None = None,
+        teacher: Teacher | None = None, workdir: Path | None = None, run_key: str = "",
+        callback: Callback | None = None, desc: str = "train") -> FitResult:
+    """Train `model`; leave it holding the weights that were best on validation."""
+    device = train.x.device
+    n, bs = len(train), cfg.batch_size
+    steps = math.ceil(n / bs)
+    opt, sched = make_optimizer(model, cfg, steps)
+    result = FitResult()
+    last, best = (workdir / "last.pt", workdir / "best.pt") if workdir else (None, None)
+    start = _resume(last, run_key, model, opt, sched, generator, result) if last else 0
+    best_state = None
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        lam = lam_at(kd, epoch, cfg.epochs) if kd else 0.0
+        t0 = time.perf_counter()
+        sums: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), device=device)
+        perm = torch.randperm(n, generator=generator).to(device)
+        for step, idx in enumerate(tqdm(perm.split(bs), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, disable=None)):
+            x, y = train.x[idx], train.y[idx]
+            if teacher is not None:
+                view = torch.randint(0, teacher.k_views, (len(idx),), generator=generator).to(device)
+                x = train.normalize(augment.apply(x, teacher.views[view, idx], spec))
+                t_logits = teacher.targets(idx, view, x)
+            else:
+                x = train.normalize(augment.apply(x, augment.random_views(len(idx), spec, generator).to(device), spec))
+                t_logits = None
+            with autocast(device):
+                logits = model(x)
+                parts = loss_fn(Batch(logits.float(), y, t_logits), lam)
+            if not torch.isfinite(parts["total"]):
+                raise DivergedError(f"{desc}: loss is {parts['total'].item()} at epoch {epoch + 1}, step {step + 1}; "
+                                    f"the last good checkpoint is kept at {last}")
+            opt.zero_grad(set_to_none=True)
+            parts["total"].backward()
+            opt.step()
+            sched.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0) + v.detach() * len(idx)
+            correct += (logits.argmax(1) == y).sum()
+        seconds = time.perf_counter() - t0
+        val_acc = accuracy(predict(model, val, cfg.eval_batch_size), val.y)
+        metrics = {"epoch": epoch + 1, **{f"loss_{k}": (v / n).item() for k, v in sums.items()},
+                   "train_acc": (correct / n).item(), "val_acc": val_acc, "lr": opt.param_groups[0]["lr"],
+                   "lam": lam, "epoch_seconds": seconds, "images_per_second": n / seconds}
+        result.history.append(metrics)
+        if val_acc > result.best_val_acc:
+            result.best_val_acc, result.best_epoch = val_acc, epoch + 1
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if best:
+                save_torch({"run_key": run_key, "epoch": epoch + 1, "val_acc": val_acc, "model": model.state_dict()}, best)
+        if last:
+            save_torch(_checkpoint(model, opt, sched, generator, epoch + 1, result, run_key), last)
+        if callback:
+            callback(metrics)
+    if best_state is None and best is not None and best.exists():  # resumed after the best epoch
+        best_state = load_torch(best, map_location=device)["model"]
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return result

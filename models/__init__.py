@@ -1,0 +1,7 @@
+"""Model zoo: plain-N (TAKD plain CNNs), resnet-N (CIFAR ResNets), tv:<name> (torchvision)."""
+from models import plain, resnet, torchvision_models  # noqa: F401  (registers builders)
+from models.features import feature_names, with_features
+from models.profile import profile
+from models.registry import UnknownModelError, available, build_model, check_name
+
+__all__ = ["UnknownModelError", "available", "build_model", "check_name", "feature_names", "profile", "with_features"]

@@ -1,0 +1,32 @@
+"""Size and cost of a model: parameters, bytes, FLOPs per image (torch.utils.flop_counter)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def size_bytes(model: nn.Module) -> int:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@torch.no_grad()
+def flops_per_image(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    """Forward FLOPs for one image (a multiply-add counts as 2)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *input_shape, device=device))
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def profile(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, int]:
+    return {"params": count_parameters(model), "size_bytes": size_bytes(model),
+            "flops": flops_per_image(model, input_shape)}

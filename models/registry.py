@@ -1,0 +1,43 @@
+"""Models by name: a new architecture is one builder function plus one `register` call."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+Builder = Callable[[str, int, int, int], nn.Module]
+"""builder(name, in_channels, num_classes, image_size) -> model"""
+
+_EXACT: dict[str, Builder] = {}
+_PREFIX: dict[str, Builder] = {}
+
+
+class UnknownModelError(ValueError):
+    pass
+
+
+def register(*names: str, prefix: bool = False) -> Callable[[Builder], Builder]:
+    def deco(fn: Builder) -> Builder:
+        for name in names:
+            (_PREFIX if prefix else _EXACT)[name] = fn
+        return fn
+
+    return deco
+
+
+def available() -> list[str]:
+    return sorted(_EXACT) + [f"{p}<name>" for p in sorted(_PREFIX)]
+
+
+def check_name(name: str) -> None:
+    if name in _EXACT or any(name.startswith(p) and len(name) > len(p) for p in _PREFIX):
+        return
+    raise UnknownModelError(f"unknown model {name!r}; available: {', '.join(available())}")
+
+
+def build_model(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    check_name(name)
+    builder = _EXACT.get(name) or next(b for p, b in _PREFIX.items() if name.startswith(p))
+    model = builder(name, in_channels, num_classes, image_size)
+    model.arch = name
+    return model

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The two commands of the README:
+#   ./run.sh pipeline   install what is missing, then run the default pipeline (dvc repro) on Fashion-MNIST
+#   ./run.sh test       install what is missing, then run the test suite
+# Other commands run inside the project's venv: ./run.sh dvc metrics show, ./run.sh python -m tasks --help
+set -euo pipefail
+cd "$(dirname "$0")"
+export DVC_NO_ANALYTICS=1 PIP_DISABLE_PIP_VERSION_CHECK=1 GIT_PYTHON_REFRESH=quiet
+
+setup() {
+  local stamp=".venv/.installed-$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    echo "== installing into .venv (pinned: requirements.lock)"
+    python3 -m venv .venv
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -r requirements.lock
+    .venv/bin/pip install -q --no-deps -e .
+    touch "$stamp"
+  fi
+  if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "== installing Debian's dataset-fashion-mnist"
+      (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+        || echo "   not available: the pipeline will download Fashion-MNIST with torchvision"
+    else
+      echo "== no root/apt: the pipeline will download Fashion-MNIST with torchvision"
+    fi
+  fi
+  export PATH="$PWD/.venv/bin:$PATH"
+}
+
+cmd="${1:-}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  pipeline)
+    setup
+    [ -d .git ] || { git init -q && git add -A && git -c user.email=takd@localhost -c user.name=takd commit -qm init; }
+    start=$(date +%s)
+    dvc repro "$@"
+    echo "== dvc repro took $(( $(date +%s) - start )) s"
+    dvc metrics show
+    cat data/reports/comparison.md
+    ;;
+  test)
+    setup
+    python -m pytest -q "$@"
+    ;;
+  "" | -h | --help)
+    sed -n '2,6p' "$0"
+    ;;
+  *)
+    setup
+    "$cmd" "$@"
+    ;;
+esac

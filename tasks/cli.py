@@ -1,0 +1,79 @@
+"""`takd` / `python -m tasks`: run one stage, or the whole pipeline, from a terminal.
+
+Every field of the config schema is a flag (`--student.arch plain-4`, `--kd.lam 0.9`),
+applied on top of params.yaml. Errors print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from engine.errors import KDError
+from tasks.catalog import Catalog
+from tasks.config import PipelineConfig, load_config, to_yaml
+
+
+def _leaf_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _leaf_fields(ann, f"{prefix}{name}.")
+        else:
+            out.append((f"{prefix}{name}", field))
+    return out
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("configuration (overrides params.yaml; values are YAML)")
+    for key, field in _leaf_fields(PipelineConfig):
+        help_text = (field.description or "").replace("%", "%%")
+        group.add_argument(f"--{key}", dest=f"cfg:{key}", metavar="V", default=argparse.SUPPRESS, help=help_text)
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k[4:]: yaml.safe_load(v) for k, v in vars(args).items() if k.startswith("cfg:")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tasks.stages import STAGES
+
+    parser = argparse.ArgumentParser(prog="takd", description="Teacher-assistant knowledge distillation pipeline.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("params", help="print the default params.yaml")
+    for name in [*STAGES, "pipeline"]:
+        help_text = "run every stage through the Prefect flow" if name == "pipeline" else f"run the {name} stage"
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--params", default="params.yaml", help="YAML file of parameters (default: params.yaml)")
+        p.add_argument("--force", action="store_true", help="redo the stage even if its outputs are up to date")
+        add_config_flags(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    if args.command == "params":
+        sys.stdout.write(to_yaml(PipelineConfig()))
+        return 0
+    try:
+        cfg = load_config(args.params, overrides(args))
+        if args.command == "pipeline":
+            from flows.pipeline import takd_pipeline
+
+            result = takd_pipeline(cfg, force=args.force)
+        else:
+            from tasks.stages import STAGES
+
+            result = STAGES[args.command](cfg, Catalog.default(), args.force)
+    except KDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=str))
+    return 0

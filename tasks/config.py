@@ -1,0 +1,136 @@
+"""The one configuration schema: params.yaml, the Prefect flow's form and the CLI flags.
+
+Defaults here ARE the default experiment; params.yaml is written from them
+(`python -m tasks params`) and a test keeps the two equal.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from engine.config import DataConfig, KDConfig, Strict, TrainConfig
+from engine.errors import KDError
+from models import check_name
+
+
+class ModelConfig(Strict):
+    arch: str = Field(description="model by name: plain-N, resnet-N or tv:<torchvision name>")
+    seed: int = Field(0, ge=0, description="fixes initialisation, batch order and augmentation")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("arch")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        check_name(v)
+        return v
+
+
+class TeacherConfig(ModelConfig):
+    checkpoint: Optional[str] = Field(None, description="import this state_dict (weights-only) instead of training")
+
+
+class CacheConfig(Strict):
+    views: int = Field(2, ge=1, le=64, description="K fixed views per image; view 0 is the clean image")
+    topk: Optional[int] = Field(None, ge=1, description="keep only the top-k logits per view (many classes)")
+    seed: int = Field(0, ge=0, description="view k of image i is a function of (seed, i, k)")
+    batch_size: int = Field(1024, ge=1)
+    online: bool = Field(False, description="run the teacher on every batch instead of reading the cache")
+
+
+class FinetuneConfig(Strict):
+    epochs: int = Field(1, ge=0, le=10_000, description="0 skips fine-tuning")
+    lr_scale: float = Field(0.1, gt=0, le=1, description="fine-tuning lr = student lr * lr_scale")
+
+
+class EvalConfig(Strict):
+    speed_repeats: int = Field(20, ge=0, description="timed repeats for CPU latency and throughput; 0 skips")
+
+
+class TrackingConfig(Strict):
+    experiment: str = Field("takd", description="MLflow experiment")
+    registered_model: str = Field("takd-student", description="the best student is registered under this name")
+    alias: str = Field("champion")
+    log_models: bool = Field(True, description="log every trained model with mlflow.pytorch.log_model")
+
+
+def _teacher() -> TeacherConfig:
+    return TeacherConfig(arch="plain-10", train=TrainConfig(epochs=3, lr=0.05))
+
+
+def _assistant() -> ModelConfig:
+    return ModelConfig(arch="plain-4", train=TrainConfig(epochs=5, lr=0.05))
+
+
+def _student() -> ModelConfig:
+    return ModelConfig(arch="plain-2", train=TrainConfig(epochs=6, lr=0.05))
+
+
+class PipelineConfig(Strict):
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=_teacher)
+    assistant: ModelConfig = Field(default_factory=_assistant)
+    student: ModelConfig = Field(default_factory=_student)
+    kd: KDConfig = Field(default_factory=KDConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+class ConfigError(KDError):
+    pass
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def dotted_to_nested(flat: dict[str, Any]) -> dict:
+    nested: dict = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return nested
+
+
+def validate(raw: dict, source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            got = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+            lines.append(f"{source}: {key}: {err['msg']}{got}")
+        raise ConfigError("; ".join(lines)) from None
+
+
+def load_config(path: str | Path | None = "params.yaml", overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """params.yaml (when present) + dotted overrides such as {"student.arch": "plain-4"}."""
+    raw: dict = {}
+    if path and Path(path).exists():
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: must be a mapping of keys to values")
+    elif path and Path(path).name != "params.yaml":
+        raise ConfigError(f"{path}: file not found")
+    # Partial sections in the file or the flags fill in from the schema's defaults.
+    merged = deep_merge(deep_merge(PipelineConfig().model_dump(), raw), dotted_to_nested(overrides or {}))
+    return validate(merged, str(path or "config"))
+
+
+def to_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

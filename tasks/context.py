@@ -1,0 +1,80 @@
+"""What every stage needs: the prepared splits on the device, models by name, their files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.atomic import load_torch, save_json, save_torch
+from engine.data import DeviceSet, Splits
+from engine.device import resolve_device
+from engine.errors import CheckpointError, KDError
+from engine.fingerprint import model_fingerprint
+from models import build_model
+from models.profile import profile
+from tasks.catalog import Catalog
+
+DATASET_FILE, MODEL_FILE, MODEL_META, HISTORY_FILE = "dataset.pt", "model.pt", "model.json", "history.json"
+
+
+def load_splits_file(cat: Catalog) -> Splits:
+    path = cat.prepared / DATASET_FILE
+    if not path.exists():
+        raise KDError(f"{path}: prepared data set not found; run the prepare-data stage first")
+    return Splits.from_dict(load_torch(path))
+
+
+class Workspace:
+    """The prepared data on one device, plus helpers to build and load models for it."""
+
+    def __init__(self, cat: Catalog, device: str):
+        self.cat = cat
+        self.device = resolve_device(device)
+        self.splits = load_splits_file(cat)
+        self.mean, self.std = self.splits.mean_std()
+        self.train, self.val, self.test = (DeviceSet(getattr(self.splits, s), self.mean, self.std, self.device)
+                                           for s in ("train", "val", "test"))
+        self.fingerprint = self.splits.fingerprint()
+
+    def build(self, arch: str) -> nn.Module:
+        c, h, _ = self.splits.input_shape
+        model = build_model(arch, c, self.splits.num_classes, h)
+        return model.to(self.device, memory_format=torch.channels_last)
+
+    def load_state(self, model: nn.Module, state: dict, source: str) -> nn.Module:
+        """Strict load; a mismatch names the file, the architecture and the differing tensors."""
+        own = model.state_dict()
+        missing = [k for k in own if k not in state]
+        extra = [k for k in state if k not in own]
+        shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+        if missing or extra or shapes:
+            c, h, w = self.splits.input_shape
+            what = (f"{model.arch} for {self.splits.num_classes} classes and {c}x{h}x{w} inputs")
+            detail = "; ".join(shapes[:3] + [f"missing {missing[:3]}"] * bool(missing) + [f"unexpected {extra[:3]}"] * bool(extra))
+            raise CheckpointError(f"{source}: checkpoint does not fit {what}: {detail}")
+        model.load_state_dict(state)
+        return model
+
+    def load_model(self, name: str) -> nn.Module:
+        meta = read_meta(self.cat.model(name))
+        model = self.build(meta["arch"])
+        return self.load_state(model, load_torch(self.cat.model(name) / MODEL_FILE, self.device), str(self.cat.model(name) / MODEL_FILE))
+
+    def save_model(self, out_dir: Path, model: nn.Module, meta: dict, history: list[dict]) -> dict:
+        save_torch(model.state_dict(), out_dir / MODEL_FILE)
+        save_json(history, out_dir / HISTORY_FILE)
+        meta = {**meta, "arch": model.arch, "classes": self.splits.classes, "input_shape": list(self.splits.input_shape),
+                "mean": self.mean, "std": self.std, "data": self.splits.name, "data_fingerprint": self.fingerprint,
+                "model_fingerprint": model_fingerprint(model), **profile(model, self.splits.input_shape)}
+        save_json(meta, out_dir / MODEL_META)
+        return meta
+
+
+def read_meta(model_dir: Path) -> dict:
+    path = model_dir / MODEL_META
+    if not path.exists():
+        raise KDError(f"{path}: model not found; run the stage that trains it first")
+    return json.loads(path.read_text())

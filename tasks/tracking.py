@@ -1,0 +1,227 @@
+"""MLflow: one parent run per pipeline invocation, one child run per trained model.
+
+The store defaults to SQLite in the project (mlflow.db); MLFLOW_TRACKING_URI overrides it.
+A pipeline started by Prefect or the CLI sets the parent in KD_MLFLOW_PARENT_RUN. Stages
+run alone (each `dvc repro` stage is its own process) share the parent recorded in
+.kd/parent_run.json, which the report stage closes. KD_TRACKING=0 turns tracking off.
+The tracking URI is never logged: it may carry credentials.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from contextlib import contextmanager
+from typing import Iterator
+
+from engine.atomic import save_json
+from tasks.catalog import Catalog
+from tasks.config import PipelineConfig
+
+ENV_PARENT, ENV_FLOW_RUN = "KD_MLFLOW_PARENT_RUN", "KD_PREFECT_FLOW_RUN_ID"
+PARENT_FILE = "parent_run.json"
+log = logging.getLogger("kd")
+
+
+def enabled() -> bool:
+    return os.environ.get("KD_TRACKING", "1") != "0"
+
+
+def _client(cat: Catalog):
+    import mlflow
+
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cat.root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    return mlflow, mlflow.MlflowClient(uri)
+
+
+def experiment_id(cfg: PipelineConfig, cat: Catalog) -> str:
+    mlflow, client = _client(cat)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(cfg.tracking.experiment, artifact_location=(cat.root / "mlartifacts").as_uri())
+
+
+def git_revision(cat: Catalog) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cat.root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _common_tags(cat: Catalog) -> dict[str, str]:
+    tags = {}
+    if rev := git_revision(cat):
+        tags["mlflow.source.git.commit"] = rev
+    if flow_run := os.environ.get(ENV_FLOW_RUN):
+        tags["prefect_flow_run_id"] = flow_run
+    return tags
+
+
+def pipeline_name(cfg: PipelineConfig) -> str:
+    return f"pipeline {cfg.data.name}: {cfg.teacher.arch} -> {cfg.assistant.arch} -> {cfg.student.arch}"
+
+
+def _create_parent(cfg: PipelineConfig, cat: Catalog, source: str) -> str:
+    _, client = _client(cat)
+    run = client.create_run(experiment_id(cfg, cat), run_name=pipeline_name(cfg),
+                            tags={"source": source, "kind": "pipeline", **_common_tags(cat)})
+    client.log_dict(run.info.run_id, cfg.model_dump(mode="json"), "config.json")
+    return run.info.run_id
+
+
+def start_parent(cfg: PipelineConfig, cat: Catalog, source: str) -> str | None:
+    """The parent run of a whole-pipeline invocation (Prefect flow, `python -m tasks pipeline`)."""
+    if not enabled():
+        return None
+    os.environ[ENV_PARENT] = _create_parent(cfg, cat, source)
+    return os.environ[ENV_PARENT]
+
+
+def parent_id(cfg: PipelineConfig, cat: Catalog) -> str | None:
+    if not enabled():
+        return None
+    if os.environ.get(ENV_PARENT):
+        return os.environ[ENV_PARENT]
+    path = cat.state / PARENT_FILE
+    if path.exists():
+        run_id = json.loads(path.read_text())["run_id"]
+        _, client = _client(cat)
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                return run_id
+        except Exception:  # the store changed (MLFLOW_TRACKING_URI): start afresh
+            pass
+    run_id = _create_parent(cfg, cat, "dvc" if os.environ.get("DVC_ROOT") or os.environ.get("DVC_STAGE") else "cli")
+    save_json({"run_id": run_id}, path)  # stages in later processes join it until report closes it
+    return run_id
+
+
+def end_parent(cat: Catalog, status: str = "FINISHED") -> None:
+    """Close the flow's parent run (from the env)."""
+    run_id = os.environ.pop(ENV_PARENT, None)
+    if run_id and enabled():
+        _client(cat)[1].set_terminated(run_id, status)
+
+
+class ModelRun:
+    """Logs one trained model: params, per-epoch metrics with step, the model itself."""
+
+    def __init__(self, mlflow, client, run_id: str | None, log_models: bool = False):
+        self.mlflow, self.client, self.run_id, self.log_models = mlflow, client, run_id, log_models
+
+    def log_epoch(self, metrics: dict) -> None:
+        if self.run_id:
+            from mlflow.entities import Metric
+            import time
+
+            now, step = int(time.time() * 1000), int(metrics["epoch"])
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
+                                                        if k != "epoch"])
+
+    def log_model(self, model, ws, meta: dict) -> None:
+        if not self.run_id:
+            return
+        import numpy as np
+
+        keep = ("params", "size_bytes", "flops", "best_val_acc", "best_epoch")
+        self.client.log_batch(self.run_id, metrics=[_metric(k, meta[k]) for k in keep if meta.get(k) is not None])
+        self.client.log_dict(self.run_id, meta, "model.json")
+        if not self.log_models:
+            return
+        was = model.training
+        model.eval()  # pt2 export bakes the mode into the graph
+        example = ws.val.normalize(ws.val.x[:4]).contiguous().cpu().numpy().astype(np.float32)
+        cpu_model = _cpu_copy(model)
+        with self.mlflow.start_run(run_id=self.run_id):
+            info = self.mlflow.pytorch.log_model(cpu_model, name="model", input_example=example,
+                                                 pip_requirements=["torch", "torchvision"])
+        self.client.set_tag(self.run_id, "model_uri", info.model_uri)
+        model.train(was)
+
+
+def _cpu_copy(model):
+    import copy
+
+    import torch
+
+    return copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
+
+
+def _metric(key: str, value):
+    import time
+
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), 0)
+
+
+@contextmanager
+def model_run(cfg: PipelineConfig, cat: Catalog, name: str, run_name: str, role: str, method: str,
+              params: dict) -> Iterator[ModelRun]:
+    if not enabled():
+        yield ModelRun(None, None, None)
+        return
+    mlflow, client = _client(cat)
+    parent = parent_id(cfg, cat)
+    tags = {"role": role, "method": method, "model": name, "mlflow.parentRunId": parent, **_common_tags(cat)}
+    run = client.create_run(experiment_id(cfg, cat), run_name=run_name, tags=tags)
+    client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in params.items()])
+    handle = ModelRun(mlflow, client, run.info.run_id, cfg.tracking.log_models)
+    try:
+        yield handle
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def _param(key: str, value):
+    from mlflow.entities import Param
+
+    return Param(key, str(value))
+
+
+def log_test_metrics(cat: Catalog, run_id: str | None, metrics: dict) -> None:
+    """Final test metrics on a model's own child run (it may come from an earlier invocation)."""
+    if not (enabled() and run_id):
+        return
+    _, client = _client(cat)
+    try:
+        client.log_batch(run_id, metrics=[_metric(k, v) for k, v in metrics.items() if isinstance(v, (int, float))])
+    except Exception as e:  # the run lives in another store (MLFLOW_TRACKING_URI changed)
+        log.warning("could not log test metrics to MLflow run %s: %s", run_id, type(e).__name__)
+
+
+def register(cat: Catalog, run_id: str, name: str, alias: str) -> dict:
+    mlflow, client = _client(cat)
+    uri = client.get_run(run_id).data.tags["model_uri"]
+    version = mlflow.register_model(uri, name)
+    client.set_registered_model_alias(name, alias, version.version)
+    return {"name": name, "version": version.version, "alias": alias}
+
+
+def log_report(cfg: PipelineConfig, cat: Catalog, metrics: dict, files: list) -> None:
+    if not enabled():
+        return
+    _, client = _client(cat)
+    run_id = parent_id(cfg, cat)
+    flat = [_metric(f"{model}_{k}", v) for model, vals in metrics.items() for k, v in vals.items()]
+    client.log_batch(run_id, metrics=flat)
+    client.log_dict(run_id, metrics, "comparison.json")
+    for f in files:
+        client.log_artifact(run_id, str(f))
+
+
+def end_file_parent(cat: Catalog) -> None:
+    """Close the parent that stages opened on their own (DVC, single CLI stages); a flow closes its own."""
+    path = cat.state / PARENT_FILE
+    if not os.environ.get(ENV_PARENT) and path.exists():
+        run_id = json.loads(path.read_text())["run_id"]
+        path.unlink()
+        if enabled():
+            _client(cat)[1].set_terminated(run_id, "FINISHED")
