@@ -57,3 +57,4 @@ class TrainConfig(Strict):
     milestones: list[int] = Field(default_factory=lambda: [80, 120], description="step schedule: epochs where lr *= gamma")
     gamma: float = Field(0.1, gt=0, le=1)
     eval_batch_size: int = Field(1024, ge=1)
+    compile: bool = Field(False, description="torch.compile the model for training (pays off on GPUs)")

@@ -114,6 +114,7 @@ def fit(model: nn.Module, train: DeviceSet, val: DeviceSet, cfg: TrainConfig, lo
     last, best = (workdir / "last.pt", workdir / "best.pt") if workdir else (None, None)
     start = _resume(last, run_key, model, opt, sched, generator, result) if last else 0
     best_state = None
+    forward = torch.compile(model) if cfg.compile else model  # shares weights; state_dict stays plain
     for epoch in range(start, cfg.epochs):
         model.train()
         lam = lam_at(kd, epoch, cfg.epochs) if kd else 0.0
@@ -131,7 +132,7 @@ def fit(model: nn.Module, train: DeviceSet, val: DeviceSet, cfg: TrainConfig, lo
                 x = train.normalize(augment.apply(x, augment.random_views(len(idx), spec, generator).to(device), spec))
                 t_logits = None
             with autocast(device):
-                logits = model(x)
+                logits = forward(x)
                 parts = loss_fn(Batch(logits.float(), y, t_logits), lam)
             if not torch.isfinite(parts["total"]):
                 raise DivergedError(f"{desc}: loss is {parts['total'].item()} at epoch {epoch + 1}, step {step + 1}; "

@@ -61,11 +61,11 @@ def _teacher() -> TeacherConfig:
 
 
 def _assistant() -> ModelConfig:
-    return ModelConfig(arch="plain-4", train=TrainConfig(epochs=5, lr=0.05))
+    return ModelConfig(arch="plain-4", train=TrainConfig(epochs=8, lr=0.05))
 
 
 def _student() -> ModelConfig:
-    return ModelConfig(arch="plain-2", train=TrainConfig(epochs=6, lr=0.05))
+    return ModelConfig(arch="plain-2", train=TrainConfig(epochs=10, lr=0.05))
 
 
 class PipelineConfig(Strict):

@@ -18,7 +18,7 @@ from engine.trainer import Teacher, fit
 from tasks import tracking
 from tasks.catalog import MODELS, Catalog
 from tasks.config import ModelConfig, PipelineConfig
-from tasks.context import Workspace, read_meta
+from tasks.context import Workspace
 from tasks.stage import run_once, stage_key
 
 
@@ -118,7 +118,3 @@ def train_model(cfg: PipelineConfig, cat: Catalog, name: str, force: bool = Fals
         return {**best, "arch": mcfg.arch, "model_fingerprint": meta["model_fingerprint"], "mlflow_run_id": run.run_id}
 
     return run_once(cat, f"train-{name}", "train", out_dir, stage_inputs(cfg, cat, name), work_fn, force)
-
-
-def model_arch(cat: Catalog, name: str) -> str:
-    return read_meta(cat.model(name))["arch"]

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import DataConfig
+from tests.fakes import write_fashion
+
+os.environ.setdefault("KD_TRACKING", "0")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def fashion_dir(tmp_path_factory) -> Path:
+    return write_fashion(tmp_path_factory.mktemp("fashion"))
+
+
+@pytest.fixture
+def data_cfg(fashion_dir, tmp_path) -> DataConfig:
+    return DataConfig(source_dir=str(fashion_dir), root=str(tmp_path / "raw"))
+
+
+def tiny_overrides(fashion_dir: Path, root: Path) -> dict:
+    """A whole pipeline in seconds: tiny data, one epoch, small models."""
+    return {"data.source_dir": str(fashion_dir), "data.root": str(root / "raw"),
+            "teacher.arch": "plain-4", "assistant.arch": "plain-2", "student.arch": "plain-2",
+            "teacher.train.epochs": 1, "assistant.train.epochs": 1, "student.train.epochs": 1,
+            "teacher.train.batch_size": 64, "assistant.train.batch_size": 64, "student.train.batch_size": 64,
+            "evaluate.speed_repeats": 1, "cache.batch_size": 256}
+
+
+@pytest.fixture
+def project(tmp_path, fashion_dir, monkeypatch):
+    """An empty project root for stage outputs, and the tiny config."""
+    from tasks.catalog import Catalog
+    from tasks.config import load_config
+
+    monkeypatch.setenv("KD_PROJECT_ROOT", str(tmp_path))
+    cfg = load_config(None, tiny_overrides(fashion_dir, tmp_path))
+    return cfg, Catalog(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One temporary Prefect server (SQLite) for the whole session."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

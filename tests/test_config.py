@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.cli import build_parser, main, overrides
+from tasks.config import ConfigError, PipelineConfig, load_config, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_params_yaml_is_the_schema_default():
+    assert load_config(ROOT / "params.yaml") == PipelineConfig()
+    assert yaml.safe_load((ROOT / "params.yaml").read_text()) == yaml.safe_load(to_yaml(PipelineConfig()))
+
+
+def test_paper_profile_validates():
+    cfg = load_config(ROOT / "profiles" / "paper.yaml")
+    assert cfg.teacher.train.epochs == 150 and cfg.teacher.train.milestones == [80, 120] and cfg.data.name == "cifar10"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("student: {arch: plain-2, colour: red}", "student.colour: Extra inputs are not permitted"),
+    ("kd: {lam: 1.5}", "kd.lam: Input should be less than or equal to 1"),
+    ("teacher: {train: {epochs: many}}", "teacher.train.epochs: Input should be a valid integer"),
+    ("assistant: {arch: plain-3}", "assistant.arch: Value error, unknown model 'plain-3'"),
+    ("data: {name: mnist}", "data.name: Value error, unknown data set 'mnist'"),
+    ("- just\n- a list", "must be a mapping"),
+])
+def test_bad_params_name_the_key(tmp_path, text, message):
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(p)
+
+
+def test_cli_flags_come_from_the_schema_and_override_the_file(tmp_path):
+    args = build_parser().parse_args(["distill-student-takd", "--student.arch", "plain-4", "--kd.lam", "0.25",
+                                      "--teacher.train.milestones", "[3, 6]"])
+    cfg = load_config(ROOT / "params.yaml", overrides(args))
+    assert cfg.student.arch == "plain-4" and cfg.kd.lam == 0.25 and cfg.teacher.train.milestones == [3, 6]
+    assert cfg.teacher.arch == "plain-10"  # untouched keys keep params.yaml's values
+
+
+def test_cli_reports_errors_in_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train-teacher", "--kd.temperature", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "kd.temperature: Input should be greater than 0" in err[0]
+    assert main(["evaluate"]) == 2
+    assert "has not been produced yet" in capsys.readouterr().err
+    assert not (tmp_path / "data" / "models").exists()
+
+
+def test_every_stage_has_help(capsys):
+    for cmd in ["prepare-data", "train-teacher", "cache-teacher", "distill-assistant", "fine-tune-student", "evaluate",
+                "pipeline"]:
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args([cmd, "--help"])
+        assert e.value.code == 0
+    assert "--student.train.lr" in capsys.readouterr().out

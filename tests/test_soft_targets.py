@@ -1,0 +1,93 @@
+import json
+
+import pytest
+import torch
+
+from engine import augment, soft_targets
+from engine.config import KDConfig, TrainConfig
+from engine.device import seed_everything
+from engine.errors import CacheMismatchError
+from engine.fingerprint import model_fingerprint
+from engine.losses import Batch, build_loss
+from engine.trainer import Teacher, fit
+from models import build_model
+from tests.engine_helpers import device_sets
+
+
+@pytest.fixture
+def setup(data_cfg):
+    s, tr, va, _ = device_sets(data_cfg)
+    torch.manual_seed(0)
+    teacher = build_model("plain-4", 1, 10, 28).eval()
+    key = soft_targets.CacheKey(model_fingerprint(teacher), s.fingerprint(), s.augment.model_dump(), 3, 7, None, 10, len(tr))
+    return s, tr, va, teacher, key
+
+
+def test_cache_round_trip_and_manifest_written_last(setup, tmp_path):
+    s, tr, _, teacher, key = setup
+    t = soft_targets.compute(teacher, tr, s.augment, 3, 7, None, batch_size=100)
+    assert t.values.dtype == torch.float16 and t.values.shape == (3, len(tr), 10)
+    soft_targets.save(tmp_path, t, key)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["key"]["views"] == 3 and manifest["key"]["model_fingerprint"] == key.model_fingerprint
+    loaded = soft_targets.load(tmp_path, key)
+    assert torch.equal(loaded.values, t.values)
+    # view k of image i is the teacher on exactly that augmented image
+    views = augment.fixed_views(len(tr), s.augment, 7, 3)
+    i, k = torch.tensor([5, 17]), torch.tensor([2, 1])
+    x = tr.normalize(augment.apply(tr.x[i], views[k, i], s.augment))
+    assert torch.allclose(loaded(i, k), teacher(x), atol=2e-2, rtol=1e-2)
+
+
+def test_mismatched_or_incomplete_cache_is_refused(setup, tmp_path):
+    s, tr, _, teacher, key = setup
+    with pytest.raises(CacheMismatchError, match="no manifest"):
+        soft_targets.load(tmp_path, key)
+    soft_targets.save(tmp_path, soft_targets.compute(teacher, tr, s.augment, 3, 7, None), key)
+    other = soft_targets.CacheKey(**{**key.__dict__, "model_fingerprint": "0" * 16, "views": 4})
+    with pytest.raises(CacheMismatchError, match=r"model_fingerprint: cache has '[0-9a-f]+', request needs '0+'.*views: cache has 3, request needs 4"):
+        soft_targets.load(tmp_path, other)
+    raw = bytearray((tmp_path / "logits.pt").read_bytes())
+    raw[-30] ^= 0xFF
+    (tmp_path / "logits.pt").write_bytes(bytes(raw))
+    with pytest.raises(CacheMismatchError, match="contents do not match its manifest"):
+        soft_targets.load(tmp_path, key)
+
+
+def test_topk_cache(setup, tmp_path):
+    s, tr, _, teacher, key = setup
+    full = soft_targets.compute(teacher, tr, s.augment, 1, 7, None)
+    top = soft_targets.compute(teacher, tr, s.augment, 1, 7, 3)
+    assert top.values.shape == (1, len(tr), 3) and top.indices.dtype == torch.int16
+    idx, view = torch.arange(4), torch.zeros(4, dtype=torch.long)
+    dense, sparse = full(idx, view), top(idx, view)
+    kept = torch.isfinite(sparse)
+    assert kept.sum(1).eq(3).all() and torch.equal(sparse[kept], dense[kept])
+
+
+def test_cached_and_online_teacher_give_the_same_loss(setup):
+    s, tr, _, teacher, key = setup
+    cached = soft_targets.compute(teacher, tr, s.augment, 3, 7, None)
+    online = soft_targets.OnlineTeacher(teacher)
+    views = augment.fixed_views(len(tr), s.augment, 7, 3)
+    loss = build_loss("kd", KDConfig(temperature=4))
+    student = build_model("plain-2", 1, 10, 28)
+    idx, k = torch.arange(0, 64), torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(0))
+    x = tr.normalize(augment.apply(tr.x[idx], views[k, idx], s.augment))
+    s_logits = student(x)
+    a = loss(Batch(s_logits, tr.y[idx], cached(idx, k, x)), 0.5)["total"].item()
+    b = loss(Batch(s_logits, tr.y[idx], online(idx, k, x)), 0.5)["total"].item()
+    assert a == pytest.approx(b, rel=1e-3)  # the cache stores fp16 logits
+
+
+def test_distillation_from_cache_and_online_train_alike(setup):
+    s, tr, va, teacher, key = setup
+    views = augment.fixed_views(len(tr), s.augment, 7, 3)
+    results = []
+    for source in (soft_targets.compute(teacher, tr, s.augment, 3, 7, None), soft_targets.OnlineTeacher(teacher)):
+        gen = seed_everything(0)
+        student = build_model("plain-2", 1, 10, 28)
+        r = fit(student, tr, va, TrainConfig(epochs=1, batch_size=64), build_loss("kd", KDConfig()), gen, s.augment,
+                kd=KDConfig(), teacher=Teacher(source, views))
+        results.append(r.history[0])
+    assert results[0]["loss_kd"] == pytest.approx(results[1]["loss_kd"], rel=1e-2)

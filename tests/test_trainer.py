@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from engine.atomic import load_torch
+from engine.errors import CheckpointError, DivergedError
+from tests.engine_helpers import train
+
+
+def test_same_seed_same_metrics_to_the_last_digit(data_cfg):
+    _, a = train(data_cfg, seed=3)
+    _, b = train(data_cfg, seed=3)
+    _, c = train(data_cfg, seed=4)
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("epoch_seconds", "images_per_second")} for e in h]
+    assert strip(a.history) == strip(b.history)
+    assert strip(a.history) != strip(c.history)
+
+
+def test_learns_and_reports_every_metric(data_cfg):
+    seen = []
+    _, r = train(data_cfg, arch="plain-4", epochs=2, callback=seen.append)
+    assert [m["epoch"] for m in seen] == [1, 2]
+    assert {"loss_total", "loss_ce", "train_acc", "val_acc", "lr", "lam", "epoch_seconds",
+            "images_per_second"} <= set(seen[0])
+    assert r.best_val_acc > 0.3  # chance is 0.1 on the patch-coded classes
+
+
+def test_best_validation_weights_are_kept(data_cfg, tmp_path):
+    model, r = train(data_cfg, epochs=3, workdir=tmp_path)
+    best = load_torch(tmp_path / "best.pt")
+    assert best["epoch"] == r.best_epoch and best["val_acc"] == r.best_val_acc
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in best["model"].items())
+
+
+def test_resume_after_interruption_gives_the_same_result(data_cfg, tmp_path):
+    full_model, full = train(data_cfg, epochs=3, workdir=tmp_path / "full")
+
+    class Killed(Exception):
+        pass
+
+    def die_after_two(m):
+        if m["epoch"] == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(data_cfg, epochs=3, workdir=tmp_path / "cut", callback=die_after_two)
+    assert load_torch(tmp_path / "cut" / "last.pt")["epoch"] == 2
+    resumed_model, resumed = train(data_cfg, epochs=3, workdir=tmp_path / "cut")
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("epoch_seconds", "images_per_second")} for e in h]
+    assert strip(resumed.history) == strip(full.history)
+    assert all(torch.equal(v, resumed_model.state_dict()[k]) for k, v in full_model.state_dict().items())
+
+
+def test_divergence_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(data_cfg, tmp_path):
+    holder = {}
+
+    def poison_after_epoch_one(m):
+        if m["epoch"] == 1:  # an exploding update, after the epoch-1 checkpoint was written
+            with torch.no_grad():
+                next(holder["model"].parameters()).fill_(float("inf"))
+
+    import tests.engine_helpers as h
+
+    real_build = h.build_model
+
+    def build_and_remember(*a):
+        holder["model"] = real_build(*a)
+        return holder["model"]
+
+    h.build_model = build_and_remember
+    try:
+        with pytest.raises(DivergedError, match=r"loss is nan at epoch 2, step 1; the last good checkpoint is kept at .*last.pt"):
+            train(data_cfg, epochs=3, workdir=tmp_path, callback=poison_after_epoch_one)
+    finally:
+        h.build_model = real_build
+    last = load_torch(tmp_path / "last.pt")
+    assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_step_schedule_and_adamw_run(data_cfg):
+    seen = []
+    train(data_cfg, epochs=3, lr_schedule="step", milestones=[1, 2], lr=0.1, callback=seen.append)
+    assert [round(m["lr"], 6) for m in seen] == [0.01, 0.001, 0.001]
+    _, r = train(data_cfg, epochs=1, optimizer="adamw", lr=1e-3)
+    assert r.best_val_acc >= 0
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, path, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(CheckpointError, match="refused or unreadable as a weights-only checkpoint"):
+        load_torch(path)
