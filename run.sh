@@ -6,15 +6,20 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 export DVC_NO_ANALYTICS=1 PIP_DISABLE_PIP_VERSION_CHECK=1 GIT_PYTHON_REFRESH=quiet
+export PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=1
+
+pip_quiet() {  # this machine's pip config names local mirrors that may be absent; drop those notices only
+  "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 setup() {
   local stamp=".venv/.installed-$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
   if [ ! -f "$stamp" ]; then
     echo "== installing into .venv (pinned: requirements.lock)"
     python3 -m venv .venv
-    .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -r requirements.lock
-    .venv/bin/pip install -q --no-deps -e .
+    pip_quiet .venv/bin/pip install -q --upgrade pip
+    pip_quiet .venv/bin/pip install -q -r requirements.lock
+    pip_quiet .venv/bin/pip install -q --no-deps -e .
     touch "$stamp"
   fi
   if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then

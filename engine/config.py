@@ -2,9 +2,20 @@
 so params.yaml, the Prefect form and the CLI flags all validate through one definition."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from pathlib import PurePath
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+
+def no_parent_refs(value: str | None) -> str | None:
+    """Paths in configs may be absolute, but never climb out through '..'."""
+    if value is not None and ".." in PurePath(value.split(":", 1)[-1] if value.startswith("imagefolder:") else value).parts:
+        raise ValueError(f"path {value!r} must not contain '..'")
+    return value
+
+
+SafePath = Annotated[str, AfterValidator(no_parent_refs)]
 
 
 class Strict(BaseModel):
@@ -20,8 +31,8 @@ class AugmentConfig(Strict):
 
 class DataConfig(Strict):
     name: str = Field("fashion-mnist", description="fashion-mnist | cifar10 | cifar100 | imagefolder:<path>")
-    root: str = Field("data/raw", description="where downloaded or unpacked files live")
-    source_dir: str = Field("/usr/share/datasets/fashion-mnist", description="Debian's Fashion-MNIST files, used when present")
+    root: SafePath = Field("data/raw", description="where downloaded or unpacked files live")
+    source_dir: SafePath = Field("/usr/share/datasets/fashion-mnist", description="Debian's Fashion-MNIST files, used when present")
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of train carved out for validation")
     split_seed: int = Field(0, ge=0)
     train_subset: Optional[int] = Field(None, ge=20, description="use only this many training images (quick runs)")
@@ -33,6 +44,7 @@ class DataConfig(Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
+        no_parent_refs(v)
         if v in ("fashion-mnist", "cifar10", "cifar100") or (v.startswith("imagefolder:") and len(v) > 12):
             return v
         raise ValueError(f"unknown data set {v!r}; use fashion-mnist, cifar10, cifar100 or imagefolder:<path>")

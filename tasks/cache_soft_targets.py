@@ -1,6 +1,8 @@
 """Stage cache-soft-targets: run a trained teacher (or assistant) once over the training set."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from engine import soft_targets
 from engine.fingerprint import model_fingerprint
 from tasks.catalog import Catalog
@@ -10,11 +12,10 @@ from tasks.stage import run_once, stage_key
 
 
 def cache_soft_targets(cfg: PipelineConfig, cat: Catalog, source: str, force: bool = False) -> dict:
-    out_dir = cat.soft_targets(source)
     inputs = {"model": stage_key(cat.model(source), source), "data": stage_key(cat.prepared, "the prepared data set"),
               "cache": cfg.cache.model_dump(exclude={"online", "batch_size"})}
 
-    def work(key: str) -> dict:
+    def work(key: str, out_dir: Path) -> dict:
         ws = Workspace(cat, cfg.device)
         model = ws.load_model(source)
         spec = ws.splits.augment
@@ -26,4 +27,4 @@ def cache_soft_targets(cfg: PipelineConfig, cat: Catalog, source: str, force: bo
         manifest = soft_targets.read_manifest(out_dir)
         return {"views": cfg.cache.views, "topk": cfg.cache.topk, "bytes": manifest["bytes"], "shape": manifest["shape"]}
 
-    return run_once(cat, f"cache-{source}", "cache", out_dir, inputs, work, force)
+    return run_once(cat, f"cache-{source}", "cache", cat.soft_targets(source), inputs, work, force)

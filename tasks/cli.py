@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -57,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Offline by default: no telemetry from Prefect's server or MLflow.
+    for key, value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
+                       ("DO_NOT_TRACK", "1")):
+        os.environ.setdefault(key, value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore"):  # one line per HTTP request to the local Prefect server
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     if args.command == "params":
         sys.stdout.write(to_yaml(PipelineConfig()))
@@ -74,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             result = STAGES[args.command](cfg, Catalog.default(), args.force)
     except KDError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only folder, a full disk: writes are atomic, so earlier outputs are intact
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e} (outputs written before this are intact)", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2, default=str))
     return 0

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from engine.config import DataConfig, KDConfig, Strict, TrainConfig
+from engine.config import DataConfig, KDConfig, SafePath, Strict, TrainConfig
 from engine.errors import KDError
 from models import check_name
 
@@ -29,7 +29,7 @@ class ModelConfig(Strict):
 
 
 class TeacherConfig(ModelConfig):
-    checkpoint: Optional[str] = Field(None, description="import this state_dict (weights-only) instead of training")
+    checkpoint: Optional[SafePath] = Field(None, description="import this state_dict (weights-only) instead of training")
 
 
 class CacheConfig(Strict):

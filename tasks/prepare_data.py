@@ -1,6 +1,8 @@
 """Stage prepare-data: load the data set by name, carve the validation split, store it."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from engine.atomic import save_torch
 from engine.data import load_splits
 from tasks.catalog import Catalog
@@ -10,9 +12,9 @@ from tasks.stage import run_once
 
 
 def prepare_data(cfg: PipelineConfig, cat: Catalog, force: bool = False) -> dict:
-    def work(key: str) -> dict:
+    def work(key: str, out: Path) -> dict:
         splits = load_splits(cfg.data)
-        save_torch(splits.to_dict(), cat.prepared / DATASET_FILE)
+        save_torch(splits.to_dict(), out / DATASET_FILE)
         mean, std = splits.mean_std()
         return {"name": splits.name, "classes": splits.classes, "fingerprint": splits.fingerprint(),
                 "sizes": {s: len(getattr(splits, s)) for s in ("train", "val", "test")},

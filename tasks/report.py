@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 from engine.atomic import atomic_path, save_json
 from tasks import tracking
@@ -40,7 +41,7 @@ def _markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(cat: Catalog, rows: list[dict]) -> dict:
+def _plots(cat: Catalog, rows: list[dict], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,10 +69,9 @@ def _plots(cat: Catalog, rows: list[dict]) -> dict:
     fig.tight_layout()
     figs["curves.png"] = fig
     for fname, fig in figs.items():
-        with atomic_path(cat.reports / fname) as tmp:
+        with atomic_path(out / fname) as tmp:
             fig.savefig(tmp, format="png", dpi=110)
         plt.close(fig)
-    return figs
 
 
 def _write_curves(cat: Catalog) -> None:
@@ -93,25 +93,25 @@ def _register_best(cfg: PipelineConfig, cat: Catalog, rows: list[dict]) -> dict 
 def report(cfg: PipelineConfig, cat: Catalog, force: bool = False) -> dict:
     inputs = {"evaluate": stage_key(cat.eval_dir, "the evaluation"), "tracking": cfg.tracking.model_dump()}
 
-    def work(key: str) -> dict:
+    def work(key: str, out: Path) -> dict:
         rows = _rows(cat)
         metrics = {metric_key(r["model"]): {k: r[k] for k in ("test_acc", "params", "flops", "latency_ms_b1")
                                             if r[k] is not None} for r in rows}
         save_json(metrics, cat.metrics / "comparison.json")
         save_json([{"model": r["model"], "test_acc": r["test_acc"]} for r in rows], cat.metrics / "comparison_plot.json")
         _write_curves(cat)
-        with atomic_path(cat.reports / "comparison.md") as tmp:
+        with atomic_path(out / "comparison.md") as tmp:
             tmp.write_text(_markdown(rows))
         buf = io.StringIO()
         writer = csv.DictWriter(buf, COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-        with atomic_path(cat.reports / "comparison.csv") as tmp:
+        with atomic_path(out / "comparison.csv") as tmp:
             tmp.write_text(buf.getvalue())
-        _plots(cat, rows)
+        _plots(cat, rows, out)
         # Selection of the model to ship uses validation accuracy, never the test split.
         registered = _register_best(cfg, cat, rows)
-        tracking.log_report(cfg, cat, metrics, [cat.reports / f for f in
+        tracking.log_report(cfg, cat, metrics, [out / f for f in
                                                 ("comparison.md", "comparison.csv", "comparison.png", "curves.png")])
         return {"test_acc": {m: v["test_acc"] for m, v in metrics.items()}, "registered": registered}
 

@@ -57,21 +57,30 @@ def stage_lock(cat: Catalog, name: str) -> Iterator[None]:
 
 
 def run_once(cat: Catalog, name: str, kind: str, out_dir: Path, inputs: dict,
-             fn: Callable[[str], dict], force: bool = False) -> dict:
-    """`fn(key)` writes into `out_dir` and returns a JSON-able summary, stored in stage.json."""
+             fn: Callable[[str, Path], dict], force: bool = False) -> dict:
+    """`fn(key, folder)` writes the stage's outputs into `folder` and returns a JSON-able summary.
+
+    The folder is a fresh staging folder; it replaces `out_dir` only once it is complete,
+    with stage.json written last. A failure at any point leaves the previous outputs whole.
+    """
     key = config_fingerprint({"stage": name, "inputs": inputs, "code": code_hash(CODE_ROOT, CODE_DEPS[kind])})
     with stage_lock(cat, name):
         done = read_stage(out_dir)
         if done and done.get("key") == key and not force:
             log.info("%s: outputs in %s are up to date; reusing them", name, out_dir)
             return {**done["result"], "reused": True}
-        if out_dir.exists():  # outputs of another config or code: never mix the two
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True)
+        staging, old = out_dir.with_name(out_dir.name + ".partial"), out_dir.with_name(out_dir.name + ".old")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
         t0 = time.time()
-        result = fn(key)
+        result = fn(key, staging)
         result["stage_seconds"] = round(time.time() - t0, 2)
-        save_json({"stage": name, "key": key, "inputs": inputs, "result": result}, out_dir / STAGE_FILE)
+        save_json({"stage": name, "key": key, "inputs": inputs, "result": result}, staging / STAGE_FILE)
+        shutil.rmtree(old, ignore_errors=True)
+        if out_dir.exists():
+            out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
         return {**result, "reused": False}
 
 

@@ -84,9 +84,9 @@ def _import_teacher(cfg: PipelineConfig, ws: Workspace):
 def train_model(cfg: PipelineConfig, cat: Catalog, name: str, force: bool = False) -> dict:
     role, method, source, init = MODELS[name]
     mcfg, tcfg = model_config(cfg, name), train_config(cfg, name)
-    out_dir, work = cat.model(name), cat.work(name)
+    work = cat.work(name)
 
-    def work_fn(key: str) -> dict:
+    def work_fn(key: str, out_dir: Path) -> dict:
         ws = Workspace(cat, cfg.device)
         generator = seed_everything(mcfg.seed)
         params = {"arch": mcfg.arch, "role": role, "method": method, "parent_model": source or init or "",
@@ -117,4 +117,4 @@ def train_model(cfg: PipelineConfig, cat: Catalog, name: str, force: bool = Fals
         shutil.rmtree(work, ignore_errors=True)
         return {**best, "arch": mcfg.arch, "model_fingerprint": meta["model_fingerprint"], "mlflow_run_id": run.run_id}
 
-    return run_once(cat, f"train-{name}", "train", out_dir, stage_inputs(cfg, cat, name), work_fn, force)
+    return run_once(cat, f"train-{name}", "train", cat.model(name), stage_inputs(cfg, cat, name), work_fn, force)

@@ -12,6 +12,8 @@ from tests.fakes import write_fashion
 os.environ.setdefault("KD_TRACKING", "0")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+for _k, _v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "1")):
+    os.environ.setdefault(_k, _v)
 torch.set_num_threads(2)
 
 

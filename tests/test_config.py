@@ -59,3 +59,10 @@ def test_every_stage_has_help(capsys):
             build_parser().parse_args([cmd, "--help"])
         assert e.value.code == 0
     assert "--student.train.lr" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key,value", [("data.root", "../../etc"), ("data.source_dir", "a/../../b"),
+                                       ("teacher.checkpoint", "../outside.pt"), ("data.name", "imagefolder:../x")])
+def test_paths_cannot_climb_out(key, value):
+    with pytest.raises(ConfigError, match=f"{key}: Value error, path .* must not contain '..'"):
+        load_config(None, {key: value})
