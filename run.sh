@@ -19,7 +19,8 @@ setup() {
     python3 -m venv .venv
     pip_quiet .venv/bin/pip install -q --upgrade pip
     pip_quiet .venv/bin/pip install -q -r requirements.lock
-    pip_quiet .venv/bin/pip install -q --no-deps -e .
+    .venv/bin/pip install -q --no-deps -e . > .venv/install-project.log 2>&1 \
+      || { cat .venv/install-project.log; exit 1; }
     touch "$stamp"
   fi
   if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then

@@ -10,7 +10,7 @@ from tasks import tracking
 from tasks.catalog import MODELS, Catalog
 from tasks.config import PipelineConfig
 from tasks.context import Workspace, read_meta
-from tasks.stage import run_once, stage_key
+from tasks.stage import read_stage, run_once, stage_key
 
 
 def evaluate_models(cfg: PipelineConfig, cat: Catalog, force: bool = False) -> dict:
@@ -26,16 +26,9 @@ def evaluate_models(cfg: PipelineConfig, cat: Catalog, force: bool = False) -> d
             result = evaluate(model, ws.test, ws.splits.classes, teacher_pred, cfg.evaluate.speed_repeats)
             result |= {k: read_meta(cat.model(name))[k] for k in ("arch", "role", "method", "best_val_acc")}
             save_json(result, out / cat.evaluation(name).name)
-            run_id = (read_stage_result(cat, name) or {}).get("mlflow_run_id")
+            run_id = read_stage(cat.model(name))["result"].get("mlflow_run_id")
             tracking.log_test_metrics(cat, run_id, {k: v for k, v in result.items() if k != "best_val_acc"})
             summary[name] = result["test_acc"]
         return {"test_acc": summary}
 
     return run_once(cat, "evaluate", "evaluate", cat.eval_dir, inputs, work, force)
-
-
-def read_stage_result(cat: Catalog, name: str) -> dict | None:
-    from tasks.stage import read_stage
-
-    done = read_stage(cat.model(name))
-    return done["result"] if done else None

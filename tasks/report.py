@@ -12,7 +12,7 @@ from tasks import tracking
 from tasks.catalog import MODELS, STUDENTS, Catalog
 from tasks.config import PipelineConfig
 from tasks.context import HISTORY_FILE
-from tasks.stage import run_once, stage_key
+from tasks.stage import read_stage, run_once, stage_key
 
 COLUMNS = ["model", "method", "arch", "test_acc", "test_top5", "best_val_acc", "teacher_agreement", "params",
            "size_bytes", "flops", "latency_ms_b1", "throughput_b256"]
@@ -84,7 +84,7 @@ def _write_curves(cat: Catalog) -> None:
 
 def _register_best(cfg: PipelineConfig, cat: Catalog, rows: list[dict]) -> dict | None:
     best = max((r for r in rows if r["model"] in STUDENTS), key=lambda r: r["best_val_acc"] or 0)
-    run_id = (json.loads((cat.model(best["model"]) / "stage.json").read_text())["result"]).get("mlflow_run_id")
+    run_id = read_stage(cat.model(best["model"]))["result"].get("mlflow_run_id")
     if not (tracking.enabled() and run_id and cfg.tracking.log_models):
         return None
     return tracking.register(cat, run_id, cfg.tracking.registered_model, cfg.tracking.alias) | {"model": best["model"]}
