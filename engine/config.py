@@ -52,10 +52,10 @@ class DataConfig(Strict):
 
 class KDConfig(Strict):
     loss: str = Field("kd", description="distillation loss by name (see engine.losses.LOSSES)")
-    lam: float = Field(0.7, ge=0, le=1, description="weight of the soft term: (1-lam)*CE + lam*T^2*KL")
+    lam: float = Field(0.1, ge=0, le=1, description="weight of the soft term: (1-lam)*CE + lam*T^2*KL")
     lam_start: Optional[float] = Field(None, ge=0, le=1, description="lam at epoch 0 when the schedule ramps")
     lam_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    temperature: float = Field(4.0, gt=0, le=100)
+    temperature: float = Field(2.0, gt=0, le=100)
 
 
 class TrainConfig(Strict):

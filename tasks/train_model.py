@@ -15,6 +15,7 @@ from engine.device import seed_everything
 from engine.fingerprint import model_fingerprint
 from engine.losses import build_loss
 from engine.trainer import Teacher, fit
+from torch import nn
 from tasks import tracking
 from tasks.catalog import MODELS, Catalog
 from tasks.config import ModelConfig, PipelineConfig
@@ -81,10 +82,26 @@ def _import_teacher(cfg: PipelineConfig, ws: Workspace):
     return ws.load_state(ws.build(cfg.teacher.arch), state, path)
 
 
+def _fit_or_import(cfg: PipelineConfig, ws: Workspace, name: str, key: str, generator, teacher: Teacher | None,
+                   callback) -> tuple[nn.Module, list[dict], dict]:
+    """The model a stage outputs, its per-epoch history, and its best validation epoch."""
+    role, _, source, init = MODELS[name]
+    untrained = {"best_epoch": 0, "best_val_acc": None}
+    if role == "teacher" and cfg.teacher.checkpoint:
+        return _import_teacher(cfg, ws), [], untrained
+    model = ws.load_model(init) if init else ws.build(model_config(cfg, name).arch)
+    if init and cfg.finetune.epochs == 0:
+        return model, [], untrained
+    loss = build_loss(cfg.kd.loss if source else "ce", cfg.kd)
+    result = fit(model, ws.train, ws.val, train_config(cfg, name), loss, generator, ws.splits.augment,
+                 kd=cfg.kd if source else None, teacher=teacher, workdir=ws.cat.work(name), run_key=key,
+                 callback=callback, desc=name)
+    return model, result.history, {"best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc}
+
+
 def train_model(cfg: PipelineConfig, cat: Catalog, name: str, force: bool = False) -> dict:
     role, method, source, init = MODELS[name]
     mcfg, tcfg = model_config(cfg, name), train_config(cfg, name)
-    work = cat.work(name)
 
     def work_fn(key: str, out_dir: Path) -> dict:
         ws = Workspace(cat, cfg.device)
@@ -98,23 +115,11 @@ def train_model(cfg: PipelineConfig, cat: Catalog, name: str, force: bool = Fals
             params |= {"lam": cfg.kd.lam, "temperature": cfg.kd.temperature, "lam_schedule": cfg.kd.lam_schedule,
                        "views": cfg.cache.views, "topk": cfg.cache.topk or 0, **extra}
         with tracking.model_run(cfg, cat, name, describe(cfg, name), role, method, params) as run:
-            if role == "teacher" and cfg.teacher.checkpoint:
-                model, history, best = _import_teacher(cfg, ws), [], {"best_epoch": 0, "best_val_acc": None}
-            else:
-                model = ws.build(mcfg.arch)
-                if init:
-                    model = ws.load_model(init)
-                if not (init and cfg.finetune.epochs == 0):
-                    result = fit(model, ws.train, ws.val, tcfg, build_loss(cfg.kd.loss if source else "ce", cfg.kd),
-                                 generator, ws.splits.augment, kd=cfg.kd if source else None, teacher=teacher,
-                                 workdir=work, run_key=key, callback=run.log_epoch, desc=name)
-                    history, best = result.history, {"best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc}
-                else:
-                    history, best = [], {"best_epoch": 0, "best_val_acc": None}
+            model, history, best = _fit_or_import(cfg, ws, name, key, generator, teacher, run.log_epoch)
             meta = ws.save_model(out_dir, model, {"name": name, "role": role, "method": method,
                                                   "parent_model": source or init, **best, **extra}, history)
             run.log_model(model, ws, meta)
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(cat.work(name), ignore_errors=True)  # epoch checkpoints are no longer needed
         return {**best, "arch": mcfg.arch, "model_fingerprint": meta["model_fingerprint"], "mlflow_run_id": run.run_id}
 
     return run_once(cat, f"train-{name}", "train", cat.model(name), stage_inputs(cfg, cat, name), work_fn, force)
