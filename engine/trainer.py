@@ -101,6 +101,19 @@ def _resume(path: Path, run_key: str, model, opt, sched, gen, result) -> int:
     return ckpt["epoch"]
 
 
+def _batch(train: DeviceSet, idx: torch.Tensor, spec: AugmentConfig, generator: torch.Generator,
+           teacher: Teacher | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The augmented, normalised batch and, when distilling, the teacher's logits for exactly
+    the views the student sees (one of the K cached views per image)."""
+    x = train.x[idx]
+    if teacher is None:
+        views = augment.random_views(len(idx), spec, generator).to(x.device)
+        return train.normalize(augment.apply(x, views, spec)), None
+    view = torch.randint(0, teacher.k_views, (len(idx),), generator=generator).to(x.device)
+    x = train.normalize(augment.apply(x, teacher.views[view, idx], spec))
+    return x, teacher.targets(idx, view, x)
+
+
 def fit(model: nn.Module, train: DeviceSet, val: DeviceSet, cfg: TrainConfig, loss_fn: DistillLoss,
         generator: torch.Generator, spec: AugmentConfig, *, kd: KDConfig | None = None,
         teacher: Teacher | None = None, workdir: Path | None = None, run_key: str = "",
@@ -123,14 +136,8 @@ def fit(model: nn.Module, train: DeviceSet, val: DeviceSet, cfg: TrainConfig, lo
         correct = torch.zeros((), device=device)
         perm = torch.randperm(n, generator=generator).to(device)
         for step, idx in enumerate(tqdm(perm.split(bs), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, disable=None)):
-            x, y = train.x[idx], train.y[idx]
-            if teacher is not None:
-                view = torch.randint(0, teacher.k_views, (len(idx),), generator=generator).to(device)
-                x = train.normalize(augment.apply(x, teacher.views[view, idx], spec))
-                t_logits = teacher.targets(idx, view, x)
-            else:
-                x = train.normalize(augment.apply(x, augment.random_views(len(idx), spec, generator).to(device), spec))
-                t_logits = None
+            x, t_logits = _batch(train, idx, spec, generator, teacher)
+            y = train.y[idx]
             with autocast(device):
                 logits = forward(x)
                 parts = loss_fn(Batch(logits.float(), y, t_logits), lam)
