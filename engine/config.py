@@ -57,6 +57,15 @@ class KDConfig(Strict):
     lam_schedule: Literal["constant", "linear", "cosine"] = "constant"
     temperature: float = Field(2.0, gt=0, le=100)
 
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        from engine.losses import LOSSES  # the registry imports this module
+
+        if v not in LOSSES:
+            raise ValueError(f"unknown loss {v!r}; available: {', '.join(sorted(LOSSES))}")
+        return v
+
 
 class TrainConfig(Strict):
     epochs: int = Field(10, ge=1, le=10_000)

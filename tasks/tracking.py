@@ -116,12 +116,8 @@ class ModelRun:
 
     def log_epoch(self, metrics: dict) -> None:
         if self.run_id:
-            from mlflow.entities import Metric
-            import time
-
-            now, step = int(time.time() * 1000), int(metrics["epoch"])
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
-                                                        if k != "epoch"])
+            step = int(metrics["epoch"])
+            self.client.log_batch(self.run_id, metrics=[_metric(k, v, step) for k, v in metrics.items() if k != "epoch"])
 
     def log_model(self, model, ws, meta: dict) -> None:
         if not self.run_id:
@@ -152,12 +148,12 @@ def _cpu_copy(model):
     return copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
 
 
-def _metric(key: str, value):
+def _metric(key: str, value, step: int = 0):
     import time
 
     from mlflow.entities import Metric
 
-    return Metric(key, float(value), int(time.time() * 1000), 0)
+    return Metric(key, float(value), int(time.time() * 1000), step)
 
 
 @contextmanager

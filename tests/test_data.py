@@ -154,3 +154,12 @@ def test_crop_and_flip_match_a_manual_crop():
     assert torch.equal(out[0], padded[0, :, 4:10, 0:6])
     assert torch.equal(out[1], x[1])
     assert torch.equal(out[2], padded[2, :, 1:7, 4:10].flip(2))
+
+
+def test_empty_data_set_is_refused(fashion_dir, tmp_path):
+    d = tmp_path / "empty"
+    shutil.copytree(fashion_dir, d)
+    (d / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros((0, 28, 28), dtype=np.uint8))))
+    (d / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(0, dtype=np.uint8))))
+    with pytest.raises(DataError, match="fashion-mnist train split: the data set is empty"):
+        load_splits(DataConfig(source_dir=str(d), root=str(tmp_path / "raw")))
