@@ -41,7 +41,11 @@ def _markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(cat: Catalog, rows: list[dict], out: Path) -> None:
+def _histories(cat: Catalog) -> dict[str, list[dict]]:
+    return {name: json.loads((cat.model(name) / HISTORY_FILE).read_text()) for name in MODELS}
+
+
+def _plots(rows: list[dict], histories: dict[str, list[dict]], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,8 +63,7 @@ def _plots(cat: Catalog, rows: list[dict], out: Path) -> None:
     fig.tight_layout()
     figs["comparison.png"] = fig
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for name in MODELS:
-        hist = json.loads((cat.model(name) / HISTORY_FILE).read_text())
+    for name, hist in histories.items():
         if hist:
             ax.plot([h["epoch"] for h in hist], [100 * h["val_acc"] for h in hist], marker="o", label=name)
     ax.set_xlabel("epoch")
@@ -74,10 +77,9 @@ def _plots(cat: Catalog, rows: list[dict], out: Path) -> None:
         plt.close(fig)
 
 
-def _write_curves(cat: Catalog) -> None:
+def _write_curves(cat: Catalog, histories: dict[str, list[dict]]) -> None:
     """One file per model, so `dvc plots` draws one line each."""
-    for name in MODELS:
-        hist = json.loads((cat.model(name) / HISTORY_FILE).read_text())
+    for name, hist in histories.items():
         rows = [{"epoch": h["epoch"], "val_acc": h["val_acc"], "train_acc": h["train_acc"]} for h in hist]
         save_json(rows, cat.metrics / "curves" / f"{name}.json")
 
@@ -99,7 +101,8 @@ def report(cfg: PipelineConfig, cat: Catalog, force: bool = False) -> dict:
                                             if r[k] is not None} for r in rows}
         save_json(metrics, cat.metrics / "comparison.json")
         save_json([{"model": r["model"], "test_acc": r["test_acc"]} for r in rows], cat.metrics / "comparison_plot.json")
-        _write_curves(cat)
+        histories = _histories(cat)
+        _write_curves(cat, histories)
         with atomic_path(out / "comparison.md") as tmp:
             tmp.write_text(_markdown(rows))
         buf = io.StringIO()
@@ -108,7 +111,7 @@ def report(cfg: PipelineConfig, cat: Catalog, force: bool = False) -> dict:
         writer.writerows(rows)
         with atomic_path(out / "comparison.csv") as tmp:
             tmp.write_text(buf.getvalue())
-        _plots(cat, rows, out)
+        _plots(rows, histories, out)
         # Selection of the model to ship uses validation accuracy, never the test split.
         registered = _register_best(cfg, cat, rows)
         tracking.log_report(cfg, cat, metrics, [out / f for f in

@@ -9,35 +9,36 @@ from tasks.config import PipelineConfig
 from tasks.evaluate import evaluate_models
 from tasks.prepare_data import prepare_data
 from tasks.report import report
-from tasks.train_model import train_model
+from tasks.train_model import describe, train_model
 
 Stage = Callable[[PipelineConfig, Catalog, bool], dict]
 
+# Stages that train a model, and the model each one trains (see catalog.MODELS).
+TRAINS = {"train-teacher": "teacher", "distill-assistant": "assistant", "train-student-nokd": "student-nokd",
+          "distill-student-blkd": "student-blkd", "distill-student-takd": "student-takd",
+          "fine-tune-student": "student-takd-ft"}
+
+
+ORDER = ["prepare-data", "train-teacher", "cache-teacher", "distill-assistant", "cache-assistant",
+         "train-student-nokd", "distill-student-blkd", "distill-student-takd", "fine-tune-student", "evaluate", "report"]
+
+
+def _stage(name: str) -> Stage:
+    if name in TRAINS:
+        return lambda cfg, cat, force=False: train_model(cfg, cat, TRAINS[name], force)
+    if name.startswith("cache-"):
+        return lambda cfg, cat, force=False: cache_soft_targets(cfg, cat, name.removeprefix("cache-"), force)
+    return {"prepare-data": prepare_data, "evaluate": evaluate_models, "report": report}[name]
+
+
 # In pipeline order. The names are the CLI subcommands and the dvc.yaml stage names.
-STAGES: dict[str, Stage] = {
-    "prepare-data": prepare_data,
-    "train-teacher": lambda cfg, cat, force=False: train_model(cfg, cat, "teacher", force),
-    "cache-teacher": lambda cfg, cat, force=False: cache_soft_targets(cfg, cat, "teacher", force),
-    "distill-assistant": lambda cfg, cat, force=False: train_model(cfg, cat, "assistant", force),
-    "cache-assistant": lambda cfg, cat, force=False: cache_soft_targets(cfg, cat, "assistant", force),
-    "train-student-nokd": lambda cfg, cat, force=False: train_model(cfg, cat, "student-nokd", force),
-    "distill-student-blkd": lambda cfg, cat, force=False: train_model(cfg, cat, "student-blkd", force),
-    "distill-student-takd": lambda cfg, cat, force=False: train_model(cfg, cat, "student-takd", force),
-    "fine-tune-student": lambda cfg, cat, force=False: train_model(cfg, cat, "student-takd-ft", force),
-    "evaluate": evaluate_models,
-    "report": report,
-}
+STAGES: dict[str, Stage] = {name: _stage(name) for name in ORDER}
 
 
 def title(cfg: PipelineConfig, stage: str) -> str:
     """What a stage does, in words, for the Prefect UI and logs."""
-    from tasks.train_model import describe
-
-    models = {"train-teacher": "teacher", "distill-assistant": "assistant", "train-student-nokd": "student-nokd",
-              "distill-student-blkd": "student-blkd", "distill-student-takd": "student-takd",
-              "fine-tune-student": "student-takd-ft"}
-    if stage in models:
-        return describe(cfg, models[stage])
+    if stage in TRAINS:
+        return describe(cfg, TRAINS[stage])
     if stage.startswith("cache-"):
         source = stage.removeprefix("cache-")
         return f"cache soft targets of {source} {getattr(cfg, source).arch} (K={cfg.cache.views})"
