@@ -117,8 +117,10 @@ def _batch(train: DeviceSet, idx: torch.Tensor, spec: AugmentConfig, generator: 
 def fit(model: nn.Module, train: DeviceSet, val: DeviceSet, cfg: TrainConfig, loss_fn: DistillLoss,
         generator: torch.Generator, spec: AugmentConfig, *, kd: KDConfig | None = None,
         teacher: Teacher | None = None, workdir: Path | None = None, run_key: str = "",
-        callback: Callback | None = None, desc: str = "train") -> FitResult:
-    """Train `model`; leave it holding the weights that were best on validation."""
+        callback: Callback | None = None, desc: str = "train", progress: bool | None = None) -> FitResult:
+    """Train `model`; leave it holding the weights that were best on validation.
+
+    `progress`: None shows a bar only on a terminal; True or False forces it."""
     device = train.x.device
     n, bs = len(train), cfg.batch_size
     steps = math.ceil(n / bs)
@@ -128,6 +130,7 @@ def fit(model: nn.Module, train: DeviceSet, val: DeviceSet, cfg: TrainConfig, lo
     start = _resume(last, run_key, model, opt, sched, generator, result) if last else 0
     best_state = None
     forward = torch.compile(model) if cfg.compile else model  # shares weights; state_dict stays plain
+    check_every = 1 if device.type == "cpu" else 50  # a finiteness check syncs an accelerator; free on the CPU
     for epoch in range(start, cfg.epochs):
         model.train()
         lam = lam_at(kd, epoch, cfg.epochs) if kd else 0.0
@@ -135,13 +138,15 @@ def fit(model: nn.Module, train: DeviceSet, val: DeviceSet, cfg: TrainConfig, lo
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=device)
         perm = torch.randperm(n, generator=generator).to(device)
-        for step, idx in enumerate(tqdm(perm.split(bs), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, disable=None)):
+        batches = tqdm(perm.split(bs), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
+                       disable=None if progress is None else not progress)
+        for step, idx in enumerate(batches):
             x, t_logits = _batch(train, idx, spec, generator, teacher)
             y = train.y[idx]
             with autocast(device):
                 logits = forward(x)
                 parts = loss_fn(Batch(logits.float(), y, t_logits), lam)
-            if not torch.isfinite(parts["total"]):
+            if (step + 1) % check_every == 0 and not torch.isfinite(parts["total"]):
                 raise DivergedError(f"{desc}: loss is {parts['total'].item()} at epoch {epoch + 1}, step {step + 1}; "
                                     f"the last good checkpoint is kept at {last}")
             opt.zero_grad(set_to_none=True)
@@ -151,6 +156,9 @@ def fit(model: nn.Module, train: DeviceSet, val: DeviceSet, cfg: TrainConfig, lo
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0) + v.detach() * len(idx)
             correct += (logits.argmax(1) == y).sum()
+        if not torch.isfinite(sums["total"]):  # caught here when the per-step check is sparse
+            raise DivergedError(f"{desc}: loss is not finite in epoch {epoch + 1}; "
+                                f"the last good checkpoint is kept at {last}")
         seconds = time.perf_counter() - t0
         val_acc = accuracy(predict(model, val, cfg.eval_batch_size), val.y)
         metrics = {"epoch": epoch + 1, **{f"loss_{k}": (v / n).item() for k, v in sums.items()},

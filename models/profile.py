@@ -1,6 +1,8 @@
 """Size and cost of a model: parameters, bytes, FLOPs per image (torch.utils.flop_counter)."""
 from __future__ import annotations
 
+from copy import deepcopy
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -25,6 +27,16 @@ def flops_per_image(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
         model(torch.zeros(1, *input_shape, device=device))
     model.train(was_training)
     return int(counter.get_total_flops())
+
+
+def train_flops_per_image(model: nn.Module, input_shape: tuple[int, int, int], batch: int = 4) -> int:
+    """Forward plus backward FLOPs of one training step, per image (no optimizer step).
+    Counted on a copy: a training-mode forward would move the model's BatchNorm statistics."""
+    copy = deepcopy(model).train()
+    device = next(copy.parameters()).device
+    with FlopCounterMode(display=False) as counter:
+        copy(torch.randn(batch, *input_shape, device=device)).sum().backward()
+    return int(counter.get_total_flops()) // batch
 
 
 def profile(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, int]:

@@ -30,14 +30,17 @@ def _rows(cat: Catalog) -> list[dict]:
     return rows
 
 
-def _markdown(rows: list[dict]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4f}" if v < 1.5 else f"{v:,.1f}"
-        return "" if v is None else f"{v:,}" if isinstance(v, int) else str(v)
+def _cell(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1.5 else f"{v:,.1f}"
+    return "" if v is None else f"{v:,}" if isinstance(v, int) else str(v)
 
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -104,7 +107,7 @@ def report(cfg: PipelineConfig, cat: Catalog, force: bool = False) -> dict:
         histories = _histories(cat)
         _write_curves(cat, histories)
         with atomic_path(out / "comparison.md") as tmp:
-            tmp.write_text(_markdown(rows))
+            tmp.write_text(markdown_table(rows, COLUMNS))
         buf = io.StringIO()
         writer = csv.DictWriter(buf, COLUMNS)
         writer.writeheader()

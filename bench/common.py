@@ -1,0 +1,111 @@
+"""What every benchmark shares: the machine's description, the data, timing, tracked model runs."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from engine.config import AugmentConfig, DataConfig
+from engine.data import DeviceSet, Splits, load_splits
+from models import build_model
+
+NO_AUGMENT = AugmentConfig(crop_padding=0, flip=False)
+
+
+@dataclass
+class Context:
+    """One benchmark session: where data comes from, the device, how many repeats, a scratch dir."""
+
+    data: DataConfig
+    device: torch.device
+    workdir: Path
+    repeats: int = 3
+    scale: float = 1.0  # share of the standard sizes; the tests run the suites at a sliver of it
+    log: Callable[[str], None] = print
+    extra: dict = field(default_factory=dict)
+
+    @cached_property
+    def splits(self) -> Splits:
+        return load_splits(self.data)
+
+    @cached_property
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        return self.splits.mean_std()
+
+    def images(self, n: int) -> int:
+        """`n` images scaled to this session, never more than the train split holds."""
+        return max(16, min(len(self.splits.train), int(n * self.scale)))
+
+    def device_set(self, part: str = "train", n: int | None = None) -> DeviceSet:
+        data = getattr(self.splits, part)
+        if n is not None and n < len(data):
+            data = data.subset(torch.arange(n))
+        return DeviceSet(data, *self.mean_std, self.device)
+
+    def model(self, arch: str, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        c, h, _ = self.splits.input_shape
+        model = build_model(arch, c, self.splits.num_classes, h)
+        return model.to(self.device, memory_format=torch.channels_last)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def timed(ctx: Context, fn: Callable[[], object]) -> float:
+    ctx.sync()
+    t0 = time.perf_counter()
+    fn()
+    ctx.sync()
+    return time.perf_counter() - t0
+
+
+def median_seconds(ctx: Context, fn: Callable[[], object], repeats: int | None = None) -> tuple[float, list[float]]:
+    """Median wall time over `repeats` calls (each call sets up its own fresh state)."""
+    runs = [timed(ctx, fn) for _ in range(repeats or ctx.repeats)]
+    return statistics.median(runs), [round(r, 4) for r in runs]
+
+
+def machine(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+@contextmanager
+def mlflow_run(workdir: Path) -> Iterator:
+    """A real MLflow run in a scratch SQLite store; yields the pipeline's ModelRun logger."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tasks.tracking import ModelRun
+
+    store = workdir / "mlflow"
+    store.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("bench") or client.get_experiment(client.create_experiment("bench", artifact_location=str(store / "artifacts")))
+    run = client.create_run(exp.experiment_id, run_name="bench")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield ModelRun(mlflow, client, run.info.run_id)
+    finally:
+        client.set_terminated(run.info.run_id)

@@ -1,0 +1,81 @@
+"""Our trainer against the bare loop, same model, batch, data and device.
+
+The trainer runs as the pipeline runs it: MLflow logging every epoch, the progress bar
+forced on, epoch checkpoints, best-on-validation tracking. Both sides end every epoch with
+a validation accuracy pass, and both run without augmentation so only overhead differs.
+Runs alternate (trainer, bare, trainer, bare, ...) so drift in the machine hits both.
+"""
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench.bare_loop import bare_fit, prepare
+from bench.common import NO_AUGMENT, Context, mlflow_run, timed
+from engine.config import AugmentConfig, KDConfig, TrainConfig
+from engine.losses import build_loss
+from engine.trainer import fit
+
+GOAL = 0.95
+CASES = [("plain-2", 20_000), ("plain-4", 10_000), ("plain-10", 4_000)]  # (arch, train images) at scale 1
+EPOCHS, BATCH = 2, 128
+
+
+def val_size(n: int) -> int:
+    return max(16, n // 9)  # the pipeline's proportion: 10% of train is held out
+
+
+def trainer_run(ctx: Context, arch: str, n: int, *, epochs: int = EPOCHS, batch: int = BATCH, compile: bool = False,
+                spec: AugmentConfig = NO_AUGMENT, logger=None) -> float:
+    """Wall seconds of one whole `fit` call on a fresh model and a fresh checkpoint dir."""
+    train, val = ctx.device_set("train", n), ctx.device_set("val", val_size(n))
+    model = ctx.model(arch)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch, compile=compile)
+    workdir = Path(tempfile.mkdtemp(dir=ctx.workdir))
+    try:
+        return timed(ctx, lambda: fit(model, train, val, cfg, build_loss("ce", KDConfig()), torch.Generator().manual_seed(0),
+                                      spec, workdir=workdir, run_key="bench", progress=True,
+                                      callback=logger.log_epoch if logger else None, desc=arch))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def bare_run(ctx: Context, arch: str, n: int, *, epochs: int = EPOCHS, batch: int = BATCH, compile: bool = False) -> float:
+    x, y = prepare(ctx.device_set("train", n), ctx.device)
+    x_val, y_val = prepare(ctx.device_set("val", val_size(n)), ctx.device)
+    model = ctx.model(arch)
+    return timed(ctx, lambda: bare_fit(model, x, y, x_val, y_val, epochs, batch, compile=compile))
+
+
+def compare(ctx: Context, arch: str, n: int, *, compile: bool = False, epochs: int = EPOCHS, batch: int = BATCH) -> dict:
+    """Trainer and bare loop, alternating, after one untimed warm-up of each."""
+    with mlflow_run(ctx.workdir) as logger:
+        runs = {"trainer": [], "bare": []}
+        for i in range(ctx.repeats + 1):
+            t = trainer_run(ctx, arch, n, epochs=epochs, batch=batch, compile=compile, logger=logger)
+            b = bare_run(ctx, arch, n, epochs=epochs, batch=batch, compile=compile)
+            if i:  # the first pair warms caches, allocators and compilers
+                runs["trainer"].append(t)
+                runs["bare"].append(b)
+    images = n * epochs
+    trainer_s, bare_s = statistics.median(runs["trainer"]), statistics.median(runs["bare"])
+    return {"model": arch, "train_images": n, "epochs": epochs, "batch": batch, "compile": compile,
+            "trainer_img_s": images / trainer_s, "bare_img_s": images / bare_s, "ratio": bare_s / trainer_s,
+            "trainer_runs_s": [round(r, 3) for r in runs["trainer"]], "bare_runs_s": [round(r, 3) for r in runs["bare"]]}
+
+
+def run(ctx: Context) -> dict:
+    rows = []
+    for arch, n in CASES:
+        row = compare(ctx, arch, ctx.images(n))
+        ctx.log(f"  {arch}: trainer {row['trainer_img_s']:.0f} img/s, bare {row['bare_img_s']:.0f} img/s, ratio {row['ratio']:.3f}")
+        rows.append(row)
+    augmented = [trainer_run(ctx, "plain-2", ctx.images(CASES[0][1]), spec=ctx.splits.augment) for _ in range(ctx.repeats)]
+    aug_cost = statistics.median(augmented) / (rows[0]["train_images"] * EPOCHS / rows[0]["trainer_img_s"])
+    worst = min(r["ratio"] for r in rows)
+    return {"rows": rows, "summary": {"worst_ratio": worst, "goal": GOAL, "met": worst >= GOAL,
+                                      "plain2_augmentation_time_factor": aug_cost}}

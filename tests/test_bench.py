@@ -1,0 +1,91 @@
+"""The benchmark suites run end to end on tiny data (their numbers are meaningless here;
+`python -m bench` on real data measures). The GPU suite is forced onto the CPU so its code
+path runs in CI."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bench import SUITES
+from bench.__main__ import main
+from bench.bare_loop import bare_fit
+from models import build_model
+from models.profile import flops_per_image, train_flops_per_image
+from tests.conftest import tiny_overrides
+
+
+def _run(tmp_path, fashion_dir, suites: list[str], extra: dict | None = None) -> dict:
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    argv = ["--suite", *suites, "--repeats", "1", "--scale", "0.002", "--device", "cpu",
+            "--source-dir", str(fashion_dir), "--out", str(out), "--md", str(md), "--force-gpu-suite"]
+    results = main(argv, extra={"compile_modes": (False,), **(extra or {})})
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results, default=str))
+    text = md.read_text()
+    for name in suites:
+        assert SUITES[name].title in text
+    return results
+
+
+def test_micro_suites_write_json_and_markdown(tmp_path, fashion_dir):
+    results = _run(tmp_path, fashion_dir, ["overhead", "original", "cache", "scaling", "gpu"])
+    for name in ("overhead", "gpu"):
+        for row in results[name]["rows"]:
+            assert row["trainer_img_s"] > 0 and row["bare_img_s"] > 0
+            assert math.isclose(row["ratio"], row["trainer_img_s"] / row["bare_img_s"], rel_tol=1e-9)
+    assert {r["workers"] for r in results["original"]["rows"]} == {0, 2}
+    for row in results["cache"]["rows"]:
+        assert row["expected_by_flops"] > 1 and row["expected_by_time"] > 1 and row["online_epoch_s"] > 0
+    assert [r["model"] for r in results["gpu"]["rows"]] == ["plain-10", "resnet-20", "resnet-110"]
+    data_rows = [r for r in results["scaling"]["rows"] if r["sweep"] == "data"]
+    assert [r["train_images"] for r in data_rows] == sorted(r["train_images"] for r in data_rows)
+    assert results["scaling"]["summary"]["linear_fit_r2"] <= 1
+    assert results["overhead"]["machine"]["device"] == "cpu"
+
+
+def test_reruns_merge_suites_into_one_report(tmp_path, fashion_dir):
+    _run(tmp_path, fashion_dir, ["cache"])
+    results = _run(tmp_path, fashion_dir, ["gpu"], extra={"compile_modes": ()})
+    assert set(results) == {"cache", "gpu"}
+    text = (tmp_path / "bench.md").read_text()
+    assert SUITES["cache"].title in text and SUITES["gpu"].title in text
+
+
+def test_end_to_end_suite_in_fresh_clones(tmp_path, fashion_dir):
+    """dvc repro, its no-op rerun and the Prefect flow, each in a fresh clone of HEAD, on tiny data."""
+    from tasks.config import load_config, to_yaml
+
+    params = to_yaml(load_config(None, tiny_overrides(fashion_dir, tmp_path)))
+    summary = _run(tmp_path, fashion_dir, ["e2e"], extra={"params_yaml": params})["e2e"]["summary"]
+    assert summary["prefect_flow_state"] == "COMPLETED"
+    assert summary["dvc_status_clean_after_flow"] is True
+    assert summary["same_test_accuracy_both_ways"] is True
+    assert summary["dvc_repro_noop_s"] < summary["dvc_repro_from_scratch_s"]
+    assert summary["prefect_flow_run_s"] < summary["prefect_process_s_with_server_start"]
+
+
+def test_gpu_suite_says_why_it_skipped_without_cuda(tmp_path, fashion_dir):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    out = tmp_path / "b.json"
+    results = main(["--suite", "gpu", "--device", "cpu", "--source-dir", str(fashion_dir), "--out", str(out),
+                    "--md", str(tmp_path / "b.md")])
+    assert results["gpu"]["rows"] == [] and "no CUDA device" in results["gpu"]["summary"]["skipped"]
+
+
+def test_bare_loop_learns_a_separable_task():
+    torch.manual_seed(0)
+    x = torch.randn(256, 1, 28, 28)
+    y = (x.mean((1, 2, 3)) > 0).long()
+    model = build_model("plain-2", 1, 2, 28)
+    assert bare_fit(model, x, y, x, y, epochs=5, batch_size=32, lr=0.05) > 0.9
+
+
+def test_train_flops_count_forward_and_backward_without_touching_the_model():
+    model = build_model("plain-4", 1, 10, 28)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    forward, train = flops_per_image(model, (1, 28, 28)), train_flops_per_image(model, (1, 28, 28))
+    assert 2.5 * forward < train < 3.5 * forward  # backward costs about twice the forward
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
