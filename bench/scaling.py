@@ -36,10 +36,10 @@ def epoch_seconds(ctx: Context, arch: str, n: int) -> float:
 
 
 def data_sweep(ctx: Context) -> tuple[list[dict], dict]:
-    full = len(ctx.splits.train)
+    full = ctx.images(len(ctx.splits.train))
     rows = []
     for frac in FRACTIONS:
-        n = ctx.images(int(full * frac))
+        n = max(16, int(full * frac))
         s = epoch_seconds(ctx, DATA_MODEL, n)
         rows.append({"sweep": "data", "model": DATA_MODEL, "share": frac, "train_images": n, "epoch_s": s,
                      "us_per_image": s / n * 1e6})

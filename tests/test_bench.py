@@ -1,4 +1,5 @@
-"""The benchmark suites run end to end on tiny data (their numbers are meaningless here;
+"""The benchmark suites run end to end on tiny data (every size is capped by the 360 fake
+training images, so the numbers are meaningless here;
 `python -m bench` on real data measures). The GPU suite is forced onto the CPU so its code
 path runs in CI."""
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tests.conftest import tiny_overrides
 
 def _run(tmp_path, fashion_dir, suites: list[str], extra: dict | None = None) -> dict:
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
-    argv = ["--suite", *suites, "--repeats", "1", "--scale", "0.002", "--device", "cpu",
+    argv = ["--suite", *suites, "--repeats", "1", "--scale", "1", "--device", "cpu",
             "--source-dir", str(fashion_dir), "--out", str(out), "--md", str(md), "--force-gpu-suite"]
     results = main(argv, extra={"compile_modes": (False,), **(extra or {})})
     assert json.loads(out.read_text()) == json.loads(json.dumps(results, default=str))
