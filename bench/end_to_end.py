@@ -54,8 +54,9 @@ def _stage_seconds(root: Path) -> dict[str, float]:
     return found
 
 
-def _test_acc(root: Path) -> dict:
-    return json.loads((root / "data" / "metrics" / "comparison.json").read_text())["test_acc"]
+def _test_acc(root: Path) -> dict[str, float]:
+    rows = json.loads((root / "data" / "metrics" / "comparison_plot.json").read_text())
+    return {r["model"]: r["test_acc"] for r in rows}
 
 
 def run(ctx: Context) -> dict:
