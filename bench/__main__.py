@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +34,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _commit() -> str:
+    """The code measured: HEAD, marked when the working tree has uncommitted changes."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+    return f"{head}{'+changes' if dirty.strip() else ''}" or "unknown"
+
+
 def write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -53,7 +61,7 @@ def main(argv: list[str] | None = None, extra: dict | None = None) -> dict:
             print(f"== {SUITES[name].title}", flush=True)
             t0 = time.perf_counter()
             result = SUITES[name].module.run(ctx)
-            results[name] = {**result, "command": command.strip(), "repeats": args.repeats, "scale": args.scale,
+            results[name] = {**result, "command": command.strip(), "commit": _commit(), "repeats": args.repeats, "scale": args.scale,
                              "machine": machine(device), "wall_s": time.perf_counter() - t0,
                              "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
             write(args.out, json.dumps(results, indent=2, default=str) + "\n")  # each suite lands as it ends

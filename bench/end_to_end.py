@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 
 from bench.common import Context
+from tasks.stages import ORDER, TRAINS
 
 REPO = Path(__file__).resolve().parents[1]
 _DROP = ("KD_PROJECT_ROOT", "KD_MLFLOW_PARENT_RUN", "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "KD_TRACKING")
 
 
-def _env(home: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in _DROP}
+def _env(ctx: Context, home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in _DROP} | ctx.extra.get("env", {})
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env |= {"PREFECT_HOME": str(home / "prefect_home"), "DVC_NO_ANALYTICS": "1", "GIT_PYTHON_REFRESH": "quiet",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
@@ -47,11 +48,13 @@ def _clone(ctx: Context, name: str) -> Path:
 
 
 def _stage_seconds(root: Path) -> dict[str, float]:
+    """Each stage's own wall time from its stage.json, by dvc.yaml stage name, in pipeline order."""
     found = {}
-    for path in sorted((root / "data").rglob("stage.json")):
+    for path in (root / "data").rglob("stage.json"):
         record = json.loads(path.read_text())
         found[record["stage"]] = record["result"].get("stage_seconds")
-    return found
+    recorded_as = {name: f"train-{TRAINS[name]}" if name in TRAINS else name for name in ORDER}
+    return {name: found.get(recorded_as[name]) for name in ORDER}
 
 
 def _test_acc(root: Path) -> dict[str, float]:
@@ -62,13 +65,13 @@ def _test_acc(root: Path) -> dict[str, float]:
 def run(ctx: Context) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     dvc_root = _clone(ctx, "e2e-dvc")
-    env = _env(dvc_root)
+    env = _env(ctx, dvc_root)
     repro_s, _ = _run(["dvc", "repro"], dvc_root, env)
     ctx.log(f"  dvc repro from scratch: {repro_s:.0f} s")
     noop = [_run(["dvc", "repro"], dvc_root, env)[0] for _ in range(ctx.repeats)]
 
     flow_root = _clone(ctx, "e2e-prefect")
-    env = _env(flow_root)
+    env = _env(ctx, flow_root)
     process_s, out = _run([sys.executable, "-m", "bench.flow_timer"], flow_root, env)
     flow = json.loads(out.strip().splitlines()[-1])
     ctx.log(f"  Prefect flow: {process_s:.0f} s with server start, {flow['flow_s']:.0f} s flow run")

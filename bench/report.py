@@ -6,14 +6,14 @@ from bench import SUITES
 from tasks.report import markdown_table
 
 COLUMNS = {
-    "overhead": ["model", "train_images", "epochs", "batch", "trainer_img_s", "bare_img_s", "ratio"],
+    "overhead": ["model", "train_images", "epochs", "batch", "trainer_img_s", "bare_img_s", "ratio", "ratio_range"],
     "original": ["way", "workers", "epoch_s", "img_s"],
     "cache": ["teacher", "student", "train_images", "cached_epoch_s", "online_epoch_s", "measured_ratio",
               "expected_by_flops", "share_of_flops_expectation", "expected_by_time", "share_of_time_expectation"],
     "scaling": ["sweep", "model", "train_images", "epoch_s", "us_per_image", "img_s", "train_mflops_per_image",
                 "achieved_gflop_s"],
     "e2e": ["stage", "dvc_repro_s", "prefect_flow_s"],
-    "gpu": ["model", "compile", "train_images", "trainer_img_s", "bare_img_s", "ratio"],
+    "gpu": ["model", "compile", "train_images", "trainer_img_s", "bare_img_s", "ratio", "ratio_range"],
 }
 
 
@@ -34,7 +34,7 @@ def _section(name: str, result: dict) -> str:
     where = f"{m['cpu']}, {m['cpu_cores']} cores, {m['torch_threads']} torch threads" + (f", {m['gpu']}" if m.get("gpu") else "")
     parts = [f"## {title}\n", f"{doc}\n",
              f"Command: `{result['command']}` (timed runs per measurement: {result['repeats']}, median reported; {result['finished']}, "
-             f"{result['wall_s']:.0f} s)  \nMachine: {where}; torch {m['torch']}, device {m['device']}\n"]
+             f"{result['wall_s']:.0f} s; code {result.get('commit', 'not recorded')})  \nMachine: {where}; torch {m['torch']}, device {m['device']}\n"]
     if result["rows"]:
         rows = [{k: _fmt(v) for k, v in row.items()} for row in result["rows"]]
         parts.append(markdown_table(rows, COLUMNS[name]))

@@ -7,8 +7,10 @@ so a resumed run ends with the same metrics as an uninterrupted one.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -114,6 +116,64 @@ def _batch(train: DeviceSet, idx: torch.Tensor, spec: AugmentConfig, generator: 
     return x, teacher.targets(idx, view, x)
 
 
+class _Checkpoints:
+    """Writes each epoch's checkpoints on a background thread, so training never waits on the
+    disk (fsync included). The state is snapshotted first; one write runs at a time, and a
+    failed write raises at the next save or at `close`."""
+
+    def __init__(self, last: Path | None, best: Path | None):
+        self.last, self.best = last, best
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if last else None
+        self._pending: Future | None = None
+
+    def save(self, last_state: dict, best_state: dict | None) -> None:
+        if not self._pool:
+            return
+        self.wait()
+        writes = ([(best_state, self.best)] if best_state else []) + [(copy.deepcopy(last_state), self.last)]
+        self._pending = self._pool.submit(lambda: [save_torch(obj, path) for obj, path in writes])
+
+    def wait(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        if self._pool:
+            try:
+                self.wait()
+            finally:
+                self._pool.shutdown()
+
+
+def _train_epoch(forward, train: DeviceSet, cfg: TrainConfig, loss_fn: DistillLoss, opt, sched, generator,
+                 spec: AugmentConfig, teacher: Teacher | None, lam: float, bar: dict, where: tuple[str, int]) -> dict:
+    """One pass over the training set; returns the epoch's summed losses and correct count."""
+    device, n = train.x.device, len(train)
+    check_every = 1 if device.type == "cpu" else 50  # a finiteness check syncs an accelerator; free on the CPU
+    sums: dict[str, torch.Tensor] = {}
+    correct = torch.zeros((), device=device)
+    perm = torch.randperm(n, generator=generator).to(device)
+    for step, idx in enumerate(tqdm(perm.split(cfg.batch_size), leave=False, **bar)):
+        x, t_logits = _batch(train, idx, spec, generator, teacher)
+        y = train.y[idx]
+        with autocast(device):
+            logits = forward(x)
+            parts = loss_fn(Batch(logits.float(), y, t_logits), lam)
+        if (step + 1) % check_every == 0 and not torch.isfinite(parts["total"]):
+            raise DivergedError(f"{where[0]}: loss is {parts['total'].item()} at epoch {where[1]}, step {step + 1}")
+        opt.zero_grad(set_to_none=True)
+        parts["total"].backward()
+        opt.step()
+        sched.step()
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0) + v.detach() * len(idx)
+        correct += (logits.argmax(1) == y).sum()
+    if not torch.isfinite(sums["total"]):  # caught here when the per-step check is sparse
+        raise DivergedError(f"{where[0]}: loss is not finite in epoch {where[1]}")
+    return {"sums": sums, "correct": correct}
+
+
 def fit(model: nn.Module, train: DeviceSet, val: DeviceSet, cfg: TrainConfig, loss_fn: DistillLoss,
         generator: torch.Generator, spec: AugmentConfig, *, kd: KDConfig | None = None,
         teacher: Teacher | None = None, workdir: Path | None = None, run_key: str = "",
@@ -121,59 +181,42 @@ def fit(model: nn.Module, train: DeviceSet, val: DeviceSet, cfg: TrainConfig, lo
     """Train `model`; leave it holding the weights that were best on validation.
 
     `progress`: None shows a bar only on a terminal; True or False forces it."""
-    device = train.x.device
-    n, bs = len(train), cfg.batch_size
-    steps = math.ceil(n / bs)
-    opt, sched = make_optimizer(model, cfg, steps)
+    device, n = train.x.device, len(train)
+    opt, sched = make_optimizer(model, cfg, math.ceil(n / cfg.batch_size))
     result = FitResult()
     last, best = (workdir / "last.pt", workdir / "best.pt") if workdir else (None, None)
     start = _resume(last, run_key, model, opt, sched, generator, result) if last else 0
     best_state = None
     forward = torch.compile(model) if cfg.compile else model  # shares weights; state_dict stays plain
-    check_every = 1 if device.type == "cpu" else 50  # a finiteness check syncs an accelerator; free on the CPU
-    for epoch in range(start, cfg.epochs):
-        model.train()
-        lam = lam_at(kd, epoch, cfg.epochs) if kd else 0.0
-        t0 = time.perf_counter()
-        sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=device)
-        perm = torch.randperm(n, generator=generator).to(device)
-        batches = tqdm(perm.split(bs), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
-                       disable=None if progress is None else not progress)
-        for step, idx in enumerate(batches):
-            x, t_logits = _batch(train, idx, spec, generator, teacher)
-            y = train.y[idx]
-            with autocast(device):
-                logits = forward(x)
-                parts = loss_fn(Batch(logits.float(), y, t_logits), lam)
-            if (step + 1) % check_every == 0 and not torch.isfinite(parts["total"]):
-                raise DivergedError(f"{desc}: loss is {parts['total'].item()} at epoch {epoch + 1}, step {step + 1}; "
-                                    f"the last good checkpoint is kept at {last}")
-            opt.zero_grad(set_to_none=True)
-            parts["total"].backward()
-            opt.step()
-            sched.step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0) + v.detach() * len(idx)
-            correct += (logits.argmax(1) == y).sum()
-        if not torch.isfinite(sums["total"]):  # caught here when the per-step check is sparse
-            raise DivergedError(f"{desc}: loss is not finite in epoch {epoch + 1}; "
-                                f"the last good checkpoint is kept at {last}")
-        seconds = time.perf_counter() - t0
-        val_acc = accuracy(predict(model, val, cfg.eval_batch_size), val.y)
-        metrics = {"epoch": epoch + 1, **{f"loss_{k}": (v / n).item() for k, v in sums.items()},
-                   "train_acc": (correct / n).item(), "val_acc": val_acc, "lr": opt.param_groups[0]["lr"],
-                   "lam": lam, "epoch_seconds": seconds, "images_per_second": n / seconds}
-        result.history.append(metrics)
-        if val_acc > result.best_val_acc:
-            result.best_val_acc, result.best_epoch = val_acc, epoch + 1
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if best:
-                save_torch({"run_key": run_key, "epoch": epoch + 1, "val_acc": val_acc, "model": model.state_dict()}, best)
-        if last:
-            save_torch(_checkpoint(model, opt, sched, generator, epoch + 1, result, run_key), last)
-        if callback:
-            callback(metrics)
+    checkpoints = _Checkpoints(last, best)
+    try:
+        for epoch in range(start, cfg.epochs):
+            model.train()
+            lam = lam_at(kd, epoch, cfg.epochs) if kd else 0.0
+            bar = {"desc": f"{desc} {epoch + 1}/{cfg.epochs}", "disable": None if progress is None else not progress}
+            t0 = time.perf_counter()
+            try:
+                out = _train_epoch(forward, train, cfg, loss_fn, opt, sched, generator, spec, teacher, lam, bar,
+                                   (desc, epoch + 1))
+            except DivergedError as e:
+                checkpoints.wait()
+                raise DivergedError(f"{e}; the last good checkpoint is kept at {last}") from None
+            seconds = time.perf_counter() - t0
+            val_acc = accuracy(predict(model, val, cfg.eval_batch_size), val.y)
+            metrics = {"epoch": epoch + 1, **{f"loss_{k}": (v / n).item() for k, v in out["sums"].items()},
+                       "train_acc": (out["correct"] / n).item(), "val_acc": val_acc, "lr": opt.param_groups[0]["lr"],
+                       "lam": lam, "epoch_seconds": seconds, "images_per_second": n / seconds}
+            result.history.append(metrics)
+            best_file = None
+            if val_acc > result.best_val_acc:
+                result.best_val_acc, result.best_epoch = val_acc, epoch + 1
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_file = {"run_key": run_key, "epoch": epoch + 1, "val_acc": val_acc, "model": best_state}
+            checkpoints.save(_checkpoint(model, opt, sched, generator, epoch + 1, result, run_key), best_file)
+            if callback:
+                callback(metrics)
+    finally:
+        checkpoints.close()
     if best_state is None and best is not None and best.exists():  # resumed after the best epoch
         best_state = load_torch(best, map_location=device)["model"]
     if best_state is not None:

@@ -36,7 +36,7 @@ def test_micro_suites_write_json_and_markdown(tmp_path, fashion_dir):
     for name in ("overhead", "gpu"):
         for row in results[name]["rows"]:
             assert row["trainer_img_s"] > 0 and row["bare_img_s"] > 0
-            assert math.isclose(row["ratio"], row["trainer_img_s"] / row["bare_img_s"], rel_tol=1e-9)
+            assert math.isclose(row["ratio"], row["bare_runs_s"][0] / row["trainer_runs_s"][0], rel_tol=0.05)
     assert {r["workers"] for r in results["original"]["rows"]} == {0, 2}
     for row in results["cache"]["rows"]:
         assert row["expected_by_flops"] > 1 and row["expected_by_time"] > 1 and row["online_epoch_s"] > 0
@@ -60,7 +60,7 @@ def test_end_to_end_suite_in_fresh_clones(tmp_path, fashion_dir):
     from tasks.config import load_config, to_yaml
 
     params = to_yaml(load_config(None, tiny_overrides(fashion_dir, tmp_path)))
-    summary = _run(tmp_path, fashion_dir, ["e2e"], extra={"params_yaml": params})["e2e"]["summary"]
+    summary = _run(tmp_path, fashion_dir, ["e2e"], extra={"params_yaml": params, "env": {"KD_TRACKING": "0"}})["e2e"]["summary"]
     assert summary["prefect_flow_state"] == "COMPLETED"
     assert summary["dvc_status_clean_after_flow"] is True
     assert summary["same_test_accuracy_both_ways"] is True

@@ -50,6 +50,20 @@ def test_resume_after_interruption_gives_the_same_result(data_cfg, tmp_path):
     assert all(torch.equal(v, resumed_model.state_dict()[k]) for k, v in full_model.state_dict().items())
 
 
+def test_a_failed_background_checkpoint_write_stops_training(data_cfg, tmp_path, monkeypatch):
+    import engine.trainer
+
+    epochs_seen = []
+
+    def full_disk(obj, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(engine.trainer, "save_torch", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train(data_cfg, epochs=3, workdir=tmp_path, callback=lambda m: epochs_seen.append(m["epoch"]))
+    assert epochs_seen[-1] <= 2  # the error surfaces at the next save, not after the whole run
+
+
 def test_divergence_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(data_cfg, tmp_path):
     holder = {}
 
