@@ -91,3 +91,10 @@ def test_train_flops_count_forward_and_backward_without_touching_the_model():
     forward, train = flops_per_image(model, (1, 28, 28)), train_flops_per_image(model, (1, 28, 28))
     assert 2.5 * forward < train < 3.5 * forward  # backward costs about twice the forward
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_step_profile_names_the_operators():
+    from bench.profile_step import main as profile_step
+
+    table = profile_step("plain-2", batch=8, steps=2)
+    assert "convolution" in table and "batch_norm" in table
