@@ -77,9 +77,9 @@ def bookkeeping(ctx: Context, arch: str = "plain-2", batch: int = BATCH, calls: 
     """Microseconds per step of what the trainer adds around the model (batch by index with
     per-batch normalisation, loss parts, running sums, accuracy count, finiteness check, LR
     step), against one model step: the trainer's steady-state overhead, free of run-to-run noise."""
-    train, model, gen = ctx.device_set("train", ctx.images(4 * batch)), ctx.model(arch), torch.Generator().manual_seed(0)
+    train, model, gen = ctx.device_set("train", batch), ctx.model(arch), torch.Generator().manual_seed(0)
     opt, sched = make_optimizer(model, TrainConfig(), 1000)
-    idx = torch.arange(batch, device=ctx.device)
+    idx = torch.arange(len(train), device=ctx.device)
     x_bare, y = train.normalize(train.x[idx]), train.y[idx]
     logits, loss_fn, sums = model(x_bare).detach(), build_loss("ce", KDConfig()), {}
 
@@ -104,7 +104,7 @@ def bookkeeping(ctx: Context, arch: str = "plain-2", batch: int = BATCH, calls: 
     bare_index = timed(ctx, lambda: [x_bare[idx] for _ in range(calls)]) / calls
     model_step = timed(ctx, lambda: [step() for _ in range(calls // 10)]) / (calls // 10)
     return {"model": arch, "added_us_per_step": (extra - bare_index) * 1e6, "model_step_us": model_step * 1e6,
-            "added_share": (extra - bare_index) / model_step}
+            "added_share": (extra - bare_index) / model_step, "batch": len(train)}
 
 
 def epoch_fixed_cost(ctx: Context, arch: str = "plain-2", n: int = 20_000) -> float:
