@@ -13,24 +13,19 @@ import statistics
 
 import torch
 
-from bench.common import Context, timed
+from bench.common import Context, run_fit, timed
 from engine import augment, soft_targets
-from engine.config import KDConfig, TrainConfig
-from engine.losses import build_loss
-from engine.trainer import Teacher, fit
+from engine.trainer import Teacher
 from models.profile import flops_per_image, train_flops_per_image
 
 GOAL = 0.90
 PAIRS = [("plain-10", "plain-2"), ("plain-10", "plain-4"), ("plain-4", "plain-2")]
 TRAIN_IMAGES, BATCH, VIEWS = 10_000, 128, 2
-KD = KDConfig()
 
 
 def distill_epoch(ctx: Context, student_arch: str, n: int, teacher: Teacher) -> float:
     train, val = ctx.device_set("train", n), ctx.device_set("val", max(16, n // 9))
-    student = ctx.model(student_arch, seed=1)
-    return timed(ctx, lambda: fit(student, train, val, TrainConfig(epochs=1, batch_size=BATCH), build_loss("kd", KD),
-                                  torch.Generator().manual_seed(0), ctx.splits.augment, kd=KD, teacher=teacher))
+    return run_fit(ctx, ctx.model(student_arch, seed=1), train, val, batch=BATCH, teacher=teacher)[0]
 
 
 @torch.no_grad()

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,8 +16,10 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from engine.config import AugmentConfig, DataConfig
+from engine.config import AugmentConfig, DataConfig, KDConfig, TrainConfig
 from engine.data import DeviceSet, Splits, load_splits
+from engine.losses import build_loss
+from engine.trainer import FitResult, fit
 from models import build_model
 
 NO_AUGMENT = AugmentConfig(crop_padding=0, flip=False)
@@ -74,6 +78,27 @@ def median_seconds(ctx: Context, fn: Callable[[], object], repeats: int | None =
     """Median wall time over `repeats` calls (each call sets up its own fresh state)."""
     runs = [timed(ctx, fn) for _ in range(repeats or ctx.repeats)]
     return statistics.median(runs), [round(r, 4) for r in runs]
+
+
+def run_fit(ctx: Context, model: nn.Module, train: DeviceSet, val: DeviceSet, *, epochs: int = 1, batch: int = 128,
+            compile: bool = False, spec: AugmentConfig | None = None, teacher=None, logger=None,
+            checkpoints: bool = False) -> tuple[float, FitResult]:
+    """One timed `fit` call: cross entropy, or Hinton KD when a `teacher` is given. With `logger`
+    and `checkpoints` it runs as the pipeline runs it: MLflow per epoch, progress bar on, epoch
+    checkpoints in a fresh folder."""
+    kd = KDConfig() if teacher else None
+    workdir = Path(tempfile.mkdtemp(dir=ctx.workdir)) if checkpoints else None
+    cfg = TrainConfig(epochs=epochs, batch_size=batch, compile=compile)
+    out = {}
+    try:
+        seconds = timed(ctx, lambda: out.setdefault("result", fit(
+            model, train, val, cfg, build_loss("kd" if teacher else "ce", kd or KDConfig()), torch.Generator().manual_seed(0),
+            spec or ctx.splits.augment, kd=kd, teacher=teacher, workdir=workdir, run_key="bench",
+            callback=logger.log_epoch if logger else None, progress=True if logger else None)))
+    finally:
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return seconds, out["result"]
 
 
 def machine(device: torch.device) -> dict:

@@ -9,10 +9,7 @@ reported, and also charged in full to a single 10-epoch student.
 """
 from __future__ import annotations
 
-import shutil
 import statistics
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +17,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from bench.common import Context, mlflow_run, timed
+from bench.common import Context, mlflow_run, run_fit, timed
 from engine import augment, soft_targets
-from engine.config import KDConfig, TrainConfig
-from engine.losses import build_loss
-from engine.trainer import Teacher, fit
+from engine.config import KDConfig
+from engine.trainer import Teacher
 
 GOAL = 5.0
 TEACHER, STUDENT, BATCH, VIEWS, STUDENT_EPOCHS = "plain-10", "plain-2", 128, 2, 10
@@ -87,14 +83,8 @@ def build_cache(ctx: Context, n: int) -> tuple[float, Teacher]:
 
 def our_epoch(ctx: Context, n: int, teacher: Teacher, logger) -> float:
     train, val = ctx.device_set("train", n), ctx.device_set("val")
-    student = ctx.model(STUDENT, seed=1)
-    workdir = Path(tempfile.mkdtemp(dir=ctx.workdir))
-    try:
-        return timed(ctx, lambda: fit(student, train, val, TrainConfig(epochs=1, batch_size=BATCH), build_loss("kd", KD),
-                                      torch.Generator().manual_seed(0), ctx.splits.augment, kd=KD, teacher=teacher,
-                                      workdir=workdir, run_key="bench", callback=logger.log_epoch, progress=True))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    return run_fit(ctx, ctx.model(STUDENT, seed=1), train, val, batch=BATCH, teacher=teacher, logger=logger,
+                   checkpoints=True)[0]
 
 
 def run(ctx: Context) -> dict:

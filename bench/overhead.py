@@ -8,20 +8,17 @@ ratio is the median over those adjacent pairs of bare time / trainer time.
 """
 from __future__ import annotations
 
-import shutil
 import statistics
-import tempfile
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from bench.bare_loop import bare_fit, prepare
-from bench.common import NO_AUGMENT, Context, mlflow_run, timed
+from bench.common import NO_AUGMENT, Context, mlflow_run, run_fit, timed
 from engine.config import AugmentConfig, KDConfig, TrainConfig
 from engine.losses import Batch, build_loss
-from engine.trainer import _batch, fit, make_optimizer, predict
+from engine.trainer import _batch, make_optimizer, predict
 
 GOAL = 0.95
 CASES = [("plain-2", 20_000), ("plain-4", 10_000), ("plain-10", 4_000)]  # (arch, train images) at scale 1
@@ -36,15 +33,8 @@ def trainer_run(ctx: Context, arch: str, n: int, *, epochs: int = EPOCHS, batch:
                 spec: AugmentConfig = NO_AUGMENT, logger=None) -> float:
     """Wall seconds of one whole `fit` call on a fresh model and a fresh checkpoint dir."""
     train, val = ctx.device_set("train", n), ctx.device_set("val", val_size(n))
-    model = ctx.model(arch)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch, compile=compile)
-    workdir = Path(tempfile.mkdtemp(dir=ctx.workdir))
-    try:
-        return timed(ctx, lambda: fit(model, train, val, cfg, build_loss("ce", KDConfig()), torch.Generator().manual_seed(0),
-                                      spec, workdir=workdir, run_key="bench", progress=True,
-                                      callback=logger.log_epoch if logger else None, desc=arch))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    return run_fit(ctx, ctx.model(arch), train, val, epochs=epochs, batch=batch, compile=compile, spec=spec,
+                   logger=logger, checkpoints=True)[0]
 
 
 def bare_run(ctx: Context, arch: str, n: int, *, epochs: int = EPOCHS, batch: int = BATCH, compile: bool = False) -> float:
@@ -115,15 +105,11 @@ def epoch_fixed_cost(ctx: Context, arch: str = "plain-2", n: int = 20_000) -> fl
     costs = []
     with mlflow_run(ctx.workdir) as logger:
         for _ in range(ctx.repeats):
-            model, workdir = ctx.model(arch), Path(tempfile.mkdtemp(dir=ctx.workdir))
-            holder = {}
-            wall = timed(ctx, lambda: holder.setdefault("r", fit(
-                model, train, val, TrainConfig(epochs=EPOCHS), build_loss("ce", KDConfig()), torch.Generator().manual_seed(0),
-                NO_AUGMENT, workdir=workdir, run_key="bench", progress=True, callback=logger.log_epoch)))
+            model = ctx.model(arch)
+            wall, result = run_fit(ctx, model, train, val, epochs=EPOCHS, spec=NO_AUGMENT, logger=logger, checkpoints=True)
             val_s = timed(ctx, lambda: predict(model, val))
-            steps = sum(h["epoch_seconds"] for h in holder["r"].history)
+            steps = sum(h["epoch_seconds"] for h in result.history)
             costs.append((wall - steps - EPOCHS * val_s) / EPOCHS * 1000)
-            shutil.rmtree(workdir, ignore_errors=True)
     return statistics.median(costs)
 
 

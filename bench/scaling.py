@@ -9,12 +9,8 @@ from __future__ import annotations
 import statistics
 
 import numpy as np
-import torch
 
-from bench.common import Context
-from engine.config import KDConfig, TrainConfig
-from engine.losses import build_loss
-from engine.trainer import fit
+from bench.common import Context, run_fit
 from models.profile import count_parameters, train_flops_per_image
 
 FRACTIONS = [0.10, 0.25, 0.50, 1.00]
@@ -27,9 +23,7 @@ def epoch_seconds(ctx: Context, arch: str, n: int) -> float:
     train, val = ctx.device_set("train", n), ctx.device_set("val", 16)
 
     def once() -> float:
-        result = fit(ctx.model(arch), train, val, TrainConfig(epochs=1, batch_size=BATCH), build_loss("ce", KDConfig()),
-                     torch.Generator().manual_seed(0), ctx.splits.augment)
-        return result.history[0]["epoch_seconds"]
+        return run_fit(ctx, ctx.model(arch), train, val, batch=BATCH)[1].history[0]["epoch_seconds"]
 
     once()  # warm-up
     return statistics.median(once() for _ in range(ctx.repeats))
