@@ -57,7 +57,10 @@ def kl_soft(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 class HintonKD(DistillLoss):
-    """(1 - lam) * CE(student, y) + lam * T^2 * KL(teacher_T || student_T)."""
+    """(1 - lam) * CE(student, y) + lam * T^2 * KL(teacher_T || student_T).
+
+    Teacher logits of shape [G, B, C] are G guides (DGKD): the KL is their mean, so lam
+    keeps its meaning whatever the number of guides."""
 
     def __init__(self, cfg: KDConfig):
         super().__init__()
@@ -65,7 +68,10 @@ class HintonKD(DistillLoss):
 
     def forward(self, batch: Batch, lam: float) -> dict[str, torch.Tensor]:
         ce = F.cross_entropy(batch.student_logits, batch.labels)
-        kd = kl_soft(batch.student_logits, batch.teacher_logits, self.temperature) * self.temperature**2
+        t = batch.teacher_logits
+        guides = t.unbind(0) if t.dim() == 3 else (t,)
+        kd = torch.stack([kl_soft(batch.student_logits, g, self.temperature) for g in guides]).mean()
+        kd = kd * self.temperature**2
         return {"total": (1 - lam) * ce + lam * kd, "ce": ce, "kd": kd}
 
 

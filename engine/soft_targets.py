@@ -65,6 +65,25 @@ class OnlineTeacher:
         return self.model(x).float()
 
 
+class DenseGuides:
+    """Several sources of soft targets at once (DGKD: the teacher and every earlier assistant).
+
+    Returns logits stacked as [G, B, C]. Each step keeps each guide with probability
+    `survival` (at least one), drawn from the trainer's generator so a resumed run repeats it.
+    """
+
+    def __init__(self, guides: list, survival: float, generator: torch.Generator):
+        if not guides:
+            raise ValueError("DenseGuides needs at least one guide")
+        self.guides, self.survival, self.generator = guides, survival, generator
+
+    def __call__(self, idx: torch.Tensor, view: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        keep = torch.rand(len(self.guides), generator=self.generator) < self.survival
+        if not keep.any():
+            keep[torch.randint(len(self.guides), (1,), generator=self.generator)] = True
+        return torch.stack([g(idx, view, x) for g, k in zip(self.guides, keep.tolist()) if k])
+
+
 @torch.no_grad()
 def compute(model: nn.Module, train: DeviceSet, spec: AugmentConfig, k_views: int, seed: int,
             topk: int | None, batch_size: int = 1024, progress=None) -> SoftTargets:

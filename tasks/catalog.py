@@ -22,9 +22,11 @@ ENGINE = ["engine", "models", "tasks/config.py", "tasks/catalog.py", "tasks/stag
 CODE_DEPS: dict[str, list[str]] = {
     "prepare-data": ENGINE + ["tasks/prepare_data.py"],
     "train": ENGINE + ["tasks/train_model.py"],
+    "train-job": ENGINE + ["tasks/train_model.py", "tasks/train_job.py"],
     "cache": ENGINE + ["tasks/cache_soft_targets.py"],
     "evaluate": ENGINE + ["tasks/evaluate.py"],
     "report": ENGINE + ["tasks/report.py"],
+    "experiment-report": ENGINE + ["tasks/report.py", "tasks/train_job.py", "experiments"],
 }
 
 
@@ -50,6 +52,14 @@ class Catalog:
 
     def model(self, name: str) -> Path:
         return self.data / "models" / name
+
+    def job(self, job_id: str) -> Path:
+        """One experiment training (tasks/train_job.py): model/ and, for guides, soft_targets/."""
+        return self.data / "zoo" / job_id
+
+    def experiment(self, name: str) -> Path:
+        """An experiment's records, tables and plots."""
+        return self.data / "experiments" / name
 
     def soft_targets(self, name: str) -> Path:
         return self.data / "soft_targets" / name

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from pydantic import BaseModel
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def prepare_process() -> None:
     # Offline by default: no telemetry from Prefect's server or MLflow.
     for key, value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
                        ("DO_NOT_TRACK", "1")):
@@ -65,20 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "httpcore"):  # one line per HTTP request to the local Prefect server
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
-    if args.command == "params":
-        sys.stdout.write(to_yaml(PipelineConfig()))
-        return 0
+
+
+def guarded(fn: Callable[[], Any]) -> int:
+    """Run a command; print its result as JSON, or one line of error and exit 2."""
     try:
-        cfg = load_config(args.params, overrides(args))
-        if args.command == "pipeline":
-            from flows.pipeline import takd_pipeline
-
-            result = takd_pipeline(cfg, force=args.force)
-        else:
-            from tasks.stages import STAGES
-
-            result = STAGES[args.command](cfg, Catalog.default(), args.force)
+        result = fn()
     except KDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -88,3 +80,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    prepare_process()
+    args = build_parser().parse_args(argv)
+    if args.command == "params":
+        sys.stdout.write(to_yaml(PipelineConfig()))
+        return 0
+
+    def command():
+        cfg = load_config(args.params, overrides(args))
+        if args.command == "pipeline":
+            from flows.pipeline import takd_pipeline
+
+            return takd_pipeline(cfg, force=args.force)
+        from tasks.stages import STAGES
+
+        return STAGES[args.command](cfg, Catalog.default(), args.force)
+
+    return guarded(command)

@@ -56,6 +56,44 @@ class TrackingConfig(Strict):
     log_models: bool = Field(True, description="log every trained model with mlflow.pytorch.log_model")
 
 
+def _archs(v: list[str]) -> list[str]:
+    for name in v:
+        check_name(name)
+    return v
+
+
+class ExperimentsConfig(Strict):
+    """What the experiments (experiments/) vary. Teacher, TA and student settings come from above."""
+
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
+                             description="student seeds; teacher and TAs train once (their own seed)")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="of the paired-difference intervals")
+    ta_sizes: list[str] = Field(default_factory=lambda: ["plain-8", "plain-6", "plain-4"], min_length=1,
+                                description="TA-size sweep: TAs between the teacher and the student")
+    teacher_sizes: list[str] = Field(default_factory=lambda: ["plain-4", "plain-6", "plain-8", "plain-10"],
+                                     min_length=1, description="teacher-size sweep, student fixed")
+    student_sizes: list[str] = Field(default_factory=lambda: ["plain-2", "plain-4", "plain-6", "plain-8"],
+                                     min_length=1, description="student-size sweep, teacher fixed")
+    path_sizes: list[str] = Field(default_factory=lambda: ["plain-8", "plain-6", "plain-4"],
+                                  description="paths: every subset of these, largest first, between teacher and student")
+    dgkd: bool = Field(True, description="paths: also densely guided KD over the full path")
+    guide_survival: float = Field(0.75, gt=0, le=1, description="DGKD: chance each guide is kept at a step")
+    equal_epochs: int = Field(10, ge=2, description="equal compute: E epochs from labels vs E/2 teacher + E/2 distillation")
+    generations: int = Field(3, ge=1, le=20, description="born-again: distilled generations after the first")
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v) or min(v) < 0:
+            raise ValueError("seeds must be distinct and >= 0")
+        return v
+
+    @field_validator("ta_sizes", "teacher_sizes", "student_sizes", "path_sizes")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        return _archs(v)
+
+
 def _teacher() -> TeacherConfig:
     return TeacherConfig(arch="plain-10", train=TrainConfig(epochs=3, lr=0.05))
 
@@ -79,6 +117,7 @@ class PipelineConfig(Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    experiments: ExperimentsConfig = Field(default_factory=ExperimentsConfig)
 
 
 class ConfigError(KDError):

@@ -59,9 +59,12 @@ class Workspace:
         return model
 
     def load_model(self, name: str) -> nn.Module:
-        meta = read_meta(self.cat.model(name))
+        return self.load_model_dir(self.cat.model(name))
+
+    def load_model_dir(self, model_dir: Path) -> nn.Module:
+        meta = read_meta(model_dir)
         model = self.build(meta["arch"])
-        return self.load_state(model, load_torch(self.cat.model(name) / MODEL_FILE, self.device), str(self.cat.model(name) / MODEL_FILE))
+        return self.load_state(model, load_torch(model_dir / MODEL_FILE, self.device), str(model_dir / MODEL_FILE))
 
     def save_model(self, out_dir: Path, model: nn.Module, meta: dict, history: list[dict]) -> dict:
         save_torch(model.state_dict(), out_dir / MODEL_FILE)

@@ -66,19 +66,21 @@ def pipeline_name(cfg: PipelineConfig) -> str:
     return f"pipeline {cfg.data.name}: {cfg.teacher.arch} -> {cfg.assistant.arch} -> {cfg.student.arch}"
 
 
-def _create_parent(cfg: PipelineConfig, cat: Catalog, source: str) -> str:
+def _create_parent(cfg: PipelineConfig, cat: Catalog, source: str, run_name: str | None = None,
+                   kind: str = "pipeline") -> str:
     _, client = _client(cat)
-    run = client.create_run(experiment_id(cfg, cat), run_name=pipeline_name(cfg),
-                            tags={"source": source, "kind": "pipeline", **_common_tags(cat)})
+    run = client.create_run(experiment_id(cfg, cat), run_name=run_name or pipeline_name(cfg),
+                            tags={"source": source, "kind": kind, **_common_tags(cat)})
     client.log_dict(run.info.run_id, cfg.model_dump(mode="json"), "config.json")
     return run.info.run_id
 
 
-def start_parent(cfg: PipelineConfig, cat: Catalog, source: str) -> str | None:
-    """The parent run of a whole-pipeline invocation (Prefect flow, `python -m tasks pipeline`)."""
+def start_parent(cfg: PipelineConfig, cat: Catalog, source: str, run_name: str | None = None,
+                 kind: str = "pipeline") -> str | None:
+    """The parent run of a whole invocation (a Prefect flow, `python -m tasks pipeline`, an experiment)."""
     if not enabled():
         return None
-    os.environ[ENV_PARENT] = _create_parent(cfg, cat, source)
+    os.environ[ENV_PARENT] = _create_parent(cfg, cat, source, run_name, kind)
     return os.environ[ENV_PARENT]
 
 

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from engine import augment, soft_targets
 from engine.atomic import load_torch
@@ -14,7 +18,7 @@ from engine.config import TrainConfig
 from engine.device import seed_everything
 from engine.fingerprint import model_fingerprint
 from engine.losses import build_loss
-from engine.trainer import Teacher, fit
+from engine.trainer import Teacher, accuracy, fit, predict
 from torch import nn
 from tasks import tracking
 from tasks.catalog import MODELS, Catalog
@@ -61,65 +65,111 @@ def stage_inputs(cfg: PipelineConfig, cat: Catalog, name: str) -> dict:
     return inputs
 
 
-def _teacher_source(cfg: PipelineConfig, cat: Catalog, ws: Workspace, source: str) -> tuple[Teacher, dict]:
-    teacher_model = ws.load_model(source)
+@dataclass(frozen=True)
+class Training:
+    """One model to train, whoever asks: a pipeline stage (catalog.MODELS) or an experiment's job."""
+
+    name: str  # its work folder and MLflow 'model' tag
+    role: str
+    method: str
+    arch: str
+    seed: int
+    train: TrainConfig
+    run_name: str
+    guides: tuple[tuple[Path, Path], ...] = ()  # (model folder, soft-target folder) of each source
+    survival: float = 1.0  # DGKD: the chance each guide is kept at a step
+    init: Path | None = None  # start from this model folder (fine-tuning)
+    checkpoint: str | None = None  # import this teacher instead of training
+    skip_training: bool = False  # fine-tuning with 0 epochs: the init model as is
+    parent_model: str = ""
+    test: bool = False  # also measure test accuracy (experiments; the pipeline has an evaluate stage)
+
+
+# Seeding torch's global RNG and building a model must not interleave between threads
+# (a sweep's trainings run concurrently in one process): the init weights depend on it.
+_INIT_LOCK = threading.Lock()
+
+
+def _guides(cfg: PipelineConfig, ws: Workspace, t: Training, generator) -> tuple[Teacher, dict]:
     spec, n = ws.splits.augment, len(ws.train)
-    key = soft_targets.CacheKey(model_fingerprint(teacher_model), ws.fingerprint, spec.model_dump(), cfg.cache.views,
-                                cfg.cache.seed, cfg.cache.topk, ws.splits.num_classes, n)
-    if cfg.cache.online:
-        targets = soft_targets.OnlineTeacher(teacher_model)
-    else:
-        targets = soft_targets.load(cat.soft_targets(source), key, ws.device)
+    sources = []
+    for model_dir, targets_dir in t.guides:
+        model = ws.load_model_dir(model_dir)
+        if cfg.cache.online:
+            sources.append(soft_targets.OnlineTeacher(model))
+            continue
+        key = soft_targets.CacheKey(model_fingerprint(model), ws.fingerprint, spec.model_dump(), cfg.cache.views,
+                                    cfg.cache.seed, cfg.cache.topk, ws.splits.num_classes, n)
+        sources.append(soft_targets.load(targets_dir, key, ws.device))
+    targets = sources[0] if len(sources) == 1 else soft_targets.DenseGuides(sources, t.survival, generator)
     views = augment.fixed_views(n, spec, cfg.cache.seed, cfg.cache.views).to(ws.device)
-    return Teacher(targets, views), {"teacher_mode": "online" if cfg.cache.online else "cached"}
+    extra = {"teacher_mode": "online" if cfg.cache.online else "cached", "guides": len(sources)}
+    return Teacher(targets, views), extra
 
 
-def _import_teacher(cfg: PipelineConfig, ws: Workspace):
-    path = cfg.teacher.checkpoint
+def _import_teacher(ws: Workspace, arch: str, path: str):
     state = load_torch(path, ws.device)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # our own checkpoints wrap the state_dict
-    return ws.load_state(ws.build(cfg.teacher.arch), state, path)
+    return ws.load_state(ws.build(arch), state, path)
 
 
-def _fit_or_import(cfg: PipelineConfig, ws: Workspace, name: str, key: str, generator, teacher: Teacher | None,
+def _fit_or_import(cfg: PipelineConfig, ws: Workspace, t: Training, key: str, generator, teacher: Teacher | None,
                    callback) -> tuple[nn.Module, list[dict], dict]:
     """The model a stage outputs, its per-epoch history, and its best validation epoch."""
-    role, _, source, init = MODELS[name]
     untrained = {"best_epoch": 0, "best_val_acc": None}
-    if role == "teacher" and cfg.teacher.checkpoint:
-        return _import_teacher(cfg, ws), [], untrained
-    model = ws.load_model(init) if init else ws.build(model_config(cfg, name).arch)
-    if init and cfg.finetune.epochs == 0:
+    if t.checkpoint:
+        return _import_teacher(ws, t.arch, t.checkpoint), [], untrained
+    with _INIT_LOCK:
+        torch.manual_seed(t.seed)
+        model = ws.load_model_dir(t.init) if t.init else ws.build(t.arch)
+    if t.skip_training:
         return model, [], untrained
-    loss = build_loss(cfg.kd.loss if source else "ce", cfg.kd)
-    result = fit(model, ws.train, ws.val, train_config(cfg, name), loss, generator, ws.splits.augment,
-                 kd=cfg.kd if source else None, teacher=teacher, workdir=ws.cat.work(name), run_key=key,
-                 callback=callback, desc=name)
+    loss = build_loss(cfg.kd.loss if teacher else "ce", cfg.kd)
+    result = fit(model, ws.train, ws.val, t.train, loss, generator, ws.splits.augment,
+                 kd=cfg.kd if teacher else None, teacher=teacher, workdir=ws.cat.work(t.name), run_key=key,
+                 callback=callback, desc=t.name)
     return model, result.history, {"best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc}
 
 
-def train_model(cfg: PipelineConfig, cat: Catalog, name: str, force: bool = False) -> dict:
+def fit_training(cfg: PipelineConfig, cat: Catalog, t: Training, key: str, out_dir: Path) -> dict:
+    """Train (or import) the model, save it in `out_dir` and log it to MLflow; returns the summary."""
+    ws = Workspace(cat, cfg.device)
+    generator = seed_everything(t.seed)
+    params = {"arch": t.arch, "role": t.role, "method": t.method, "parent_model": t.parent_model, "seed": t.seed,
+              "epochs": t.train.epochs, "lr": t.train.lr, "batch_size": t.train.batch_size, "data": cfg.data.name}
+    teacher, extra = (None, {})
+    if t.guides:
+        teacher, extra = _guides(cfg, ws, t, generator)
+        params |= {"lam": cfg.kd.lam, "temperature": cfg.kd.temperature, "lam_schedule": cfg.kd.lam_schedule,
+                   "views": cfg.cache.views, "topk": cfg.cache.topk or 0, "guide_survival": t.survival, **extra}
+    with tracking.model_run(cfg, cat, t.name, t.run_name, t.role, t.method, params) as run:
+        model, history, best = _fit_or_import(cfg, ws, t, key, generator, teacher, run.log_epoch)
+        if t.test:
+            best["test_acc"] = accuracy(predict(model, ws.test, t.train.eval_batch_size), ws.test.y)
+            run.log_epoch({"epoch": 0, "test_acc": best["test_acc"]})
+        meta = ws.save_model(out_dir, model, {"name": t.name, "role": t.role, "method": t.method,
+                                              "parent_model": t.parent_model or None, **best, **extra,
+                                              "torch_threads": torch.get_num_threads()}, history)
+        run.log_model(model, ws, meta)
+    shutil.rmtree(cat.work(t.name), ignore_errors=True)  # epoch checkpoints are no longer needed
+    return {**best, "arch": t.arch, "params": meta["params"], "flops": meta["flops"],
+            "model_fingerprint": meta["model_fingerprint"], "mlflow_run_id": run.run_id}
+
+
+def training(cfg: PipelineConfig, cat: Catalog, name: str) -> Training:
+    """A pipeline model (catalog.MODELS) as a Training."""
     role, method, source, init = MODELS[name]
-    mcfg, tcfg = model_config(cfg, name), train_config(cfg, name)
+    mcfg = model_config(cfg, name)
+    return Training(name=name, role=role, method=method, arch=mcfg.arch, seed=mcfg.seed, train=train_config(cfg, name),
+                    run_name=describe(cfg, name),
+                    guides=((cat.model(source), cat.soft_targets(source)),) if source else (),
+                    init=cat.model(init) if init else None,
+                    checkpoint=cfg.teacher.checkpoint if role == "teacher" else None,
+                    skip_training=bool(init) and cfg.finetune.epochs == 0, parent_model=source or init or "")
 
-    def work_fn(key: str, out_dir: Path) -> dict:
-        ws = Workspace(cat, cfg.device)
-        generator = seed_everything(mcfg.seed)
-        params = {"arch": mcfg.arch, "role": role, "method": method, "parent_model": source or init or "",
-                  "seed": mcfg.seed, "epochs": tcfg.epochs, "lr": tcfg.lr, "batch_size": tcfg.batch_size,
-                  "data": cfg.data.name}
-        teacher, extra = (None, {})
-        if source:
-            teacher, extra = _teacher_source(cfg, cat, ws, source)
-            params |= {"lam": cfg.kd.lam, "temperature": cfg.kd.temperature, "lam_schedule": cfg.kd.lam_schedule,
-                       "views": cfg.cache.views, "topk": cfg.cache.topk or 0, **extra}
-        with tracking.model_run(cfg, cat, name, describe(cfg, name), role, method, params) as run:
-            model, history, best = _fit_or_import(cfg, ws, name, key, generator, teacher, run.log_epoch)
-            meta = ws.save_model(out_dir, model, {"name": name, "role": role, "method": method,
-                                                  "parent_model": source or init, **best, **extra}, history)
-            run.log_model(model, ws, meta)
-        shutil.rmtree(cat.work(name), ignore_errors=True)  # epoch checkpoints are no longer needed
-        return {**best, "arch": mcfg.arch, "model_fingerprint": meta["model_fingerprint"], "mlflow_run_id": run.run_id}
 
-    return run_once(cat, f"train-{name}", "train", cat.model(name), stage_inputs(cfg, cat, name), work_fn, force)
+def train_model(cfg: PipelineConfig, cat: Catalog, name: str, force: bool = False) -> dict:
+    t = training(cfg, cat, name)
+    return run_once(cat, f"train-{name}", "train", cat.model(name), stage_inputs(cfg, cat, name),
+                    lambda key, out_dir: fit_training(cfg, cat, t, key, out_dir), force)

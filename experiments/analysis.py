@@ -1,0 +1,65 @@
+"""From a plan and its trainings' results to the experiment's table: mean ± std per variant,
+paired differences with confidence intervals, and what each experiment asks on top."""
+from __future__ import annotations
+
+from engine.stats import paired_difference, summary
+from experiments.plans import Plan, Row
+from tasks.config import PipelineConfig
+from tasks.train_job import Job, job_id, train_settings
+
+Results = dict[str, dict]  # job id -> train_job's summary (test_acc, params, flops, ...)
+
+
+def chain_gflops(cfg: PipelineConfig, job: Job, results: Results) -> float:
+    """Training compute per training image of this model and every model it learned from:
+    3 x forward FLOPs per epoch (forward + backward), plus K cached views per guide."""
+    seen: set[str] = set()
+
+    def walk(j: Job, cached: bool) -> float:
+        jid = job_id(cfg, j)
+        if jid in seen:
+            return 0.0
+        seen.add(jid)
+        flops = results[jid]["flops"]
+        own = 3 * flops * train_settings(cfg, j).epochs + (cfg.cache.views * flops if cached else 0)
+        return own + sum(walk(g, True) for g in j.guides)
+
+    return walk(job, False) / 1e9
+
+
+def _variants(rows: list[Row]) -> list[str]:
+    return list(dict.fromkeys(r.variant for r in rows))
+
+
+def analyse(plan: Plan, cfg: PipelineConfig, results: Results) -> dict:
+    accs = {v: {r.seed: results[job_id(cfg, r.job)]["test_acc"] for r in plan.rows if r.variant == v}
+            for v in _variants(plan.rows)}
+    rows = []
+    for v in _variants(plan.rows):
+        first = next(r for r in plan.rows if r.variant == v)
+        res = results[job_id(cfg, first.job)]
+        rows.append({"variant": v, "label": plan.label(v), "x": first.x, **summary(list(accs[v].values())),
+                     "per_seed": accs[v], "params": res["params"], "flops": res["flops"],
+                     "chain_gflops_per_image": chain_gflops(cfg, first.job, results)})
+    refs = [{"variant": r.variant, "label": r.label, "x": r.x, "test_acc": results[job_id(cfg, r.job)]["test_acc"],
+             "params": results[job_id(cfg, r.job)]["params"]} for r in plan.references]
+    contrasts = [{"a": a, "b": b, "label": f"{plan.label(a)} - {plan.label(b)}",
+                  **paired_difference(accs[a], accs[b], cfg.experiments.confidence)} for a, b in plan.contrasts]
+    out = {"experiment": plan.name, "title": plan.title, "seeds": cfg.experiments.seeds,
+           "confidence": cfg.experiments.confidence, "rows": rows, "references": refs, "contrasts": contrasts}
+    if plan.name == "ta-sweep":
+        out["rule_of_thumb"] = rule_of_thumb(rows, refs)
+    return out
+
+
+def rule_of_thumb(rows: list[dict], refs: list[dict]) -> dict:
+    """The paper's rule: the TA whose own accuracy is nearest the mean of the teacher's and the
+    student's (NOKD) accuracy, beside the TA whose students measured best."""
+    teacher = next(r["test_acc"] for r in refs if r["variant"] == "teacher")
+    student = next(r["mean"] for r in rows if r["variant"] == "nokd")
+    target = (teacher + student) / 2
+    tas = {r["variant"].removeprefix("assistant-"): r["test_acc"] for r in refs if r["variant"].startswith("assistant-")}
+    rule = min(tas, key=lambda a: abs(tas[a] - target))
+    best = max((r for r in rows if r["variant"].startswith("ta-")), key=lambda r: r["mean"])["variant"].removeprefix("ta-")
+    return {"target_acc": target, "rule_pick": rule, "best_measured": best, "agree": rule == best,
+            "ta_acc": tas}

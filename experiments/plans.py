@@ -1,0 +1,175 @@
+"""Each experiment as a plan: the trainings it needs, labelled by variant and seed.
+
+A plan is data, not code that runs: the Prefect flow, the DVC matrix stages and the CLI all
+read the same plan and run its jobs with tasks.train_job. Jobs that two plans share (the
+teacher, the TAs, the NOKD and BLKD students) have the same id and are trained once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from itertools import combinations
+from typing import Callable
+
+from models import build_model
+from tasks.config import PipelineConfig
+from tasks.train_job import Job
+
+
+@dataclass(frozen=True)
+class Row:
+    variant: str  # a slug: DVC matrix items and file names use it
+    seed: int
+    job: Job
+    label: str = ""  # what tables and plots call it
+    x: str = ""  # the architecture a size plot places it at
+
+
+@dataclass
+class Plan:
+    name: str
+    title: str
+    rows: list[Row]
+    references: list[Row] = field(default_factory=list)  # teacher / TAs: one seed, shown beside the students
+    contrasts: list[tuple[str, str]] = field(default_factory=list)  # (a, b): a - b paired by seed
+    plot: str = "bar"  # bar | size-accuracy | size-gain
+    x_title: str = ""
+
+    def select(self, variant: str = "*", seed: int | None = None) -> list[Row]:
+        """Rows whose variant matches the glob and, when given, the seed."""
+        return [r for r in self.rows + self.references
+                if fnmatch(r.variant, variant) and (seed is None or r.seed == seed)]
+
+    def label(self, variant: str) -> str:
+        return next((r.label or r.variant for r in self.rows + self.references if r.variant == variant), variant)
+
+
+def _teacher(cfg: PipelineConfig, arch: str | None = None, seed: int | None = None, epochs: int | None = None) -> Job:
+    return Job(role="teacher", arch=arch or cfg.teacher.arch, seed=cfg.teacher.seed if seed is None else seed,
+               epochs=epochs)
+
+
+def _assistant(cfg: PipelineConfig, arch: str, guides: list[Job], survival: float = 1.0) -> Job:
+    return Job(role="assistant", arch=arch, seed=cfg.assistant.seed, guides=guides, survival=survival)
+
+
+def _student(cfg: PipelineConfig, seed: int, guides: list[Job] = (), arch: str | None = None, **kw) -> Job:
+    return Job(role="student", arch=arch or cfg.student.arch, seed=seed, guides=list(guides), **kw)
+
+
+def _ref(variant: str, job: Job, label: str = "") -> Row:
+    return Row(variant, job.seed, job, label or f"{job.role} {job.arch}", job.arch)
+
+
+def _baselines(cfg: PipelineConfig, teacher: Job) -> list[Row]:
+    s = cfg.student.arch
+    return [r for seed in cfg.experiments.seeds for r in
+            (Row("nokd", seed, _student(cfg, seed), f"NOKD {s}"),
+             Row("blkd", seed, _student(cfg, seed, [teacher]), f"BLKD {teacher.arch} -> {s}"))]
+
+
+def comparison(cfg: PipelineConfig) -> Plan:
+    t = _teacher(cfg)
+    ta = _assistant(cfg, cfg.assistant.arch, [t])
+    takd = [Row("takd", seed, _student(cfg, seed, [ta]), f"TAKD {t.arch} -> {ta.arch} -> {cfg.student.arch}")
+            for seed in cfg.experiments.seeds]
+    return Plan("comparison", f"NOKD / BLKD / TAKD over {len(cfg.experiments.seeds)} seeds",
+                _baselines(cfg, t) + takd, [_ref("teacher", t), _ref("assistant", ta)],
+                [("takd", "blkd"), ("blkd", "nokd"), ("takd", "nokd")])
+
+
+def ta_sweep(cfg: PipelineConfig) -> Plan:
+    t = _teacher(cfg)
+    rows, refs, contrasts = _baselines(cfg, t), [_ref("teacher", t)], []
+    for arch in cfg.experiments.ta_sizes:
+        ta = _assistant(cfg, arch, [t])
+        refs.append(_ref(f"assistant-{arch}", ta))
+        rows += [Row(f"ta-{arch}", seed, _student(cfg, seed, [ta]), f"TAKD via {arch}", arch) for seed in cfg.experiments.seeds]
+        contrasts.append((f"ta-{arch}", "blkd"))
+    return Plan("ta-sweep", f"TA size between {t.arch} and {cfg.student.arch}", rows, refs, contrasts,
+                "size-accuracy", "teacher assistant")
+
+
+def teacher_sweep(cfg: PipelineConfig) -> Plan:
+    rows, refs, contrasts = [Row("nokd", s, _student(cfg, s), f"NOKD {cfg.student.arch}") for s in cfg.experiments.seeds], [], []
+    for arch in cfg.experiments.teacher_sizes:
+        t = _teacher(cfg, arch)
+        refs.append(_ref(f"teacher-{arch}", t))
+        rows += [Row(f"from-{arch}", seed, _student(cfg, seed, [t]), f"from {arch}", arch) for seed in cfg.experiments.seeds]
+        contrasts.append((f"from-{arch}", "nokd"))
+    return Plan("teacher-sweep", f"student {cfg.student.arch} against teacher size", rows, refs, contrasts,
+                "size-accuracy", "teacher")
+
+
+def student_sweep(cfg: PipelineConfig) -> Plan:
+    t = _teacher(cfg)
+    rows, contrasts = [], []
+    for arch in cfg.experiments.student_sizes:
+        for seed in cfg.experiments.seeds:
+            rows += [Row(f"{arch}-nokd", seed, _student(cfg, seed, arch=arch), f"NOKD {arch}", arch),
+                     Row(f"{arch}-blkd", seed, _student(cfg, seed, [t], arch=arch), f"BLKD {arch}", arch)]
+        contrasts.append((f"{arch}-blkd", f"{arch}-nokd"))
+    return Plan("student-sweep", f"KD gain over NOKD against student size (teacher {t.arch})", rows,
+                [_ref("teacher", t)], contrasts, "size-gain", "student")
+
+
+def _by_size(archs: list[str]) -> list[str]:
+    return sorted(archs, key=lambda a: -sum(p.numel() for p in build_model(a, 3, 10, 32).parameters()))
+
+
+def paths(cfg: PipelineConfig) -> Plan:
+    """Every subset of the intermediate sizes as a chain, largest first (2^n paths), plus DGKD."""
+    t = _teacher(cfg)
+    mids = _by_size(cfg.experiments.path_sizes)
+    rows, refs = _baselines(cfg, t), [_ref("teacher", t)]
+    for k in range(1, len(mids) + 1):
+        for subset in combinations(mids, k):
+            prev = t
+            for arch in subset:
+                prev = _assistant(cfg, arch, [prev])
+            slug = "via-" + "_".join(subset)
+            label = " -> ".join([t.arch, *subset, cfg.student.arch])
+            rows += [Row(slug, seed, _student(cfg, seed, [prev]), label, str(k)) for seed in cfg.experiments.seeds]
+    if cfg.experiments.dgkd and mids:
+        guides, p = [t], cfg.experiments.guide_survival
+        for arch in mids:
+            guides.append(_assistant(cfg, arch, list(guides), p))
+        rows += [Row("dgkd", seed, _student(cfg, seed, guides, survival=p), f"DGKD {' -> '.join([t.arch, *mids])} (p={p})")
+                 for seed in cfg.experiments.seeds]
+    variants = list(dict.fromkeys(r.variant for r in rows if r.variant not in ("nokd", "blkd")))
+    return Plan("paths", f"distillation paths from {t.arch} to {cfg.student.arch}", rows, refs,
+                [(v, "blkd") for v in variants])
+
+
+def equal_compute(cfg: PipelineConfig) -> Plan:
+    """E epochs from labels, against a teacher trained E/2 epochs and a student distilled E/2;
+    then born-again generations of the student's own architecture, each seed its own line."""
+    e, s = cfg.experiments.equal_epochs, cfg.student.arch
+    rows, contrasts = [], [("distill", "labels")]
+    for seed in cfg.experiments.seeds:
+        t = _teacher(cfg, seed=seed, epochs=e // 2)
+        rows += [Row("labels", seed, _student(cfg, seed, epochs=e), f"{s} from labels, {e} epochs"),
+                 Row("distill", seed, _student(cfg, seed, [t], epochs=e - e // 2),
+                     f"{t.arch} {e // 2} ep. -> {s} {e - e // 2} ep.")]
+        prev = rows[-2].job
+        for g in range(1, cfg.experiments.generations + 1):
+            # A new seed per generation: a copy of its teacher's initialisation would not be a fresh network.
+            prev = _student(cfg, seed + 1000 * g, [prev], epochs=e)
+            rows.append(Row(f"born-again-{g}", seed, prev, f"born-again generation {g}", str(g)))
+    contrasts += [(f"born-again-{g}", "labels") for g in range(1, cfg.experiments.generations + 1)]
+    return Plan("equal-compute", f"equal epochs: {s} from labels vs teacher + distillation; born-again {s}",
+                rows, [], contrasts)
+
+
+PLANS: dict[str, Callable[[PipelineConfig], Plan]] = {
+    "comparison": comparison, "ta-sweep": ta_sweep, "teacher-sweep": teacher_sweep,
+    "student-sweep": student_sweep, "paths": paths, "equal-compute": equal_compute,
+}
+
+
+def build_plan(name: str, cfg: PipelineConfig) -> Plan:
+    if name not in PLANS:
+        from engine.errors import KDError
+
+        raise KDError(f"unknown experiment {name!r}; available: {', '.join(PLANS)}")
+    return PLANS[name](cfg)

@@ -1,0 +1,104 @@
+"""Stage experiment-report: an experiment's table (Markdown, CSV, JSON metrics) and plots
+(PNG, and data for `dvc plots`), logged on the MLflow parent run."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from engine.atomic import atomic_path, save_json
+from experiments import figures
+from experiments.analysis import Results, analyse
+from experiments.plans import Plan
+from tasks import tracking
+from tasks.catalog import Catalog
+from tasks.config import PipelineConfig
+from tasks.report import markdown_table
+from tasks.stage import run_once
+from tasks.train_job import all_jobs
+
+COLUMNS = ["variant", "label", "n", "mean", "std", "params", "chain_gflops_per_image"]
+
+
+def _rows_md(table: dict) -> list[dict]:
+    return [{"variant": r["variant"], "label": r["label"], "test acc (%)": f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}",
+             "per seed": " ".join(f"{100 * v:.2f}" for v in r["per_seed"].values()), "params": r["params"],
+             "train GFLOP/img (chain)": f"{r['chain_gflops_per_image']:.3g}"} for r in table["rows"]]
+
+
+def _contrasts_md(table: dict) -> list[dict]:
+    def pp(v):
+        return "" if v is None else f"{100 * v:+.2f}"
+
+    return [{"difference": c["label"], "n": c["n"], "mean (pp)": pp(c["mean"]), "CI low": pp(c["low"]),
+             "CI high": pp(c["high"]), "beyond noise": c["beyond_noise"]} for c in table["contrasts"]]
+
+
+def markdown(table: dict) -> str:
+    conf = round(100 * table["confidence"])
+    rows = _rows_md(table)
+    text = [f"## {table['title']}\n\n", f"Test accuracy, mean ± std over seeds {table['seeds']}.\n\n",
+            markdown_table(rows, list(rows[0]))]
+    if table["references"]:
+        refs = [{"model": r["label"], "test acc (%)": f"{100 * r['test_acc']:.2f}", "params": r["params"]}
+                for r in table["references"]]
+        text += ["\nTrained once, shared by every seed:\n\n", markdown_table(refs, list(refs[0]))]
+    if table["contrasts"]:
+        diffs = _contrasts_md(table)
+        text += [f"\nPaired differences over seeds, percentage points, {conf}% t-interval:\n\n",
+                 markdown_table(diffs, list(diffs[0]))]
+    if rule := table.get("rule_of_thumb"):
+        text.append(f"\nRule of thumb (the TA whose accuracy is nearest {100 * rule['target_acc']:.2f}%, the mean of the "
+                    f"teacher's and the NOKD student's): **{rule['rule_pick']}**; best measured: **{rule['best_measured']}**"
+                    f" ({'they agree' if rule['agree'] else 'they differ'}).\n")
+    return "".join(text)
+
+
+def _csv(rows: list[dict], columns: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def metrics(table: dict) -> dict:
+    """Flat numbers for `dvc metrics` and MLflow: per variant and per contrast."""
+    out = {f"{r['variant']}_mean": r["mean"] for r in table["rows"]}
+    out |= {f"{r['variant']}_std": r["std"] for r in table["rows"]}
+    out |= {f"{r['variant']}_acc": r["test_acc"] for r in table["references"]}
+    for c in table["contrasts"]:
+        out[f"{c['a']}_minus_{c['b']}"] = c["mean"]
+        if c["low"] is not None:
+            out |= {f"{c['a']}_minus_{c['b']}_low": c["low"], f"{c['a']}_minus_{c['b']}_high": c["high"]}
+    return out
+
+
+def write(table: dict, plan: Plan, out: Path) -> list[Path]:
+    files = {"table.md": markdown(table), "table.csv": _csv(table["rows"], COLUMNS),
+             "plot.csv": _csv([{**r, "mean": 100 * r["mean"], "std": 100 * r["std"]} for r in table["rows"]],
+                              ["variant", "label", "x", "mean", "std", "params"])}
+    for name, text in files.items():
+        with atomic_path(out / name) as tmp:
+            tmp.write_text(text)
+    save_json(table, out / "table.json")
+    save_json(metrics(table), out / "metrics.json")
+    return [out / n for n in (*files, "table.json", "metrics.json")] + figures.draw(table, plan, out)
+
+
+def report_experiment(plan: Plan, cfg: PipelineConfig, cat: Catalog, results: Results, force: bool = False) -> dict:
+    """Results must hold every job of the plan (train_job's summaries)."""
+    jobs = all_jobs(cfg, [r.job for r in plan.rows + plan.references])
+    inputs = {"experiment": plan.name, "jobs": {jid: results[jid].get("model_fingerprint") for jid in jobs},
+              "experiments": cfg.experiments.model_dump(), "cache_views": cfg.cache.views}
+
+    def work(key: str, out: Path) -> dict:
+        table = analyse(plan, cfg, results)
+        files = write(table, plan, out)
+        tracking.log_report(cfg, cat, {"experiment": metrics(table)}, files)
+        return {"contrasts": {f"{c['a']} - {c['b']}": [c["mean"], c["low"], c["high"]] for c in table["contrasts"]},
+                "means": {r["variant"]: r["mean"] for r in table["rows"]}}
+
+    return run_once(cat, f"report-{plan.name}", "experiment-report", cat.experiment(plan.name) / "report", inputs,
+                    work, force)
+

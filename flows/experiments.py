@@ -1,0 +1,131 @@
+"""The experiments as Prefect flows: one flow per experiment, each training a task run.
+
+A training waits only for the soft targets of its own guides, so independent trainings (the
+seeds, the sizes of a sweep) run concurrently on the flow's task runner: threads here, or a
+Dask cluster (prefect-dask) that `KD_DASK_ADDRESS` or `--dask-address` names. The trainings
+are seeded and write to content-addressed folders, so any runner gives the same models.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from experiments.plans import PLANS, Plan, build_plan
+from experiments.report import report_experiment
+from tasks import tracking
+from tasks.catalog import Catalog
+from tasks.config import PipelineConfig
+from tasks.prepare_data import prepare_data
+from tasks.train_job import Job, cache_job, describe, job_id, train_job
+
+GPU_TAG = "gpu"  # `prefect concurrency-limit create gpu 1`: one training per GPU
+
+
+def _join_parent(parent: str | None) -> None:
+    """Worker processes (Dask) do not inherit the flow's environment: the parent run comes as an argument."""
+    if parent:
+        os.environ[tracking.ENV_PARENT] = parent
+
+
+@task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, tags=[GPU_TAG])
+def train(job: Job, config: PipelineConfig, root: str, parent: str | None, threads: int) -> dict:
+    _join_parent(parent)
+    # The CPU's float sums depend on the thread count; Dask starts workers with one thread.
+    torch.set_num_threads(threads)
+    return train_job(config, Catalog(Path(root)), job)
+
+
+@task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, tags=[GPU_TAG])
+def cache(job: Job, config: PipelineConfig, root: str, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    return cache_job(config, Catalog(Path(root)), job)
+
+
+def submit_plan(plan: Plan, cfg: PipelineConfig, root: str, parent: str | None, variant: str = "*",
+                seed: int | None = None) -> dict[str, PrefectFuture]:
+    """Submit every training the selected rows need, each once, after its guides' soft targets."""
+    threads = torch.get_num_threads()
+    trains: dict[str, PrefectFuture] = {}
+    caches: dict[str, PrefectFuture] = {}
+
+    def submit_train(job: Job) -> PrefectFuture:
+        jid = job_id(cfg, job)
+        if jid not in trains:
+            deps = [submit_cache(g) for g in job.guides]
+            trains[jid] = train.with_options(task_run_name=describe(job)).submit(job, cfg, root, parent, threads, wait_for=deps)
+        return trains[jid]
+
+    def submit_cache(job: Job) -> PrefectFuture:
+        jid = job_id(cfg, job)
+        if jid not in caches:
+            caches[jid] = cache.with_options(task_run_name=f"cache soft targets of {job.role} {job.arch} s{job.seed}") \
+                .submit(job, cfg, root, threads, wait_for=[submit_train(job)])
+        return caches[jid]
+
+    for row in plan.select(variant, seed):
+        submit_train(row.job)
+    return trains
+
+
+def run_experiment(name: str, config: PipelineConfig, variant: str = "*", seed: Optional[int] = None) -> dict:
+    """The body every experiment flow shares: plan, trainings, then the report when the whole plan ran."""
+    cat = Catalog.default()
+    plan = build_plan(name, config)
+    os.environ[tracking.ENV_FLOW_RUN] = str(flow_run.get_id() or "")
+    parent = tracking.start_parent(config, cat, "prefect", f"experiment {name} ({config.data.name})", "experiment")
+    try:
+        prepare_data(config, cat)
+        futures = submit_plan(plan, config, str(cat.root), parent, variant, seed)
+        results = {jid: f.result() for jid, f in futures.items()}
+        whole = variant == "*" and seed is None
+        report = report_experiment(plan, config, cat, results) if whole else None
+    except BaseException:
+        tracking.end_parent(cat, "FAILED")
+        raise
+    tracking.end_parent(cat)
+    trained = sorted(jid for jid, r in results.items() if not r.get("reused"))
+    get_run_logger().info("%s: %d trainings, %d new", name, len(results), len(trained))
+    return {"experiment": name, "trained": trained, "reused": len(results) - len(trained),
+            "report": str(cat.experiment(name) / "report") if report else None,
+            "means": report["means"] if report else None, "contrasts": report["contrasts"] if report else None}
+
+
+def task_runner(workers: int = 1, dask_address: str | None = None, dask_workers: int = 0):
+    """Threads by default; a Dask cluster when an address (or a local worker count) is given."""
+    address = dask_address or os.environ.get("KD_DASK_ADDRESS")
+    if address or dask_workers:
+        from prefect_dask import DaskTaskRunner
+
+        if address:
+            return DaskTaskRunner(address=address)
+        # One thread per worker process: each training owns its process, as it would own a GPU.
+        return DaskTaskRunner(cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": "127.0.0.1:0", "host": "127.0.0.1"})
+    return ThreadPoolTaskRunner(max_workers=workers)
+
+
+def _flow(name: str):
+    def body(config: PipelineConfig = PipelineConfig(), variant: str = "*", seed: Optional[int] = None) -> dict:
+        return run_experiment(name, config, variant, seed)
+
+    body.__doc__ = f"Experiment {name}: see experiments/plans.py. `variant` (a glob) and `seed` run part of it."
+    body.__name__ = name.replace("-", "_")
+    return flow(name=f"takd-{name}", log_prints=True,
+                task_runner=task_runner(int(os.environ.get("KD_WORKERS", "1"))))(body)
+
+
+FLOWS = {name: _flow(name) for name in PLANS}
+comparison = FLOWS["comparison"]
+ta_sweep = FLOWS["ta-sweep"]
+teacher_sweep = FLOWS["teacher-sweep"]
+student_sweep = FLOWS["student-sweep"]
+paths = FLOWS["paths"]
+equal_compute = FLOWS["equal-compute"]

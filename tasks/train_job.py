@@ -1,0 +1,101 @@
+"""Stage train-job: one training of an experiment, and the soft-target cache of a guide.
+
+A Job names a model by what makes it: role, architecture, seed, epochs and the jobs it
+learns from (its guides). Its id hashes all of that plus the config it trains under, guides
+included, so every experiment that needs the same teacher or TA shares one training, and
+a DVC matrix stage, a Prefect task and the CLI all find it in the same folder (data/zoo).
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator
+
+from engine.config import Strict
+from engine.fingerprint import config_fingerprint
+from models import check_name
+from tasks.cache_soft_targets import cache_model
+from tasks.catalog import Catalog
+from tasks.config import PipelineConfig
+from tasks.stage import run_once, stage_key
+from tasks.train_model import Training, fit_training
+
+
+class Job(Strict):
+    role: Literal["teacher", "assistant", "student"] = Field(description="picks the train settings: cfg.<role>.train")
+    arch: str
+    seed: int = Field(0, ge=0)
+    epochs: Optional[int] = Field(None, ge=1, description="overrides cfg.<role>.train.epochs")
+    guides: list["Job"] = Field(default_factory=list, description="learn from these (several: DGKD)")
+    survival: float = Field(1.0, gt=0, le=1, description="DGKD: chance each guide is kept at a step")
+
+    @field_validator("arch")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        check_name(v)
+        return v
+
+
+def train_settings(cfg: PipelineConfig, job: Job):
+    base = getattr(cfg, job.role).train
+    return base.model_copy(update={"epochs": job.epochs}) if job.epochs else base
+
+
+def job_id(cfg: PipelineConfig, job: Job) -> str:
+    """Readable and content-addressed: 'student-plain-2-s1-<hash>'."""
+    spec = {"role": job.role, "arch": job.arch, "seed": job.seed, "survival": job.survival,
+            "train": train_settings(cfg, job).model_dump(), "data": cfg.data.model_dump(),
+            "guides": [job_id(cfg, g) for g in job.guides]}
+    if job.guides:
+        spec |= {"kd": cfg.kd.model_dump(), "cache": cfg.cache.model_dump(exclude={"batch_size", "online"})}
+    return f"{job.role}-{job.arch}-s{job.seed}-{config_fingerprint(spec)[:10]}"
+
+
+def method(job: Job) -> str:
+    return "NOKD" if not job.guides else "KD" if len(job.guides) == 1 else "DGKD"
+
+
+def describe(job: Job) -> str:
+    """'student plain-2 s1 from assistant plain-4 (KD)'."""
+    source = " + ".join(f"{g.role} {g.arch}" for g in job.guides) or "labels"
+    return f"{job.role} {job.arch} s{job.seed} from {source} ({method(job)})"
+
+
+def all_jobs(cfg: PipelineConfig, jobs: list[Job]) -> dict[str, Job]:
+    """Every job the list needs, guides first, each once."""
+    out: dict[str, Job] = {}
+
+    def visit(job: Job) -> None:
+        for g in job.guides:
+            visit(g)
+        out.setdefault(job_id(cfg, job), job)
+
+    for j in jobs:
+        visit(j)
+    return out
+
+
+def train_job(cfg: PipelineConfig, cat: Catalog, job: Job, force: bool = False) -> dict:
+    """Train `job` (after its guides and their soft targets, reused when done) and return its
+    summary, test accuracy included."""
+    for g in job.guides:
+        train_job(cfg, cat, g)
+        cache_job(cfg, cat, g)
+    jid = job_id(cfg, job)
+    folder = cat.job(jid)
+    t = Training(name=jid, role=job.role, method=method(job), arch=job.arch, seed=job.seed,
+                 train=train_settings(cfg, job), run_name=describe(job),
+                 guides=tuple((cat.job(job_id(cfg, g)) / "model", cat.job(job_id(cfg, g)) / "soft_targets")
+                              for g in job.guides),
+                 survival=job.survival, parent_model=",".join(job_id(cfg, g) for g in job.guides), test=True)
+    inputs = {"job": jid, "data": stage_key(cat.prepared, "the prepared data set"),
+              "guides": [stage_key(cat.job(job_id(cfg, g)) / "soft_targets", f"soft targets of {job_id(cfg, g)}")
+                         for g in job.guides]}
+    result = run_once(cat, f"train-{jid}", "train-job", folder / "model", inputs,
+                      lambda key, out_dir: fit_training(cfg, cat, t, key, out_dir), force)
+    return {**result, "job": jid}
+
+
+def cache_job(cfg: PipelineConfig, cat: Catalog, job: Job, force: bool = False) -> dict:
+    jid = job_id(cfg, job)
+    return cache_model(cfg, cat, cat.job(jid) / "model", cat.job(jid) / "soft_targets", f"cache-{jid}", jid, force)
