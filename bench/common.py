@@ -121,7 +121,7 @@ def mlflow_run(workdir: Path) -> Iterator:
     import mlflow
     from mlflow import MlflowClient
 
-    from tasks.tracking import ModelRun
+    from tasks.tracking import ModelRun, use_store
 
     store = workdir / "mlflow"
     store.mkdir(parents=True, exist_ok=True)
@@ -129,7 +129,7 @@ def mlflow_run(workdir: Path) -> Iterator:
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("bench") or client.get_experiment(client.create_experiment("bench", artifact_location=str(store / "artifacts")))
     run = client.create_run(exp.experiment_id, run_name="bench")
-    mlflow.set_tracking_uri(uri)
+    use_store(uri)
     try:
         yield ModelRun(mlflow, client, run.info.run_id)
     finally:

@@ -75,7 +75,7 @@ def run(ctx: Context) -> dict:
     process_s, out = _run([sys.executable, "-m", "bench.flow_timer"], flow_root, env)
     flow = json.loads(out.strip().splitlines()[-1])
     ctx.log(f"  Prefect flow: {process_s:.0f} s with server start, {flow['flow_s']:.0f} s flow run")
-    _, status = _run(["dvc", "status"], flow_root, env)
+    _, status = _run(["dvc", "status", "dvc.yaml"], flow_root, env)
 
     dvc_stages, flow_stages = _stage_seconds(dvc_root), _stage_seconds(flow_root)
     rows = [{"stage": s, "dvc_repro_s": dvc_stages.get(s), "prefect_flow_s": flow_stages.get(s)} for s in dvc_stages]

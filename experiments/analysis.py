@@ -58,8 +58,9 @@ def rule_of_thumb(rows: list[dict], refs: list[dict]) -> dict:
     teacher = next(r["test_acc"] for r in refs if r["variant"] == "teacher")
     student = next(r["mean"] for r in rows if r["variant"] == "nokd")
     target = (teacher + student) / 2
-    tas = {r["variant"].removeprefix("assistant-"): r["test_acc"] for r in refs if r["variant"].startswith("assistant-")}
+    tas = {r["x"]: r["test_acc"] for r in refs if r["variant"].startswith("assistant-")}
     rule = min(tas, key=lambda a: abs(tas[a] - target))
-    best = max((r for r in rows if r["variant"].startswith("ta-")), key=lambda r: r["mean"])["variant"].removeprefix("ta-")
+    means = {r["x"]: r["mean"] for r in rows if r["variant"].startswith("via-")}
+    best = max(means, key=means.get)
     return {"target_acc": target, "rule_pick": rule, "best_measured": best, "agree": rule == best,
-            "ta_acc": tas}
+            "best_minus_rule": means[best] - means[rule], "ta_acc": tas}

@@ -13,6 +13,7 @@ import argparse
 import re
 
 from engine.atomic import save_json
+from engine.errors import KDError
 from experiments.plans import PLANS, build_plan
 from tasks.catalog import Catalog
 from tasks.cli import add_config_flags, guarded, overrides, prepare_process
@@ -60,8 +61,12 @@ def main(argv: list[str] | None = None) -> int:
             return {name: {"rows": len(p.rows), "trainings": len(all_jobs(cfg, [r.job for r in p.rows + p.references])),
                            "title": p.title} for name, p in ((n, build_plan(n, cfg)) for n in PLANS)}
         plan = build_plan(args.name, cfg)
+        if args.command in ("run", "job") and not plan.select(args.variant, args.seed):
+            variants = ", ".join(dict.fromkeys(r.variant for r in plan.rows))
+            raise KDError(f"{args.name}: no rows match --variant {args.variant!r} --seed {args.seed}; "
+                          f"variants: {variants}; seeds: {cfg.experiments.seeds}")
         if args.command == "run":
-            from flows.experiments import FLOWS, task_runner
+            from flows.experiment import FLOWS, task_runner
 
             runner = task_runner(args.workers, args.dask_address, args.dask_workers)
             return FLOWS[args.name].with_options(task_runner=runner)(cfg, args.variant, args.seed)
@@ -69,17 +74,16 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "job":
             results = run_rows(plan, cfg, cat, args.variant, args.seed)
-            if not results:
-                from engine.errors import KDError
-
-                raise KDError(f"{args.name}: no rows match --variant {args.variant!r} --seed {args.seed}")
             record = {"experiment": args.name, "variant": args.variant, "seed": args.seed,
                       "jobs": {jid: {k: r.get(k) for k in ("test_acc", "model_fingerprint", "arch")}
                                for jid, r in results.items()}}
             save_json(record, record_path(cat, args.name, args.variant, args.seed))
             return record
         from experiments.report import report_experiment
+        from tasks import tracking
 
-        return report_experiment(plan, cfg, cat, run_rows(plan, cfg, cat))
+        result = report_experiment(plan, cfg, cat, run_rows(plan, cfg, cat))
+        tracking.end_file_parent(cat)  # DVC's stages shared one parent run; the report closes it
+        return result
 
     return guarded(command)

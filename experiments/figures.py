@@ -28,7 +28,8 @@ def _bars(ax, table: dict) -> None:
         ax.plot([i] * len(vals), vals, "k.", ms=4)
     for ref in table["references"]:
         ax.axhline(100 * ref["test_acc"], color=REF, ls="--", lw=1)
-        ax.annotate(ref["label"], (len(rows) - 0.5, 100 * ref["test_acc"]), fontsize=7, ha="right", va="bottom", color=REF)
+        ax.annotate(ref["label"], (len(rows) - 0.5, 100 * ref["test_acc"]), fontsize=7, ha="right", va="bottom",
+                    color=REF)
     ax.set_xticks(list(xs), [r["label"] for r in rows], rotation=25, ha="right", fontsize=7)
     lo = min(min(100 * v for v in r["per_seed"].values()) for r in rows)
     hi = max([100 * r["mean"] + 100 * r["std"] for r in rows] + [100 * f["test_acc"] for f in table["references"]])
@@ -61,7 +62,8 @@ def _size_gain(ax, table: dict) -> None:
     ys = [100 * c["mean"] for c in cs]
     err = [[100 * (c["mean"] - c["low"]) if c["low"] is not None else 0 for c in cs],
            [100 * (c["high"] - c["mean"]) if c["high"] is not None else 0 for c in cs]]
-    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, color=BAR, label=f"BLKD - NOKD ({round(100 * table['confidence'])}% CI)")
+    label = f"BLKD - NOKD ({round(100 * table['confidence'])}% CI)"
+    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, color=BAR, label=label)
     ax.axhline(0, color=REF, lw=1)
     for c, x, y in zip(cs, xs, ys):
         ax.annotate(c["a"].removesuffix("-blkd"), (x, y), fontsize=7, textcoords="offset points", xytext=(4, 4))

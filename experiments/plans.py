@@ -78,27 +78,28 @@ def comparison(cfg: PipelineConfig) -> Plan:
                 [("takd", "blkd"), ("blkd", "nokd"), ("takd", "nokd")])
 
 
+def _size_sweep(cfg: PipelineConfig, name: str, title: str, archs: list[str], guide: Callable[[str], Job],
+                rows: list[Row], refs: list[Row], versus: str, x_title: str) -> Plan:
+    """Students of every seed from a guide of each size, each compared with `versus`."""
+    for arch in archs:
+        g = guide(arch)
+        refs.append(_ref(f"{g.role}-{arch}", g))
+        rows += [Row(f"via-{arch}", seed, _student(cfg, seed, [g]), f"via {g.role} {arch}", arch)
+                 for seed in cfg.experiments.seeds]
+    return Plan(name, title, rows, refs, [(f"via-{a}", versus) for a in archs], "size-accuracy", x_title)
+
+
 def ta_sweep(cfg: PipelineConfig) -> Plan:
     t = _teacher(cfg)
-    rows, refs, contrasts = _baselines(cfg, t), [_ref("teacher", t)], []
-    for arch in cfg.experiments.ta_sizes:
-        ta = _assistant(cfg, arch, [t])
-        refs.append(_ref(f"assistant-{arch}", ta))
-        rows += [Row(f"ta-{arch}", seed, _student(cfg, seed, [ta]), f"TAKD via {arch}", arch) for seed in cfg.experiments.seeds]
-        contrasts.append((f"ta-{arch}", "blkd"))
-    return Plan("ta-sweep", f"TA size between {t.arch} and {cfg.student.arch}", rows, refs, contrasts,
-                "size-accuracy", "teacher assistant")
+    return _size_sweep(cfg, "ta-sweep", f"TA size between {t.arch} and {cfg.student.arch}", cfg.experiments.ta_sizes,
+                       lambda arch: _assistant(cfg, arch, [t]), _baselines(cfg, t), [_ref("teacher", t)], "blkd",
+                       "teacher assistant")
 
 
 def teacher_sweep(cfg: PipelineConfig) -> Plan:
-    rows, refs, contrasts = [Row("nokd", s, _student(cfg, s), f"NOKD {cfg.student.arch}") for s in cfg.experiments.seeds], [], []
-    for arch in cfg.experiments.teacher_sizes:
-        t = _teacher(cfg, arch)
-        refs.append(_ref(f"teacher-{arch}", t))
-        rows += [Row(f"from-{arch}", seed, _student(cfg, seed, [t]), f"from {arch}", arch) for seed in cfg.experiments.seeds]
-        contrasts.append((f"from-{arch}", "nokd"))
-    return Plan("teacher-sweep", f"student {cfg.student.arch} against teacher size", rows, refs, contrasts,
-                "size-accuracy", "teacher")
+    nokd = [Row("nokd", s, _student(cfg, s), f"NOKD {cfg.student.arch}") for s in cfg.experiments.seeds]
+    return _size_sweep(cfg, "teacher-sweep", f"student {cfg.student.arch} against teacher size",
+                       cfg.experiments.teacher_sizes, lambda arch: _teacher(cfg, arch), nokd, [], "nokd", "teacher")
 
 
 def student_sweep(cfg: PipelineConfig) -> Plan:
@@ -134,7 +135,8 @@ def paths(cfg: PipelineConfig) -> Plan:
         guides, p = [t], cfg.experiments.guide_survival
         for arch in mids:
             guides.append(_assistant(cfg, arch, list(guides), p))
-        rows += [Row("dgkd", seed, _student(cfg, seed, guides, survival=p), f"DGKD {' -> '.join([t.arch, *mids])} (p={p})")
+        label = f"DGKD {' -> '.join([t.arch, *mids])} (p={p})"
+        rows += [Row("dgkd", seed, _student(cfg, seed, guides, survival=p), label)
                  for seed in cfg.experiments.seeds]
     variants = list(dict.fromkeys(r.variant for r in rows if r.variant not in ("nokd", "blkd")))
     return Plan("paths", f"distillation paths from {t.arch} to {cfg.student.arch}", rows, refs,

@@ -21,7 +21,8 @@ COLUMNS = ["variant", "label", "n", "mean", "std", "params", "chain_gflops_per_i
 
 
 def _rows_md(table: dict) -> list[dict]:
-    return [{"variant": r["variant"], "label": r["label"], "test acc (%)": f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}",
+    return [{"variant": r["variant"], "label": r["label"],
+             "test acc (%)": f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}",
              "per seed": " ".join(f"{100 * v:.2f}" for v in r["per_seed"].values()), "params": r["params"],
              "train GFLOP/img (chain)": f"{r['chain_gflops_per_image']:.3g}"} for r in table["rows"]]
 
@@ -48,9 +49,11 @@ def markdown(table: dict) -> str:
         text += [f"\nPaired differences over seeds, percentage points, {conf}% t-interval:\n\n",
                  markdown_table(diffs, list(diffs[0]))]
     if rule := table.get("rule_of_thumb"):
-        text.append(f"\nRule of thumb (the TA whose accuracy is nearest {100 * rule['target_acc']:.2f}%, the mean of the "
-                    f"teacher's and the NOKD student's): **{rule['rule_pick']}**; best measured: **{rule['best_measured']}**"
-                    f" ({'they agree' if rule['agree'] else 'they differ'}).\n")
+        verdict = "they agree" if rule["agree"] else "they differ"
+        text.append(f"\nRule of thumb (the TA whose accuracy is nearest {100 * rule['target_acc']:.2f}%, the mean of "
+                    f"the teacher's and the NOKD student's): **{rule['rule_pick']}**; best measured: "
+                    f"**{rule['best_measured']}** ({verdict}; the best is "
+                    f"{100 * rule['best_minus_rule']:.2f} points above the rule's pick, in mean over seeds).\n")
     return "".join(text)
 
 

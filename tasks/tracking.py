@@ -28,12 +28,30 @@ def enabled() -> bool:
     return os.environ.get("KD_TRACKING", "1") != "0"
 
 
-def _client(cat: Catalog):
+# mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; the stores we chose ourselves must
+# not then pass for the user's choice (a second project root in one process would log to the first).
+_OURS: set[str] = set()
+
+
+def use_store(uri: str):
+    """Point mlflow (and its fluent API) at a store this process chose, not the user."""
     import mlflow
 
-    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cat.root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
+    _OURS.add(uri)
+    return mlflow
+
+
+def _client(cat: Catalog):
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    users = os.environ.get("MLFLOW_TRACKING_URI")
+    if users and users not in _OURS:
+        import mlflow
+
+        mlflow.set_tracking_uri(users)
+        return mlflow, mlflow.MlflowClient(users)
+    uri = f"sqlite:///{cat.root / 'mlflow.db'}"
+    mlflow = use_store(uri)
     return mlflow, mlflow.MlflowClient(uri)
 
 

@@ -25,13 +25,14 @@ def sh(args, cwd, **kw):
     return out.stdout
 
 
-def make_repo(dest: Path, fashion_dir: Path) -> Path:
-    for item in ("engine", "models", "tasks", "flows", "dvc.yaml", ".dvcignore", "prefect.yaml", ".gitignore"):
+def make_repo(dest: Path, fashion_dir: Path, **overrides) -> Path:
+    for item in ("engine", "models", "tasks", "flows", "experiments", "dvc.yaml", ".dvcignore", "prefect.yaml",
+                 ".gitignore"):
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / item)
     for cache in dest.rglob("__pycache__"):
         shutil.rmtree(cache)
-    (dest / "params.yaml").write_text(to_yaml(load_config(None, tiny_overrides(fashion_dir, dest))))
+    (dest / "params.yaml").write_text(to_yaml(load_config(None, tiny_overrides(fashion_dir, dest) | overrides)))
     sh(["git", "init", "-q"], dest)
     sh([str(Path(sys.executable).parent / "dvc"), "init", "-q"], dest)
     sh(["git", "add", "-A"], dest)
@@ -46,7 +47,7 @@ def dvc(repo, *args):
 def stale_stages(repo) -> set[str]:
     import json
 
-    return set(json.loads(dvc(repo, "status", "--json") or "{}"))
+    return set(json.loads(dvc(repo, "status", "--json", "dvc.yaml") or "{}"))
 
 
 def test_dvc_repro_then_flow_reuses_everything(tmp_path, fashion_dir, prefect_server, monkeypatch):
@@ -105,3 +106,23 @@ def test_dvc_yaml_lists_the_code_each_stage_hashes():
         code = [d for d in stage["deps"] if not d.startswith("data/")]
         assert code == CODE_DEPS[k], name
         assert stage["cmd"] == f"python -m tasks {name}"
+
+
+def test_experiment_as_dvc_matrix_stages(tmp_path, fashion_dir):
+    """`dvc repro` of one experiment's report: one matrix stage per (method, seed), then the
+    table; a rerun does nothing, and the metrics and plots are DVC's."""
+    import json
+
+    repo = make_repo(tmp_path / "repo", fashion_dir, **{"experiments.seeds": [0]})
+    out = dvc(repo, "repro", "experiments/dvc.yaml:report@comparison")
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"prepare-data", "experiments/dvc.yaml:report@comparison"} | {
+        f"experiments/dvc.yaml:comparison@{m}-0" for m in ("nokd", "blkd", "takd")}
+    records = sorted((repo / "data/experiments/comparison/runs").glob("*.json"))
+    assert [r.name for r in records] == ["blkd-s0.json", "nokd-s0.json", "takd-s0.json"]
+    table = json.loads((repo / "data/experiments/comparison/report/table.json").read_text())
+    takd = json.loads((repo / "data/experiments/comparison/runs/takd-s0.json").read_text())
+    student = next(j for jid, j in takd["jobs"].items() if jid.startswith("student-"))
+    assert next(r for r in table["rows"] if r["variant"] == "takd")["per_seed"]["0"] == student["test_acc"]
+    assert "takd_minus_blkd" in dvc(repo, "metrics", "show", "data/experiments/comparison/report/metrics.json")
+    assert "didn't change, skipping" in dvc(repo, "repro", "experiments/dvc.yaml:report@comparison")

@@ -62,3 +62,25 @@ def test_tracking_uri_is_not_logged(tracked):
     for run in client.search_runs([e.experiment_id for e in client.search_experiments()]):
         values = list(run.data.params.values()) + list(run.data.tags.values())
         assert not any("sqlite:" in str(v) for v in values)
+
+
+def test_each_project_root_keeps_its_own_store_unless_the_user_names_one(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; a store we chose must not then be taken
+    for the user's choice by the next project root in the same process."""
+    from tasks import tracking
+    from tasks.catalog import Catalog
+    from tasks.config import PipelineConfig
+
+    monkeypatch.setenv("KD_TRACKING", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("KD_MLFLOW_PARENT_RUN", raising=False)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        tracking.start_parent(PipelineConfig(), Catalog(tmp_path / name), "test")
+        tracking.end_parent(Catalog(tmp_path / name))
+    assert (tmp_path / "a" / "mlflow.db").exists() and (tmp_path / "b" / "mlflow.db").exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'users.db'}")
+    (tmp_path / "c").mkdir()
+    tracking.start_parent(PipelineConfig(), Catalog(tmp_path / "c"), "test")
+    tracking.end_parent(Catalog(tmp_path / "c"))
+    assert (tmp_path / "users.db").exists() and not (tmp_path / "c" / "mlflow.db").exists()

@@ -17,6 +17,7 @@ def test_deployments_load_and_build():
     names = []
     for d in spec["deployments"]:
         assert set(d) <= {"name", "description", "entrypoint", "work_pool", "parameters", "schedules", "tags"}
+        assert set(d["work_pool"]) <= {"name", "job_variables"}
         flow = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
         dep = flow.to_deployment(name=d["name"], parameters=d.get("parameters", {}), tags=d.get("tags"),
                                  work_pool_name=d["work_pool"]["name"], description=d.get("description"))
@@ -24,9 +25,10 @@ def test_deployments_load_and_build():
                  ignore_required=True)
         if "config" in d.get("parameters", {}):
             PipelineConfig.model_validate(d["parameters"]["config"])
-        assert dep.flow_name == "takd-pipeline"
+        assert dep.flow_name == ("takd-pipeline" if "pipeline" in d["entrypoint"] else f"takd-{d['name'].removesuffix('-dask')}")
         names.append(dep.name)
-    assert names == ["default", "nightly", "paper"]
+    assert names == ["default", "nightly", "paper", "comparison", "ta-sweep", "teacher-sweep", "student-sweep", "paths",
+                     "equal-compute", "ta-sweep-dask"]
 
 
 def test_flow_parameters_are_the_config_schema():

@@ -18,7 +18,8 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from experiments.plans import PLANS, Plan, build_plan
+from engine.device import resolve_device
+from experiments.plans import Plan, build_plan
 from experiments.report import report_experiment
 from tasks import tracking
 from tasks.catalog import Catalog
@@ -35,7 +36,7 @@ def _join_parent(parent: str | None) -> None:
         os.environ[tracking.ENV_PARENT] = parent
 
 
-@task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, tags=[GPU_TAG])
+@task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def train(job: Job, config: PipelineConfig, root: str, parent: str | None, threads: int) -> dict:
     _join_parent(parent)
     # The CPU's float sums depend on the thread count; Dask starts workers with one thread.
@@ -43,7 +44,7 @@ def train(job: Job, config: PipelineConfig, root: str, parent: str | None, threa
     return train_job(config, Catalog(Path(root)), job)
 
 
-@task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, tags=[GPU_TAG])
+@task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def cache(job: Job, config: PipelineConfig, root: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     return cache_job(config, Catalog(Path(root)), job)
@@ -53,6 +54,7 @@ def submit_plan(plan: Plan, cfg: PipelineConfig, root: str, parent: str | None, 
                 seed: int | None = None) -> dict[str, PrefectFuture]:
     """Submit every training the selected rows need, each once, after its guides' soft targets."""
     threads = torch.get_num_threads()
+    tags = [GPU_TAG] if resolve_device(cfg.device).type == "cuda" else []
     trains: dict[str, PrefectFuture] = {}
     caches: dict[str, PrefectFuture] = {}
 
@@ -60,14 +62,16 @@ def submit_plan(plan: Plan, cfg: PipelineConfig, root: str, parent: str | None, 
         jid = job_id(cfg, job)
         if jid not in trains:
             deps = [submit_cache(g) for g in job.guides]
-            trains[jid] = train.with_options(task_run_name=describe(job)).submit(job, cfg, root, parent, threads, wait_for=deps)
+            named = train.with_options(task_run_name=describe(job), tags=tags)
+            trains[jid] = named.submit(job, cfg, root, parent, threads, wait_for=deps)
         return trains[jid]
 
     def submit_cache(job: Job) -> PrefectFuture:
         jid = job_id(cfg, job)
         if jid not in caches:
-            caches[jid] = cache.with_options(task_run_name=f"cache soft targets of {job.role} {job.arch} s{job.seed}") \
-                .submit(job, cfg, root, threads, wait_for=[submit_train(job)])
+            title = f"cache soft targets of {job.role} {job.arch} s{job.seed}"
+            named = cache.with_options(task_run_name=title, tags=tags)
+            caches[jid] = named.submit(job, cfg, root, threads, wait_for=[submit_train(job)])
         return caches[jid]
 
     for row in plan.select(variant, seed):
@@ -112,20 +116,49 @@ def task_runner(workers: int = 1, dask_address: str | None = None, dask_workers:
     return ThreadPoolTaskRunner(max_workers=workers)
 
 
-def _flow(name: str):
-    def body(config: PipelineConfig = PipelineConfig(), variant: str = "*", seed: Optional[int] = None) -> dict:
-        return run_experiment(name, config, variant, seed)
-
-    body.__doc__ = f"Experiment {name}: see experiments/plans.py. `variant` (a glob) and `seed` run part of it."
-    body.__name__ = name.replace("-", "_")
-    return flow(name=f"takd-{name}", log_prints=True,
-                task_runner=task_runner(int(os.environ.get("KD_WORKERS", "1"))))(body)
+def _runner():
+    return task_runner(int(os.environ.get("KD_WORKERS", "1")))
 
 
-FLOWS = {name: _flow(name) for name in PLANS}
-comparison = FLOWS["comparison"]
-ta_sweep = FLOWS["ta-sweep"]
-teacher_sweep = FLOWS["teacher-sweep"]
-student_sweep = FLOWS["student-sweep"]
-paths = FLOWS["paths"]
-equal_compute = FLOWS["equal-compute"]
+# One flow per experiment, each a plain `def` so `prefect deploy` finds it by name. `variant`
+# (a glob) and `seed` run part of a plan; the report is written when the whole plan ran.
+
+
+@flow(name="takd-comparison", log_prints=True, task_runner=_runner())
+def comparison(config: PipelineConfig = PipelineConfig(), variant: str = "*", seed: Optional[int] = None) -> dict:
+    """NOKD / BLKD / TAKD over experiments.seeds, with paired confidence intervals."""
+    return run_experiment("comparison", config, variant, seed)
+
+
+@flow(name="takd-ta-sweep", log_prints=True, task_runner=_runner())
+def ta_sweep(config: PipelineConfig = PipelineConfig(), variant: str = "*", seed: Optional[int] = None) -> dict:
+    """Every TA size between teacher and student, and the paper's rule of thumb."""
+    return run_experiment("ta-sweep", config, variant, seed)
+
+
+@flow(name="takd-teacher-sweep", log_prints=True, task_runner=_runner())
+def teacher_sweep(config: PipelineConfig = PipelineConfig(), variant: str = "*", seed: Optional[int] = None) -> dict:
+    """Student accuracy against teacher size, student fixed."""
+    return run_experiment("teacher-sweep", config, variant, seed)
+
+
+@flow(name="takd-student-sweep", log_prints=True, task_runner=_runner())
+def student_sweep(config: PipelineConfig = PipelineConfig(), variant: str = "*", seed: Optional[int] = None) -> dict:
+    """KD gain over NOKD against student size, teacher fixed."""
+    return run_experiment("student-sweep", config, variant, seed)
+
+
+@flow(name="takd-paths", log_prints=True, task_runner=_runner())
+def paths(config: PipelineConfig = PipelineConfig(), variant: str = "*", seed: Optional[int] = None) -> dict:
+    """All 2^n distillation paths through experiments.path_sizes, and DGKD."""
+    return run_experiment("paths", config, variant, seed)
+
+
+@flow(name="takd-equal-compute", log_prints=True, task_runner=_runner())
+def equal_compute(config: PipelineConfig = PipelineConfig(), variant: str = "*", seed: Optional[int] = None) -> dict:
+    """E epochs from labels against E/2 teacher + E/2 distillation; born-again generations."""
+    return run_experiment("equal-compute", config, variant, seed)
+
+
+FLOWS = {"comparison": comparison, "ta-sweep": ta_sweep, "teacher-sweep": teacher_sweep,
+         "student-sweep": student_sweep, "paths": paths, "equal-compute": equal_compute}

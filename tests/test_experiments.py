@@ -1,0 +1,209 @@
+"""Experiments: statistics and DGKD by hand, plans that share trainings, a whole experiment on
+tiny data, and concurrent runs (threads, a real Dask LocalCluster) giving the sequential models."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from engine.config import KDConfig
+from engine.losses import Batch, build_loss, kl_soft
+from engine.soft_targets import DenseGuides
+from engine.stats import paired_difference, summary
+from experiments.plans import PLANS, build_plan
+from tasks.config import load_config
+from tasks.train_job import all_jobs, job_id
+
+
+def test_summary_and_paired_interval_by_hand():
+    assert summary([0.9]) == {"mean": 0.9, "std": 0.0, "n": 1}
+    a = {0: 0.90, 1: 0.92, 2: 0.91}
+    b = {0: 0.89, 1: 0.90, 2: 0.905, 7: 0.5}  # seed 7 has no partner: left out
+    d = paired_difference(a, b)
+    # diffs 0.01, 0.02, 0.005: mean 0.011667, sd 0.0076376, t(0.975, 2) = 4.302653
+    assert d["n"] == 3 and d["seeds"] == [0, 1, 2]
+    assert d["mean"] == pytest.approx(0.0116667, abs=1e-6)
+    assert d["std"] == pytest.approx(0.0076376, abs=1e-6)
+    half = 4.302653 * 0.0076376 / math.sqrt(3)
+    assert d["low"] == pytest.approx(0.0116667 - half, abs=1e-5)
+    assert d["high"] == pytest.approx(0.0116667 + half, abs=1e-5)
+    assert d["beyond_noise"] is False
+    clear = paired_difference({0: 0.95, 1: 0.96, 2: 0.955}, {0: 0.90, 1: 0.91, 2: 0.904})
+    assert clear["beyond_noise"] is True and clear["low"] > 0
+    one = paired_difference({0: 0.9}, {0: 0.8})
+    assert one["low"] is None and one["beyond_noise"] is False
+
+
+def test_kd_with_several_guides_is_their_mean_by_hand():
+    s = torch.zeros(1, 2)
+    t1 = torch.tensor([[math.log(3.0), 0.0]])  # softmax = [0.75, 0.25]
+    # KL([.75,.25] || [.5,.5]) = .75 ln 1.5 + .25 ln .5 = 0.130812
+    assert kl_soft(s, t1, 1.0).item() == pytest.approx(0.130812, abs=1e-6)
+    loss = build_loss("kd", KDConfig(temperature=1.0))
+    y = torch.tensor([0])
+    one = loss(Batch(s, y, t1), 1.0)["kd"]
+    both = loss(Batch(s, y, torch.stack([t1, torch.zeros(1, 2)])), 1.0)["kd"]  # the second guide: KL 0
+    assert one.item() == pytest.approx(0.130812, abs=1e-6)
+    assert both.item() == pytest.approx(0.130812 / 2, abs=1e-6)
+
+
+def test_dense_guides_drop_guides_but_keep_one():
+    guides = [lambda idx, view, x, v=v: torch.full((len(idx), 3), float(v)) for v in range(4)]
+    idx = view = torch.arange(5)
+    all_kept = DenseGuides(guides, 1.0, torch.Generator().manual_seed(0))(idx, view)
+    assert all_kept.shape == (4, 5, 3) and all_kept[:, 0, 0].tolist() == [0, 1, 2, 3]
+    rare = DenseGuides(guides, 1e-6, torch.Generator().manual_seed(0))
+    assert {rare(idx, view).shape[0] for _ in range(20)} == {1}
+    draws = [[DenseGuides(guides, 0.5, torch.Generator().manual_seed(3))(idx, view)[:, 0, 0].tolist() for _ in range(1)]
+             for _ in range(2)]
+    assert draws[0] == draws[1]  # the generator decides: a resumed run drops the same guides
+
+
+@pytest.fixture
+def cfg(fashion_dir, tmp_path):
+    from tests.conftest import tiny_overrides
+
+    return load_config(None, tiny_overrides(fashion_dir, tmp_path) | {
+        "teacher.arch": "plain-6", "assistant.arch": "plain-4", "experiments.seeds": [0, 1],
+        "experiments.ta_sizes": ["plain-4"], "experiments.path_sizes": ["plain-4", "plain-2"],
+        "experiments.teacher_sizes": ["plain-4", "plain-6"], "experiments.student_sizes": ["plain-2", "plain-4"],
+        "experiments.equal_epochs": 2, "experiments.generations": 1, "data.train_subset": 200})
+
+
+def test_plans_share_trainings_across_experiments(cfg):
+    plans = {name: build_plan(name, cfg) for name in PLANS}
+    ids = {name: set(all_jobs(cfg, [r.job for r in p.rows + p.references])) for name, p in plans.items()}
+    comparison = plans["comparison"]
+    teacher = job_id(cfg, comparison.select("teacher")[0].job)
+    assert all(teacher in ids[n] for n in ("comparison", "ta-sweep", "student-sweep", "paths"))
+    # Teacher and TA train once, whatever the number of seeds: 2 seeds x 3 methods + 2.
+    assert len(ids["comparison"]) == 8
+    nokd = {job_id(cfg, r.job) for r in comparison.select("nokd")}
+    assert nokd <= ids["ta-sweep"] and nokd <= ids["teacher-sweep"] and nokd <= ids["paths"]
+    # 2 intermediate sizes: 2^2 - 1 chains beside BLKD, plus DGKD, NOKD, BLKD.
+    paths = plans["paths"]
+    assert [v for v in dict.fromkeys(r.variant for r in paths.rows)] == \
+        ["nokd", "blkd", "via-plain-4", "via-plain-2", "via-plain-4_plain-2", "dgkd"]
+    dgkd = paths.select("dgkd", 0)[0].job
+    assert [g.arch for g in dgkd.guides] == ["plain-6", "plain-4", "plain-2"]
+    assert [len(g.guides) for g in dgkd.guides] == [0, 1, 2] and dgkd.survival == 0.75
+    # Equal compute: each seed its own half-length teacher; E epochs from labels is the NOKD student when E
+    # equals the student's epochs, and the same job is shared.
+    eq = plans["equal-compute"]
+    assert eq.select("distill", 1)[0].job.guides[0].epochs == 1 and eq.select("distill", 1)[0].job.guides[0].seed == 1
+    assert eq.select("born-again-1", 0)[0].job.guides[0] == eq.select("labels", 0)[0].job
+    with pytest.raises(Exception, match="unknown experiment"):
+        build_plan("nope", cfg)
+
+
+def _fingerprints(root):
+    return {p.parent.parent.name: json.loads(p.read_text())["result"]["model_fingerprint"]
+            for p in (root / "data" / "zoo").glob("*/model/stage.json")}
+
+
+def test_experiment_end_to_end_on_tiny_data(cfg, tmp_path, monkeypatch):
+    from experiments.report import report_experiment
+    from experiments.run import run_rows
+    from tasks.catalog import Catalog
+
+    monkeypatch.setenv("KD_PROJECT_ROOT", str(tmp_path))
+    cat = Catalog(tmp_path)
+    plan = build_plan("ta-sweep", cfg)
+    part = run_rows(plan, cfg, cat, "via-*", 1)  # what one DVC matrix stage does: that row and its guides
+    assert {r.split("-s")[0] for r in part} == {"teacher-plain-6", "assistant-plain-4", "student-plain-2"}
+    results = run_rows(plan, cfg, cat)
+    assert all(results[j]["reused"] for j in part)
+    out = report_experiment(plan, cfg, cat, results)
+    folder = cat.experiment("ta-sweep") / "report"
+    table = json.loads((folder / "table.json").read_text())
+    blkd = next(r for r in table["rows"] if r["variant"] == "blkd")
+    by_seed = {r.seed: results[job_id(cfg, r.job)]["test_acc"] for r in plan.select("blkd")}
+    assert {int(k): v for k, v in blkd["per_seed"].items()} == by_seed  # JSON keys are strings
+    assert blkd["mean"] == pytest.approx(sum(by_seed.values()) / 2)
+    assert table["rule_of_thumb"]["rule_pick"] == "plain-4"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["blkd_mean"] == pytest.approx(blkd["mean"]) and "via-plain-4_minus_blkd_low" in metrics
+    assert "Rule of thumb" in (folder / "table.md").read_text()
+    assert (folder / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert out["reused"] is False and report_experiment(plan, cfg, cat, results)["reused"] is True
+
+
+def test_concurrent_runners_give_the_sequential_models(cfg, tmp_path, prefect_server, monkeypatch):
+    """The same plan three ways: in order in this process, on 2 threads, and on a real Dask
+    LocalCluster of 2 worker processes. Every model's weights are identical."""
+    from experiments.run import run_rows
+    from flows.experiment import FLOWS, task_runner
+    from tasks.catalog import Catalog
+
+    cfg = cfg.model_copy(update={"experiments": cfg.experiments.model_copy(update={"seeds": [0]})})
+    roots = {name: tmp_path / name for name in ("sequential", "threads", "dask")}
+    run_rows(build_plan("comparison", cfg), cfg, Catalog(roots["sequential"]))
+    expected = _fingerprints(roots["sequential"])
+    assert len(expected) == 5  # teacher, TA, and three students
+    for name, runner in (("threads", task_runner(workers=2)), ("dask", task_runner(dask_workers=2))):
+        monkeypatch.setenv("KD_PROJECT_ROOT", str(roots[name]))
+        result = FLOWS["comparison"].with_options(task_runner=runner)(cfg)
+        assert len(result["trained"]) == 5 and result["report"]
+        assert _fingerprints(roots[name]) == expected, name
+
+
+def test_experiment_flow_logs_table_and_plot_to_mlflow(cfg, tmp_path, prefect_server, monkeypatch):
+    from mlflow import MlflowClient
+
+    from flows.experiment import FLOWS
+
+    monkeypatch.setenv("KD_PROJECT_ROOT", str(tmp_path))
+    monkeypatch.setenv("KD_TRACKING", "1")
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"log_models": False}),
+                                 "experiments": cfg.experiments.model_copy(update={"seeds": [0]})})
+    FLOWS["comparison"](cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("kind") == "experiment")
+    assert parent.info.run_name == "experiment comparison (fashion-mnist)" and parent.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"table.md", "table.csv", "accuracy.png", "metrics.json"} <= artifacts
+    assert parent.data.metrics["experiment_takd_mean"] == pytest.approx(
+        json.loads((tmp_path / "data/experiments/comparison/report/table.json").read_text())["rows"][2]["mean"])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 5 and all("test_acc" in r.data.metrics for r in children)
+
+
+def test_every_dvc_matrix_stage_names_rows_of_its_plan():
+    """experiments/dvc.yaml spells variants by hand: each resolved stage must select rows, and
+    its out must be the record the command writes."""
+    import shlex
+    from pathlib import Path
+
+    from dvc.repo import Repo
+
+    from experiments.cli import build_parser, record_path
+    from tasks.catalog import Catalog
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "params.yaml")
+    stages = [s for s in Repo(str(root)).index.stages if "experiments job" in (s.cmd or "")]
+    assert len(stages) == 3 * 3 + 3 * 3 + 4 * 3 + 4 * 2 * 3 + 3 + 3
+    for stage in stages:
+        args = build_parser().parse_args(shlex.split(stage.cmd)[3:])
+        assert build_plan(args.name, cfg).select(args.variant, args.seed), stage.cmd
+        out = Path(record_path(Catalog(root), args.name, args.variant, args.seed))
+        assert [o.fs_path for o in stage.outs] == [str(out)], stage.cmd
+
+
+def test_cli_names_what_is_wrong(tmp_path, monkeypatch, capsys):
+    from experiments.cli import main
+
+    monkeypatch.setenv("KD_PROJECT_ROOT", str(tmp_path))
+    params = tmp_path / "p.yaml"
+    params.write_text("experiments: {seeds: [0, 1]}\n")
+    assert main(["job", "comparison", "--params", str(params), "--variant", "bkld"]) == 2
+    err = capsys.readouterr().err
+    assert "no rows match --variant 'bkld'" in err and "nokd, blkd, takd" in err and "[0, 1]" in err
+    assert main(["run", "ta-sweep", "--params", str(params), "--experiments.ta_sizes", "[plain-3]"]) == 2
+    assert "experiments.ta_sizes" in capsys.readouterr().err
+    listing = main(["list", "--params", str(params)])
+    assert listing == 0 and '"comparison"' in capsys.readouterr().out
