@@ -144,21 +144,25 @@ def paths(cfg: PipelineConfig) -> Plan:
 
 
 def equal_compute(cfg: PipelineConfig) -> Plan:
-    """E epochs from labels, against a teacher trained E/2 epochs and a student distilled E/2;
-    then born-again generations of the student's own architecture, each seed its own line."""
-    e, s = cfg.experiments.equal_epochs, cfg.student.arch
-    rows, contrasts = [], [("distill", "labels")]
+    """E epochs from labels, against a teacher trained E/2 epochs and a student distilled E/2.
+    Then born-again generations of the student's own architecture, each against the student
+    trained from labels for as many epochs as the whole chain (generation g: (g + 1) E)."""
+    e, s, gens = cfg.experiments.equal_epochs, cfg.student.arch, cfg.experiments.generations
+    rows = []
     for seed in cfg.experiments.seeds:
         t = _teacher(cfg, seed=seed, epochs=e // 2)
         rows += [Row("labels", seed, _student(cfg, seed, epochs=e), f"{s} from labels, {e} epochs"),
                  Row("distill", seed, _student(cfg, seed, [t], epochs=e - e // 2),
                      f"{t.arch} {e // 2} ep. -> {s} {e - e // 2} ep.")]
         prev = rows[-2].job
-        for g in range(1, cfg.experiments.generations + 1):
+        for g in range(1, gens + 1):
             # A new seed per generation: a copy of its teacher's initialisation would not be a fresh network.
             prev = _student(cfg, seed + 1000 * g, [prev], epochs=e)
-            rows.append(Row(f"born-again-{g}", seed, prev, f"born-again generation {g}", str(g)))
-    contrasts += [(f"born-again-{g}", "labels") for g in range(1, cfg.experiments.generations + 1)]
+            rows += [Row(f"born-again-{g}", seed, prev, f"born-again generation {g}", str(g)),
+                     Row(f"labels-{g + 1}x", seed, _student(cfg, seed, epochs=(g + 1) * e),
+                         f"{s} from labels, {(g + 1) * e} epochs")]
+    contrasts = [("distill", "labels")] + [(f"born-again-{g}", v) for g in range(1, gens + 1)
+                                           for v in ("labels", f"labels-{g + 1}x")]
     return Plan("equal-compute", f"equal epochs: {s} from labels vs teacher + distillation; born-again {s}",
                 rows, [], contrasts)
 
