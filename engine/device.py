@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from models.registry import GLOBAL_RNG_LOCK
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -26,7 +28,8 @@ def autocast(device: torch.device):
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seeds torch's global RNG (model init) and returns the trainer's own generator."""
-    torch.manual_seed(seed)
+    with GLOBAL_RNG_LOCK:  # never between another thread's seeding and building
+        torch.manual_seed(seed)
     if os.environ.get("KD_THREADS"):
         torch.set_num_threads(int(os.environ["KD_THREADS"]))
     return torch.Generator().manual_seed(seed)

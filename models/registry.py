@@ -1,8 +1,10 @@
 """Models by name: a new architecture is one builder function plus one `register` call."""
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
+import torch
 from torch import nn
 
 Builder = Callable[[str, int, int, int], nn.Module]
@@ -35,9 +37,20 @@ def check_name(name: str) -> None:
     raise UnknownModelError(f"unknown model {name!r}; available: {', '.join(available())}")
 
 
-def build_model(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+# torch initialises weights from its one global generator. Trainings that run side by side in
+# threads (an experiment's task runner) must not draw from it in between one another's seeding
+# and building: every build, and every global seeding (engine.device), holds this lock.
+GLOBAL_RNG_LOCK = threading.RLock()
+
+
+def build_model(name: str, in_channels: int, num_classes: int, image_size: int, seed: int | None = None) -> nn.Module:
+    """The model by name. With `seed`, its initial weights are those of torch.manual_seed(seed),
+    and the global generator is left as it was."""
     check_name(name)
     builder = _EXACT.get(name) or next(b for p, b in _PREFIX.items() if name.startswith(p))
-    model = builder(name, in_channels, num_classes, image_size)
+    with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = builder(name, in_channels, num_classes, image_size)
     model.arch = name
     return model

@@ -38,9 +38,9 @@ class Workspace:
                                            for s in ("train", "val", "test"))
         self.fingerprint = self.splits.fingerprint()
 
-    def build(self, arch: str) -> nn.Module:
+    def build(self, arch: str, seed: int | None = None) -> nn.Module:
         c, h, _ = self.splits.input_shape
-        model = build_model(arch, c, self.splits.num_classes, h)
+        model = build_model(arch, c, self.splits.num_classes, h, seed)
         return model.to(self.device, memory_format=torch.channels_last)
 
     def load_state(self, model: nn.Module, state: dict, source: str) -> nn.Module:

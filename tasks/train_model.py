@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,11 +84,6 @@ class Training:
     test: bool = False  # also measure test accuracy (experiments; the pipeline has an evaluate stage)
 
 
-# Seeding torch's global RNG and building a model must not interleave between threads
-# (a sweep's trainings run concurrently in one process): the init weights depend on it.
-_INIT_LOCK = threading.Lock()
-
-
 def _guides(cfg: PipelineConfig, ws: Workspace, t: Training, generator) -> tuple[Teacher, dict]:
     spec, n = ws.splits.augment, len(ws.train)
     sources = []
@@ -120,9 +114,7 @@ def _fit_or_import(cfg: PipelineConfig, ws: Workspace, t: Training, key: str, ge
     untrained = {"best_epoch": 0, "best_val_acc": None}
     if t.checkpoint:
         return _import_teacher(ws, t.arch, t.checkpoint), [], untrained
-    with _INIT_LOCK:
-        torch.manual_seed(t.seed)
-        model = ws.load_model_dir(t.init) if t.init else ws.build(t.arch)
+    model = ws.load_model_dir(t.init) if t.init else ws.build(t.arch, seed=t.seed)
     if t.skip_training:
         return model, [], untrained
     loss = build_loss(cfg.kd.loss if teacher else "ce", cfg.kd)

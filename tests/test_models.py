@@ -52,3 +52,39 @@ def test_named_features_leave_logits_unchanged(name):
     logits, feats = with_features(m)(x)
     assert torch.allclose(logits, m(x), atol=1e-5)
     assert list(feats) == models.feature_names(m) and all(f.shape[0] == 3 for f in feats.values())
+
+
+def test_seeded_build_is_the_same_while_other_threads_build_and_seed():
+    """Trainings run side by side in threads (experiments' task runner): a seeded build must not
+    be disturbed by other threads drawing from or seeding torch's global generator."""
+    import threading
+
+    from engine.device import seed_everything
+    from models import build_model
+
+    def weights(seed):
+        return torch.cat([p.detach().flatten() for p in build_model("plain-4", 3, 10, 32, seed=seed).parameters()])
+
+    reference = weights(7)
+    stop, bad = threading.Event(), []
+
+    def noise():
+        while not stop.is_set():
+            build_model("plain-2", 3, 10, 32)
+            seed_everything(123)
+
+    others = [threading.Thread(target=noise) for _ in range(2)]
+    for t in others:
+        t.start()
+    try:
+        for _ in range(30):
+            if not torch.equal(weights(7), reference):
+                bad.append(1)
+    finally:
+        stop.set()
+        for t in others:
+            t.join()
+    assert not bad
+    state = torch.get_rng_state()
+    build_model("plain-2", 3, 10, 32, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)  # a seeded build leaves the global generator alone
