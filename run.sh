@@ -44,7 +44,7 @@ case "$cmd" in
     start=$(date +%s)
     dvc repro "$@"
     echo "== dvc repro took $(( $(date +%s) - start )) s"
-    dvc metrics show
+    dvc metrics show data/metrics/comparison.json
     cat data/reports/comparison.md
     ;;
   test)
