@@ -1,6 +1,7 @@
 """Stages that train a model: teacher (or import it), assistant, the three students, fine-tuning.
 
-One function serves them all; catalog.MODELS says what each one learns from.
+One function (`fit_training`) serves them all, and the experiments' jobs too (tasks/train_job.py);
+catalog.MODELS says what each pipeline model learns from.
 """
 from __future__ import annotations
 
