@@ -50,12 +50,87 @@ class DataConfig(Strict):
         raise ValueError(f"unknown data set {v!r}; use fashion-mnist, cifar10, cifar100 or imagefolder:<path>")
 
 
+class FitNetsConfig(Strict):
+    beta: float = Field(100.0, ge=0, description="weight of the hint loss (MSE of regressed student vs teacher features)")
+    stagewise: bool = Field(False, description="True: the first hint_epochs train only up to the hint layer (paper); "
+                                                "False: hint and task loss together")
+    hint_epochs: int = Field(2, ge=0, description="stage-wise: epochs of hint-only training before KD")
+
+
+class ATConfig(Strict):
+    beta: float = Field(1000.0, ge=0, description="weight of the attention-map loss, summed over matched stages")
+    p: float = Field(2.0, gt=0, description="attention map = mean over channels of |a|^p")
+
+
+class RKDConfig(Strict):
+    distance: float = Field(25.0, ge=0, description="weight of the distance-wise term")
+    angle: float = Field(50.0, ge=0, description="weight of the angle-wise term")
+
+
+class SPConfig(Strict):
+    gamma: float = Field(3000.0, ge=0, description="weight of the similarity-preserving loss")
+
+
+class DKDConfig(Strict):
+    alpha: float = Field(1.0, ge=0, description="weight of target-class KD (TCKD)")
+    beta: float = Field(8.0, ge=0, description="weight of non-target-class KD (NCKD)")
+    temperature: float = Field(4.0, gt=0, le=100)
+    warmup_epochs: float = Field(1.0, gt=0, description="the KD terms ramp in linearly, step by step, over this many epochs (paper: 20)")
+
+
+class DMLConfig(Strict):
+    peers: list[str] = Field(default_factory=lambda: ["plain-2"], min_length=1,
+                             description="architectures trained together with the student, none pretrained")
+    weight: float = Field(1.0, ge=0, description="weight of each network's mean KL to its peers")
+    temperature: float = Field(1.0, gt=0, le=100)
+
+    @field_validator("peers")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from models import check_name
+
+        for name in v:
+            check_name(name)
+        return v
+
+
+class SelfDistillConfig(Strict):
+    alpha: float = Field(0.3, ge=0, le=1, description="each auxiliary exit: (1-alpha)*CE + alpha*T^2*KL(last layer)")
+    temperature: float = Field(3.0, gt=0, le=100)
+
+
+class EnsembleConfig(Strict):
+    combine: Literal["kl", "probs"] = Field("kl", description="several teachers: mean of the KLs, or KL to the "
+                                                               "mixture of their softened probabilities")
+    weights: Optional[list[float]] = Field(None, description="one per teacher; unset: equal, or by validation "
+                                                             "accuracy with weighted=true")
+    weighted: bool = Field(False, description="weight teachers by their validation accuracy when weights is unset")
+
+    @field_validator("weights")
+    @classmethod
+    def _positive(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if v is not None and (not v or min(v) < 0 or sum(v) <= 0):
+            raise ValueError("weights must be non-negative and not all zero")
+        return v
+
+
 class KDConfig(Strict):
     loss: str = Field("kd", description="distillation loss by name (see engine.losses.LOSSES)")
     lam: float = Field(0.1, ge=0, le=1, description="weight of the soft term: (1-lam)*CE + lam*T^2*KL")
     lam_start: Optional[float] = Field(None, ge=0, le=1, description="lam at epoch 0 when the schedule ramps")
     lam_schedule: Literal["constant", "linear", "cosine"] = "constant"
     temperature: float = Field(2.0, gt=0, le=100)
+    student_layers: Optional[list[str]] = Field(None, description="feature losses: student stages to match; "
+                                                                  "unset: matched to the teacher's by spatial size")
+    teacher_layers: Optional[list[str]] = Field(None, description="feature losses: the teacher stages, one per student layer")
+    fitnets: FitNetsConfig = Field(default_factory=FitNetsConfig)
+    at: ATConfig = Field(default_factory=ATConfig)
+    rkd: RKDConfig = Field(default_factory=RKDConfig)
+    sp: SPConfig = Field(default_factory=SPConfig)
+    dkd: DKDConfig = Field(default_factory=DKDConfig)
+    dml: DMLConfig = Field(default_factory=DMLConfig)
+    self_distill: SelfDistillConfig = Field(default_factory=SelfDistillConfig)
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
 
     @field_validator("loss")
     @classmethod

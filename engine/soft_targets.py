@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +20,7 @@ from engine.atomic import load_torch, save_json, save_torch
 from engine.config import AugmentConfig
 from engine.data import DeviceSet
 from engine.errors import CacheMismatchError
+from models.features import with_features
 
 LOGITS_FILE, MANIFEST_FILE = "logits.pt", "manifest.json"
 
@@ -34,6 +35,19 @@ class CacheKey:
     topk: Optional[int]
     num_classes: int
     num_images: int
+
+
+@dataclass
+class Targets:
+    """What a source of soft targets returns for a batch, when it is more than logits."""
+
+    logits: torch.Tensor | None
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: torch.Tensor | None = None  # one per guide in logits [G, B, C]
+
+    @staticmethod
+    def of(value: "torch.Tensor | Targets | None") -> "Targets":
+        return value if isinstance(value, Targets) else Targets(value)
 
 
 class SoftTargets:
@@ -55,61 +69,109 @@ class SoftTargets:
 
 
 class OnlineTeacher:
-    """Runs the teacher on the student's exact views; same interface as SoftTargets."""
+    """Runs the teacher on the student's exact views; same interface as SoftTargets. With
+    `features`, it also returns those stages, reduced to what the loss reads."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, features: tuple[str, ...] = (), reduce=None):
         self.model = model.eval()
+        self.features, self.reduce = tuple(features), reduce or (lambda f: f)
+        self.body = with_features(self.model, list(features)).eval() if features else None
 
     @torch.no_grad()
-    def __call__(self, idx: torch.Tensor, view: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(x).float()
+    def __call__(self, idx: torch.Tensor, view: torch.Tensor, x: torch.Tensor | None = None):
+        if self.body is None:
+            return self.model(x).float()
+        logits, feats = self.body(x)
+        return Targets(logits.float(), self.reduce(feats))
+
+
+class CachedFeatures:
+    """Logits from another source plus the teacher's features for (view k, image i), held in
+    memory: computed once per training, instead of a teacher forward pass at every step."""
+
+    def __init__(self, logits, features: dict[str, torch.Tensor]):
+        self.logits, self.features = logits, features
+
+    def __call__(self, idx: torch.Tensor, view: torch.Tensor, x: torch.Tensor | None = None) -> Targets:
+        t = Targets.of(self.logits(idx, view, x))
+        return Targets(t.logits, {n: f[view, idx].float() for n, f in self.features.items()}, t.weights)
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.numel() * f.element_size() for f in self.features.values())
 
 
 class DenseGuides:
-    """Several sources of soft targets at once (DGKD: the teacher and every earlier assistant).
+    """Several sources of soft targets at once: DGKD (the teacher and every earlier assistant)
+    or a multi-teacher ensemble. Returns Targets with logits stacked as [G, B, C] and each
+    kept guide's weight.
 
-    Returns logits stacked as [G, B, C]. Each step keeps each guide with probability
-    `survival` (at least one), drawn from the trainer's generator so a resumed run repeats it.
+    Each step keeps each guide with probability `survival` (at least one), drawn from the
+    trainer's generator so a resumed run repeats it; with survival 1 every guide is kept.
     """
 
-    def __init__(self, guides: list, survival: float, generator: torch.Generator):
+    def __init__(self, guides: list, survival: float, generator: torch.Generator,
+                 weights: list[float] | None = None):
         if not guides:
             raise ValueError("DenseGuides needs at least one guide")
+        if weights is not None and len(weights) != len(guides):
+            raise ValueError(f"{len(weights)} weights for {len(guides)} guides; give one per guide")
         self.guides, self.survival, self.generator = guides, survival, generator
+        self.weights = torch.tensor(weights or [1.0] * len(guides), dtype=torch.float32)
 
-    def __call__(self, idx: torch.Tensor, view: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        keep = torch.rand(len(self.guides), generator=self.generator) < self.survival
-        if not keep.any():
-            keep[torch.randint(len(self.guides), (1,), generator=self.generator)] = True
-        return torch.stack([g(idx, view, x) for g, k in zip(self.guides, keep.tolist()) if k])
+    def __call__(self, idx: torch.Tensor, view: torch.Tensor, x: torch.Tensor | None = None) -> Targets:
+        keep = torch.ones(len(self.guides), dtype=torch.bool)
+        if self.survival < 1:
+            keep = torch.rand(len(self.guides), generator=self.generator) < self.survival
+            if not keep.any():
+                keep[torch.randint(len(self.guides), (1,), generator=self.generator)] = True
+        logits = torch.stack([Targets.of(g(idx, view, x)).logits for g, k in zip(self.guides, keep.tolist()) if k])
+        return Targets(logits, weights=self.weights[keep].to(logits.device))
+
+
+def _over_views(fn, train: DeviceSet, spec: AugmentConfig, k_views: int, seed: int, batch_size: int, progress=None):
+    """fn(x) for each batch of each fixed view, in order: yields (k, output)."""
+    views = augment.fixed_views(len(train), spec, seed, k_views).to(train.x.device)
+    n = len(train)
+    for k in range(k_views):
+        for start in range(0, n, batch_size):
+            idx = torch.arange(start, min(start + batch_size, n), device=train.x.device)
+            yield k, fn(train.normalize(augment.apply(train.x[idx], views[k, idx], spec)))
+            if progress:
+                progress(len(idx))
+
+
+@torch.no_grad()
+def compute_features(model: nn.Module, train: DeviceSet, spec: AugmentConfig, k_views: int, seed: int,
+                     names: tuple[str, ...], reduce=None, batch_size: int = 1024) -> dict[str, torch.Tensor]:
+    """The teacher's named features (reduced) for K fixed views of every image: {name: [K, N, ...]}
+    in fp16, on the data's device."""
+    body = with_features(model.eval(), list(names)).eval()
+    reduce = reduce or (lambda f: f)
+    rows: dict[str, list[list[torch.Tensor]]] = {n: [[] for _ in range(k_views)] for n in names}
+    for k, (_, feats) in _over_views(body, train, spec, k_views, seed, batch_size):
+        for n, f in reduce(feats).items():
+            rows[n][k].append(f.half())
+    return {n: torch.stack([torch.cat(r) for r in per_view]) for n, per_view in rows.items()}
 
 
 @torch.no_grad()
 def compute(model: nn.Module, train: DeviceSet, spec: AugmentConfig, k_views: int, seed: int,
             topk: int | None, batch_size: int = 1024, progress=None) -> SoftTargets:
     model.eval()
-    views = augment.fixed_views(len(train), spec, seed, k_views).to(train.x.device)
-    n, c = len(train), None
-    vals, inds = [], []
-    for k in range(k_views):
-        row_v, row_i = [], []
-        for start in range(0, n, batch_size):
-            idx = torch.arange(start, min(start + batch_size, n), device=train.x.device)
-            x = train.normalize(augment.apply(train.x[idx], views[k, idx], spec))
-            logits = model(x).float()
-            c = logits.shape[1]
-            if topk:
-                top = logits.topk(min(topk, c), dim=1)
-                row_v.append(top.values.half().cpu())
-                row_i.append(top.indices.to(torch.int16).cpu())
-            else:
-                row_v.append(logits.half().cpu())
-            if progress:
-                progress(len(idx))
-        vals.append(torch.cat(row_v))
-        inds.append(torch.cat(row_i) if topk else None)
-    indices = torch.stack(inds) if topk else None
-    return SoftTargets(torch.stack(vals), indices, c)
+    vals: list[list[torch.Tensor]] = [[] for _ in range(k_views)]
+    inds: list[list[torch.Tensor]] = [[] for _ in range(k_views)]
+    c = None
+    for k, logits in _over_views(lambda x: model(x).float(), train, spec, k_views, seed, batch_size, progress):
+        c = logits.shape[1]
+        if topk:
+            top = logits.topk(min(topk, c), dim=1)
+            vals[k].append(top.values.half().cpu())
+            inds[k].append(top.indices.to(torch.int16).cpu())
+        else:
+            vals[k].append(logits.half().cpu())
+    indices = torch.stack([torch.cat(r) for r in inds]) if topk else None
+    return SoftTargets(torch.stack([torch.cat(r) for r in vals]), indices, c)
 
 
 def save(directory: str | Path, targets: SoftTargets, key: CacheKey) -> None:

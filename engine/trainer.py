@@ -26,6 +26,7 @@ from engine.data import DeviceSet
 from engine.device import autocast
 from engine.errors import DivergedError
 from engine.losses import Batch, DistillLoss, lam_at
+from engine.soft_targets import Targets
 
 Callback = Callable[[dict], None]
 
@@ -104,7 +105,7 @@ def _resume(path: Path, run_key: str, model, opt, sched, gen, result) -> int:
 
 
 def _batch(train: DeviceSet, idx: torch.Tensor, spec: AugmentConfig, generator: torch.Generator,
-           teacher: Teacher | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+           teacher: Teacher | None) -> tuple[torch.Tensor, torch.Tensor | Targets | None]:
     """The augmented, normalised batch and, when distilling, the teacher's logits for exactly
     the views the student sees (one of the K cached views per image)."""
     x = train.x[idx]
@@ -148,18 +149,24 @@ class _Checkpoints:
 
 def _train_epoch(forward, train: DeviceSet, cfg: TrainConfig, loss_fn: DistillLoss, opt, sched, generator,
                  spec: AugmentConfig, teacher: Teacher | None, lam: float, bar: dict, where: tuple[str, int]) -> dict:
-    """One pass over the training set; returns the epoch's summed losses and correct count."""
+    """One pass over the training set; returns the epoch's summed losses and correct count.
+
+    `forward` returns logits, or (logits, {name: feature}) when the loss reads features."""
     device, n = train.x.device, len(train)
     check_every = 1 if device.type == "cpu" else 50  # a finiteness check syncs an accelerator; free on the CPU
     sums: dict[str, torch.Tensor] = {}
     correct = torch.zeros((), device=device)
     perm = torch.randperm(n, generator=generator).to(device)
+    steps = math.ceil(n / cfg.batch_size)
     for step, idx in enumerate(tqdm(perm.split(cfg.batch_size), leave=False, **bar)):
-        x, t_logits = _batch(train, idx, spec, generator, teacher)
+        x, targets = _batch(train, idx, spec, generator, teacher)
+        t = Targets.of(targets)
         y = train.y[idx]
         with autocast(device):
-            logits = forward(x)
-            parts = loss_fn(Batch(logits.float(), y, t_logits), lam)
+            out = forward(x)
+            logits, feats = out if isinstance(out, tuple) else (out, {})
+            epoch = where[1] - 1 + step / steps
+            parts = loss_fn(Batch(logits.float(), y, t.logits, feats, t.features, epoch, t.weights), lam)
         if (step + 1) % check_every == 0 and not torch.isfinite(parts["total"]):
             raise DivergedError(f"{where[0]}: loss is {parts['total'].item()} at epoch {where[1]}, step {step + 1}")
         opt.zero_grad(set_to_none=True)
@@ -182,16 +189,20 @@ def fit(model: nn.Module, train: DeviceSet, val: DeviceSet, cfg: TrainConfig, lo
 
     `progress`: None shows a bar only on a terminal; True or False forces it."""
     device, n = train.x.device, len(train)
-    opt, sched = make_optimizer(model, cfg, math.ceil(n / cfg.batch_size))
+    # What the optimiser trains: the model as the loss wraps it (feature taps, peers, exits)
+    # plus the loss's own parameters (a regressor). Only `model` is evaluated and kept.
+    wrapped = loss_fn.wrap(model)
+    trained = nn.ModuleList([wrapped, loss_fn])
+    opt, sched = make_optimizer(trained, cfg, math.ceil(n / cfg.batch_size))
     result = FitResult()
     last, best = (workdir / "last.pt", workdir / "best.pt") if workdir else (None, None)
-    start = _resume(last, run_key, model, opt, sched, generator, result) if last else 0
+    start = _resume(last, run_key, trained, opt, sched, generator, result) if last else 0
     best_state = None
-    forward = torch.compile(model) if cfg.compile else model  # shares weights; state_dict stays plain
+    forward = torch.compile(wrapped) if cfg.compile else wrapped  # shares weights; state_dict stays plain
     checkpoints = _Checkpoints(last, best)
     try:
         for epoch in range(start, cfg.epochs):
-            model.train()
+            trained.train()
             lam = lam_at(kd, epoch, cfg.epochs) if kd else 0.0
             bar = {"desc": f"{desc} {epoch + 1}/{cfg.epochs}", "disable": None if progress is None else not progress}
             t0 = time.perf_counter()
@@ -212,7 +223,7 @@ def fit(model: nn.Module, train: DeviceSet, val: DeviceSet, cfg: TrainConfig, lo
                 result.best_val_acc, result.best_epoch = val_acc, epoch + 1
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 best_file = {"run_key": run_key, "epoch": epoch + 1, "val_acc": val_acc, "model": best_state}
-            checkpoints.save(_checkpoint(model, opt, sched, generator, epoch + 1, result, run_key), best_file)
+            checkpoints.save(_checkpoint(trained, opt, sched, generator, epoch + 1, result, run_key), best_file)
             if callback:
                 callback(metrics)
     finally:

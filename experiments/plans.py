@@ -11,6 +11,7 @@ from fnmatch import fnmatch
 from itertools import combinations
 from typing import Callable
 
+from engine.config import KDConfig
 from models import build_model
 from tasks.config import PipelineConfig
 from tasks.train_job import Job
@@ -167,9 +168,55 @@ def equal_compute(cfg: PipelineConfig) -> Plan:
                 rows, [], contrasts)
 
 
+def _hop(cfg: PipelineConfig, loss: str, **settings) -> KDConfig:
+    """The config's kd with another loss and that loss's own settings (`dml={"peers": [...]}`)."""
+    return cfg.kd.model_copy(update={"loss": loss, **{k: getattr(cfg.kd, k).model_copy(update=v) if isinstance(v, dict)
+                                                      else v for k, v in settings.items()}})
+
+
+def methods(cfg: PipelineConfig) -> Plan:
+    """Every method of engine.losses on the same teacher and student, beside NOKD, KD and TAKD.
+
+    Feature and relation losses run alone (lam = 0), as in their papers; FitNets stage-wise,
+    hint first and then KD. DML trains the student with `dml_peers` from scratch; born-again
+    learns from the NOKD student of its seed; the ensemble learns from `ensemble_teachers`."""
+    t, s, x = _teacher(cfg), cfg.student.arch, cfg.experiments
+    ta = _assistant(cfg, cfg.assistant.arch, [t])
+    ta_dkd = ta.model_copy(update={"kd": _hop(cfg, "dkd")})
+    ensemble = [t if a == t.arch else _teacher(cfg, a) for a in x.ensemble_teachers]
+    names = " + ".join(a for a in x.ensemble_teachers)
+    rows, contrasts = [], []
+    for seed in x.seeds:
+        nokd = _student(cfg, seed)
+        spec = [("nokd", nokd, f"NOKD {s}"),
+                ("kd", _student(cfg, seed, [t]), f"KD {t.arch} -> {s}"),
+                ("takd", _student(cfg, seed, [ta]), f"TAKD {t.arch} -> {ta.arch} -> {s}"),
+                ("fitnets", _student(cfg, seed, [t], kd=_hop(cfg, "fitnets", fitnets={"stagewise": True})),
+                 "FitNets, stage-wise (hint, then KD)"),
+                ("at", _student(cfg, seed, [t], kd=_hop(cfg, "at", lam=0.0)), "AT"),
+                ("rkd", _student(cfg, seed, [t], kd=_hop(cfg, "rkd", lam=0.0)), "RKD"),
+                ("sp", _student(cfg, seed, [t], kd=_hop(cfg, "sp", lam=0.0)), "SP"),
+                ("dkd", _student(cfg, seed, [t], kd=_hop(cfg, "dkd")), "DKD"),
+                ("takd-dkd", _student(cfg, seed, [ta_dkd], kd=_hop(cfg, "dkd")), "TAKD with DKD at both hops"),
+                ("dml", _student(cfg, seed, kd=_hop(cfg, "dml", dml={"peers": x.dml_peers})),
+                 f"DML with {' + '.join(x.dml_peers)}"),
+                ("born-again", _student(cfg, seed + 1000, [nokd]), f"born-again {s} -> {s}"),
+                ("self", _student(cfg, seed, kd=_hop(cfg, "self")), "self-distillation, deep to shallow"),
+                ("ensemble", _student(cfg, seed, ensemble), f"ensemble {names}, mean KL"),
+                ("ensemble-weighted", _student(cfg, seed, ensemble,
+                                               kd=_hop(cfg, "kd", ensemble={"combine": "probs", "weighted": True})),
+                 f"ensemble {names}, mixture weighted by val. acc.")]
+        rows += [Row(v, seed, job, label) for v, job, label in spec]
+    variants = list(dict.fromkeys(r.variant for r in rows))
+    contrasts = [("kd", "nokd")] + [(v, "kd") for v in variants if v not in ("nokd", "kd")]
+    refs = [_ref("teacher", t), _ref("assistant", ta), _ref("assistant-dkd", ta_dkd, f"assistant {ta.arch} (DKD)")]
+    refs += [_ref(f"teacher-{j.arch}", j) for j in ensemble if j is not t]
+    return Plan("methods", f"distillation methods, {t.arch} -> {s}", rows, refs, contrasts)
+
+
 PLANS: dict[str, Callable[[PipelineConfig], Plan]] = {
     "comparison": comparison, "ta-sweep": ta_sweep, "teacher-sweep": teacher_sweep,
-    "student-sweep": student_sweep, "paths": paths, "equal-compute": equal_compute,
+    "student-sweep": student_sweep, "paths": paths, "equal-compute": equal_compute, "methods": methods,
 }
 
 

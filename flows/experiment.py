@@ -62,7 +62,7 @@ def submit_plan(plan: Plan, cfg: PipelineConfig, root: str, parent: str | None, 
         jid = job_id(cfg, job)
         if jid not in trains:
             deps = [submit_cache(g) for g in job.guides]
-            named = train.with_options(task_run_name=describe(job), tags=tags)
+            named = train.with_options(task_run_name=describe(cfg, job), tags=tags)
             trains[jid] = named.submit(job, cfg, root, parent, threads, wait_for=deps)
         return trains[jid]
 

@@ -6,7 +6,7 @@ Defaults here ARE the default experiment; params.yaml is written from them
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -20,6 +20,8 @@ class ModelConfig(Strict):
     arch: str = Field(description="model by name: plain-N, resnet-N or tv:<torchvision name>")
     seed: int = Field(0, ge=0, description="fixes initialisation, batch order and augmentation")
     train: TrainConfig = Field(default_factory=TrainConfig)
+    kd: Optional[KDConfig] = Field(None, description="distillation settings of the hop into this model (any loss at "
+                                                     "each hop); unset keys inherit from the top-level kd")
 
     @field_validator("arch")
     @classmethod
@@ -38,6 +40,10 @@ class CacheConfig(Strict):
     seed: int = Field(0, ge=0, description="view k of image i is a function of (seed, i, k)")
     batch_size: int = Field(1024, ge=1)
     online: bool = Field(False, description="run the teacher on every batch instead of reading the cache")
+    features: Literal["auto", "cached", "online"] = Field(
+        "auto", description="teacher features for feature/relation losses: cached in memory once per training, "
+                            "or the teacher run at every step; auto caches when they fit feature_budget_mb")
+    feature_budget_mb: float = Field(2048, ge=0, description="auto: the largest feature cache to hold in memory")
 
 
 class FinetuneConfig(Strict):
@@ -80,6 +86,10 @@ class ExperimentsConfig(Strict):
     guide_survival: float = Field(0.75, gt=0, le=1, description="DGKD: chance each guide is kept at a step")
     equal_epochs: int = Field(10, ge=2, description="equal compute: E epochs from labels vs E/2 teacher + E/2 distillation")
     generations: int = Field(3, ge=1, le=20, description="born-again: distilled generations after the first")
+    ensemble_teachers: list[str] = Field(default_factory=lambda: ["plain-10", "resnet-8"], min_length=2,
+                                         description="methods: the multi-teacher ensemble (teacher settings each)")
+    dml_peers: list[str] = Field(default_factory=lambda: ["plain-10"], min_length=1,
+                                 description="methods: DML's peers, trained with the student from scratch")
 
     @field_validator("seeds")
     @classmethod
@@ -88,7 +98,7 @@ class ExperimentsConfig(Strict):
             raise ValueError("seeds must be distinct and >= 0")
         return v
 
-    @field_validator("ta_sizes", "teacher_sizes", "student_sizes", "path_sizes")
+    @field_validator("ta_sizes", "teacher_sizes", "student_sizes", "path_sizes", "ensemble_teachers", "dml_peers")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
         return _archs(v)
@@ -168,7 +178,20 @@ def load_config(path: str | Path | None = "params.yaml", overrides: dict[str, An
         raise ConfigError(f"{path}: file not found")
     # Partial sections in the file or the flags fill in from the schema's defaults.
     merged = deep_merge(deep_merge(PipelineConfig().model_dump(), raw), dotted_to_nested(overrides or {}))
-    return validate(merged, str(path or "config"))
+    return validate(inherit_hop_kd(merged), str(path or "config"))
+
+
+HOPS = ("teacher", "assistant", "student")
+
+
+def inherit_hop_kd(raw: dict) -> dict:
+    """A hop's partial `kd` (say student.kd.loss: dkd) takes the rest from the top-level kd."""
+    out = dict(raw)
+    for hop in HOPS:
+        section = out.get(hop)
+        if isinstance(section, dict) and isinstance(section.get("kd"), dict) and isinstance(out.get("kd"), dict):
+            out[hop] = {**section, "kd": deep_merge(out["kd"], section["kd"])}
+    return out
 
 
 def to_yaml(cfg: PipelineConfig) -> str:

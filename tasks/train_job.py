@@ -11,14 +11,14 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator
 
-from engine.config import Strict
+from engine.config import KDConfig, Strict
 from engine.fingerprint import config_fingerprint
 from models import check_name
 from tasks.cache_soft_targets import cache_model
 from tasks.catalog import Catalog
 from tasks.config import PipelineConfig
 from tasks.stage import run_once, stage_key
-from tasks.train_model import Training, fit_training
+from tasks.train_model import Training, fit_training, loss_name
 
 
 class Job(Strict):
@@ -28,6 +28,7 @@ class Job(Strict):
     epochs: Optional[int] = Field(None, ge=1, description="overrides cfg.<role>.train.epochs")
     guides: list["Job"] = Field(default_factory=list, description="learn from these (several: DGKD)")
     survival: float = Field(1.0, gt=0, le=1, description="DGKD: chance each guide is kept at a step")
+    kd: Optional[KDConfig] = Field(None, description="this job's distillation settings; unset: the config's kd")
 
     @field_validator("arch")
     @classmethod
@@ -41,24 +42,40 @@ def train_settings(cfg: PipelineConfig, job: Job):
     return base.model_copy(update={"epochs": job.epochs}) if job.epochs else base
 
 
+def job_kd(cfg: PipelineConfig, job: Job) -> KDConfig:
+    return job.kd or cfg.kd
+
+
+def job_loss(cfg: PipelineConfig, job: Job) -> str:
+    return loss_name(job_kd(cfg, job), bool(job.guides))
+
+
 def job_id(cfg: PipelineConfig, job: Job) -> str:
     """Readable and content-addressed: 'student-plain-2-s1-<hash>'."""
     spec = {"role": job.role, "arch": job.arch, "seed": job.seed, "survival": job.survival,
             "train": train_settings(cfg, job).model_dump(), "data": cfg.data.model_dump(),
             "guides": [job_id(cfg, g) for g in job.guides]}
-    if job.guides:
-        spec |= {"kd": cfg.kd.model_dump(), "cache": cfg.cache.model_dump(exclude={"batch_size", "online"})}
+    if job.guides or job_loss(cfg, job) != "ce":
+        # How features reach the loss (cached or online) is left out, as is cache.online: same model, other cost.
+        spec |= {"kd": job_kd(cfg, job).model_dump(),
+                 "cache": cfg.cache.model_dump(exclude={"batch_size", "online", "features", "feature_budget_mb"})}
     return f"{job.role}-{job.arch}-s{job.seed}-{config_fingerprint(spec)[:10]}"
 
 
-def method(job: Job) -> str:
-    return "NOKD" if not job.guides else "KD" if len(job.guides) == 1 else "DGKD"
+def method(cfg: PipelineConfig, job: Job) -> str:
+    """'NOKD', 'KD', 'DGKD', 'ensemble KD', or the loss by name ('DKD', 'FitNets via one guide')."""
+    loss = job_loss(cfg, job)
+    if loss == "ce":
+        return "NOKD"
+    if loss == "kd":
+        return "KD" if len(job.guides) == 1 else "DGKD" if job.survival < 1 else "ensemble KD"
+    return {"fitnets": "FitNets", "self": "self-distillation"}.get(loss, loss.upper())
 
 
-def describe(job: Job) -> str:
+def describe(cfg: PipelineConfig, job: Job) -> str:
     """'student plain-2 s1 from assistant plain-4 (KD)'."""
     source = " + ".join(f"{g.role} {g.arch}" for g in job.guides) or "labels"
-    return f"{job.role} {job.arch} s{job.seed} from {source} ({method(job)})"
+    return f"{job.role} {job.arch} s{job.seed} from {source} ({method(cfg, job)})"
 
 
 def all_jobs(cfg: PipelineConfig, jobs: list[Job]) -> dict[str, Job]:
@@ -83,8 +100,9 @@ def train_job(cfg: PipelineConfig, cat: Catalog, job: Job, force: bool = False) 
         cache_job(cfg, cat, g)
     jid = job_id(cfg, job)
     folder = cat.job(jid)
-    t = Training(name=jid, role=job.role, method=method(job), arch=job.arch, seed=job.seed,
-                 train=train_settings(cfg, job), run_name=describe(job),
+    t = Training(name=jid, role=job.role, method=method(cfg, job), arch=job.arch, seed=job.seed,
+                 train=train_settings(cfg, job), run_name=describe(cfg, job), loss=job_loss(cfg, job),
+                 kd=job_kd(cfg, job),
                  guides=tuple((cat.job(job_id(cfg, g)) / "model", cat.job(job_id(cfg, g)) / "soft_targets")
                               for g in job.guides),
                  survival=job.survival, parent_model=",".join(job_id(cfg, g) for g in job.guides), test=True)

@@ -6,6 +6,7 @@ catalog.MODELS says what each pipeline model learns from.
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,18 +18,28 @@ from engine.atomic import load_torch
 from engine.config import TrainConfig
 from engine.device import seed_everything
 from engine.fingerprint import model_fingerprint
-from engine.losses import build_loss
+from engine.config import KDConfig
+from engine.errors import KDError
+from engine.losses import LOSSES, DistillLoss, LossContext, build_loss
 from engine.trainer import Teacher, accuracy, fit, predict
+from pydantic import BaseModel
 from torch import nn
 from tasks import tracking
 from tasks.catalog import MODELS, Catalog
 from tasks.config import ModelConfig, PipelineConfig
-from tasks.context import Workspace
+from tasks.context import Workspace, read_meta
 from tasks.stage import run_once, stage_key
+
+log = logging.getLogger("kd")
 
 
 def model_config(cfg: PipelineConfig, name: str) -> ModelConfig:
     return getattr(cfg, MODELS[name][0])
+
+
+def hop_kd(cfg: PipelineConfig, name: str) -> KDConfig:
+    """The distillation settings of the hop into `name`: its own, or the top-level kd."""
+    return model_config(cfg, name).kd or cfg.kd
 
 
 def train_config(cfg: PipelineConfig, name: str) -> TrainConfig:
@@ -43,7 +54,9 @@ def describe(cfg: PipelineConfig, name: str) -> str:
     role, method, source, init = MODELS[name]
     arch = model_config(cfg, name).arch
     if source:
-        return f"distill {role} {arch} from {source} {model_config(cfg, source).arch} ({method})"
+        loss = hop_kd(cfg, name).loss
+        how = method if loss == "kd" else f"{method}, {loss}"
+        return f"distill {role} {arch} from {source} {model_config(cfg, source).arch} ({how})"
     if init:
         return f"fine-tune {role} {arch} ({method})"
     if role == "teacher" and cfg.teacher.checkpoint:
@@ -56,7 +69,7 @@ def stage_inputs(cfg: PipelineConfig, cat: Catalog, name: str) -> dict:
     inputs = {"name": name, "data": stage_key(cat.prepared, "the prepared data set"),
               "model": model_config(cfg, name).model_dump(), "train": train_config(cfg, name).model_dump()}
     if source:
-        inputs |= {"kd": cfg.kd.model_dump(), "cache": cfg.cache.model_dump(exclude={"batch_size"}),
+        inputs |= {"kd": hop_kd(cfg, name).model_dump(), "cache": cfg.cache.model_dump(exclude={"batch_size"}),
                    "teacher": stage_key(cat.soft_targets(source), f"the soft targets of {source}")}
     if init:
         inputs |= {"init": stage_key(cat.model(init), init), "finetune": cfg.finetune.model_dump()}
@@ -83,22 +96,70 @@ class Training:
     skip_training: bool = False  # fine-tuning with 0 epochs: the init model as is
     parent_model: str = ""
     test: bool = False  # also measure test accuracy (experiments; the pipeline has an evaluate stage)
+    loss: str = "ce"  # by name (engine.losses.LOSSES)
+    kd: KDConfig | None = None  # this hop's distillation settings; None: the config's top-level kd
 
 
-def _guides(cfg: PipelineConfig, ws: Workspace, t: Training, generator) -> tuple[Teacher, dict]:
-    spec, n = ws.splits.augment, len(ws.train)
+def loss_name(kd: KDConfig, has_guides: bool) -> str:
+    """The loss a model trains with: its hop's loss when it has guides, or when that loss needs no
+    teacher (DML, self-distillation); labels only otherwise."""
+    return kd.loss if has_guides or not LOSSES[kd.loss].needs_teacher else "ce"
+
+
+def _feature_mode(cfg: PipelineConfig, ws: Workspace, loss: DistillLoss) -> tuple[str, float]:
+    """'cached' or 'online' for the teacher's features, and what a cache takes (MB)."""
+    per_image = loss.reduce_teacher({n: torch.zeros(1, *loss.teacher_shapes[n]) for n in loss.teacher_features})
+    mb = sum(f.numel() for f in per_image.values()) * 2 * cfg.cache.views * len(ws.train) / 2**20
+    mode = cfg.cache.features
+    if mode == "auto":
+        mode = "cached" if mb <= cfg.cache.feature_budget_mb else "online"
+    return mode, mb
+
+
+def _ensemble_weights(kd: KDConfig, t: Training) -> list[float] | None:
+    if len(t.guides) < 2:
+        return None
+    if kd.ensemble.weights is not None:
+        if len(kd.ensemble.weights) != len(t.guides):
+            raise KDError(f"kd.ensemble.weights has {len(kd.ensemble.weights)} entries for {len(t.guides)} teachers")
+        return kd.ensemble.weights
+    if kd.ensemble.weighted:
+        return [float(read_meta(m).get("best_val_acc") or 0) for m, _ in t.guides]
+    return None
+
+
+def _teacher(cfg: PipelineConfig, ws: Workspace, t: Training, models: list[nn.Module], loss: DistillLoss,
+             generator) -> tuple[Teacher, dict]:
+    """Where the soft targets (and the teacher's features, when the loss reads them) come from."""
+    spec, n, kd = ws.splits.augment, len(ws.train), t.kd or cfg.kd
     sources = []
-    for model_dir, targets_dir in t.guides:
-        model = ws.load_model_dir(model_dir)
+    for model, (_, targets_dir) in zip(models, t.guides):
         if cfg.cache.online:
             sources.append(soft_targets.OnlineTeacher(model))
             continue
         key = soft_targets.CacheKey(model_fingerprint(model), ws.fingerprint, spec.model_dump(), cfg.cache.views,
                                     cfg.cache.seed, cfg.cache.topk, ws.splits.num_classes, n)
         sources.append(soft_targets.load(targets_dir, key, ws.device))
-    targets = sources[0] if len(sources) == 1 else soft_targets.DenseGuides(sources, t.survival, generator)
-    views = augment.fixed_views(n, spec, cfg.cache.seed, cfg.cache.views).to(ws.device)
     extra = {"teacher_mode": "online" if cfg.cache.online else "cached", "guides": len(sources)}
+    if loss.teacher_features:
+        if len(sources) != 1:
+            raise KDError(f"loss {t.loss!r} reads one teacher's features; {t.name} has {len(sources)} guides")
+        mode, mb = _feature_mode(cfg, ws, loss)
+        log.info("%s: teacher features %s (%s; a cache takes %.0f MB, budget %.0f MB)", t.name, mode,
+                 ", ".join(loss.teacher_features), mb, cfg.cache.feature_budget_mb)
+        if mode == "online":
+            sources[0] = soft_targets.OnlineTeacher(models[0], loss.teacher_features, loss.reduce_teacher)
+        else:
+            feats = soft_targets.compute_features(models[0], ws.train, spec, cfg.cache.views, cfg.cache.seed,
+                                                  loss.teacher_features, loss.reduce_teacher, cfg.cache.batch_size)
+            sources[0] = soft_targets.CachedFeatures(sources[0], feats)
+        extra |= {"teacher_features": mode, "teacher_features_mb": round(mb, 1)}
+    weights = _ensemble_weights(kd, t)
+    targets = (sources[0] if len(sources) == 1 else
+               soft_targets.DenseGuides(sources, t.survival, generator, weights))
+    if weights:
+        extra["ensemble_weights"] = ",".join(f"{w:.4g}" for w in weights)
+    views = augment.fixed_views(n, spec, cfg.cache.seed, cfg.cache.views).to(ws.device)
     return Teacher(targets, views), extra
 
 
@@ -109,20 +170,46 @@ def _import_teacher(ws: Workspace, arch: str, path: str):
     return ws.load_state(ws.build(arch), state, path)
 
 
-def _fit_or_import(cfg: PipelineConfig, ws: Workspace, t: Training, key: str, generator, teacher: Teacher | None,
-                   callback) -> tuple[nn.Module, list[dict], dict]:
-    """The model a stage outputs, its per-epoch history, and its best validation epoch."""
-    untrained = {"best_epoch": 0, "best_val_acc": None}
+def _prepare(cfg: PipelineConfig, ws: Workspace, t: Training, generator) -> tuple[nn.Module, DistillLoss | None,
+                                                                                Teacher | None, dict]:
+    """The model to train, its loss and its teacher (None when there is nothing to train)."""
     if t.checkpoint:
-        return _import_teacher(ws, t.arch, t.checkpoint), [], untrained
+        return _import_teacher(ws, t.arch, t.checkpoint), None, None, {}
     model = ws.load_model_dir(t.init) if t.init else ws.build(t.arch, seed=t.seed)
     if t.skip_training:
-        return model, [], untrained
-    loss = build_loss(cfg.kd.loss if teacher else "ce", cfg.kd)
+        return model, None, None, {}
+    kd = t.kd or cfg.kd
+    guides = [ws.load_model_dir(m) for m, _ in t.guides]
+    ctx = LossContext(student=model, teacher=guides[0] if guides else None,
+                      sample=ws.train.normalize(ws.train.x[:8]), build=ws.build, seed=t.seed)
+    loss = build_loss(t.loss, kd, ctx)
+    if guides and not loss.needs_teacher:
+        raise KDError(f"{t.name}: loss {t.loss!r} trains without a teacher, but {len(guides)} guide(s) were given")
+    if not guides:
+        return model, loss, None, {"loss": t.loss} if t.loss != "ce" else {}
+    teacher, extra = _teacher(cfg, ws, t, guides, loss, generator)
+    return model, loss, teacher, {"loss": t.loss, **extra}
+
+
+def _fit(cfg: PipelineConfig, ws: Workspace, t: Training, key: str, generator, model: nn.Module,
+         loss: DistillLoss | None, teacher: Teacher | None, callback) -> tuple[list[dict], dict]:
+    """The per-epoch history and the best validation epoch (nothing, for an import)."""
+    if loss is None:
+        return [], {"best_epoch": 0, "best_val_acc": None}
+    kd = t.kd or cfg.kd
     result = fit(model, ws.train, ws.val, t.train, loss, generator, ws.splits.augment,
-                 kd=cfg.kd if teacher else None, teacher=teacher, workdir=ws.cat.work(t.name), run_key=key,
+                 kd=kd if teacher else None, teacher=teacher, workdir=ws.cat.work(t.name), run_key=key,
                  callback=callback, desc=t.name)
-    return model, result.history, {"best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc}
+    return result.history, {"best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc}
+
+
+def _kd_params(kd: KDConfig, loss: str) -> dict:
+    """The hop's distillation settings for MLflow: the shared ones and the chosen loss's own."""
+    own = getattr(kd, {"self": "self_distill"}.get(loss, loss), None)
+    params = {"lam": kd.lam, "temperature": kd.temperature, "lam_schedule": kd.lam_schedule}
+    if isinstance(own, BaseModel):
+        params |= {f"{loss}.{k}": v for k, v in own.model_dump().items()}
+    return params
 
 
 def fit_training(cfg: PipelineConfig, cat: Catalog, t: Training, key: str, out_dir: Path) -> dict:
@@ -131,13 +218,14 @@ def fit_training(cfg: PipelineConfig, cat: Catalog, t: Training, key: str, out_d
     generator = seed_everything(t.seed)
     params = {"arch": t.arch, "role": t.role, "method": t.method, "parent_model": t.parent_model, "seed": t.seed,
               "epochs": t.train.epochs, "lr": t.train.lr, "batch_size": t.train.batch_size, "data": cfg.data.name}
-    teacher, extra = (None, {})
+    model, loss, teacher, extra = _prepare(cfg, ws, t, generator)
+    if loss is not None and t.loss != "ce":
+        params |= _kd_params(t.kd or cfg.kd, t.loss)
     if t.guides:
-        teacher, extra = _guides(cfg, ws, t, generator)
-        params |= {"lam": cfg.kd.lam, "temperature": cfg.kd.temperature, "lam_schedule": cfg.kd.lam_schedule,
-                   "views": cfg.cache.views, "topk": cfg.cache.topk or 0, "guide_survival": t.survival, **extra}
+        params |= {"views": cfg.cache.views, "topk": cfg.cache.topk or 0, "guide_survival": t.survival}
+    params |= extra
     with tracking.model_run(cfg, cat, t.name, t.run_name, t.role, t.method, params) as run:
-        model, history, best = _fit_or_import(cfg, ws, t, key, generator, teacher, run.log_epoch)
+        history, best = _fit(cfg, ws, t, key, generator, model, loss, teacher, run.log_epoch)
         if t.test:
             best["test_acc"] = accuracy(predict(model, ws.test, t.train.eval_batch_size), ws.test.y)
             run.log_epoch({"epoch": 0, "test_acc": best["test_acc"]})
@@ -159,7 +247,8 @@ def training(cfg: PipelineConfig, cat: Catalog, name: str) -> Training:
                     guides=((cat.model(source), cat.soft_targets(source)),) if source else (),
                     init=cat.model(init) if init else None,
                     checkpoint=cfg.teacher.checkpoint if role == "teacher" else None,
-                    skip_training=bool(init) and cfg.finetune.epochs == 0, parent_model=source or init or "")
+                    skip_training=bool(init) and cfg.finetune.epochs == 0, parent_model=source or init or "",
+                    loss=loss_name(hop_kd(cfg, name), bool(source)) if source else "ce", kd=hop_kd(cfg, name))
 
 
 def train_model(cfg: PipelineConfig, cat: Catalog, name: str, force: bool = False) -> dict:

@@ -25,7 +25,7 @@ def test_paper_profile_validates():
     ("teacher: {train: {epochs: many}}", "teacher.train.epochs: Input should be a valid integer"),
     ("assistant: {arch: plain-3}", "assistant.arch: Value error, unknown model 'plain-3'"),
     ("data: {name: mnist}", "data.name: Value error, unknown data set 'mnist'"),
-    ("kd: {loss: fitnet}", "kd.loss: Value error, unknown loss 'fitnet'; available: ce, kd"),
+    ("kd: {loss: fitnet}", "kd.loss: Value error, unknown loss 'fitnet'; available: at, ce, dkd, dml, fitnets, kd"),
     ("- just\n- a list", "must be a mapping"),
 ])
 def test_bad_params_name_the_key(tmp_path, text, message):

@@ -1,0 +1,124 @@
+"""Losses by name. Every loss returns its parts, and `total` is what is minimised.
+
+A loss sees `Batch`: the student's logits and named features, the teacher's logits (or
+None) and features, the labels and the epoch. A loss that needs more than logits says so:
+
+- `student_features` / `teacher_features`: the stages it reads; the trainer wraps the
+  student once (`wrap`) so one forward pass returns `(logits, {name: tensor})`, and the
+  teacher's side comes from a cache or an online teacher with the same names.
+- `wrap(model)`: the module the optimiser trains; extra networks (DML's peers, the
+  auxiliary exits of self-distillation) live there and are dropped when training ends.
+- its own parameters (FitNets' regressor) are optimised with the model's.
+
+A new loss is one class plus `@register("name")`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import KDConfig
+
+
+@dataclass
+class Batch:
+    student_logits: torch.Tensor
+    labels: torch.Tensor
+    teacher_logits: torch.Tensor | None = None  # [B, C], or [G, B, C] for several guides
+    student_features: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
+    epoch: float = 0.0  # 0-based, fractional within an epoch: for losses with their own warm-up or stages
+    teacher_weights: torch.Tensor | None = None  # [G]: how much each guide counts
+
+
+@dataclass
+class LossContext:
+    """What a loss may need to set itself up: the student, the (first) teacher and an input
+    batch to read feature shapes from, and a model builder for networks it trains alongside."""
+
+    student: nn.Module | None = None
+    teacher: nn.Module | None = None
+    sample: torch.Tensor | None = None
+    build: Callable[[str, int], nn.Module] | None = None
+    seed: int = 0
+
+
+class DistillLoss(nn.Module):
+    """Interface. `lam` is the soft-term weight for the current epoch (see lam_at)."""
+
+    title = ""  # what tables call it
+    needs_teacher = True
+    student_features: tuple[str, ...] = ()
+    teacher_features: tuple[str, ...] = ()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def reduce_teacher(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What of the teacher's features the loss reads (and a cache keeps)."""
+        return features
+
+    def forward(self, batch: Batch, lam: float) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+LOSSES: dict[str, type[DistillLoss]] = {}
+
+
+def register(name: str):
+    def deco(cls: type[DistillLoss]) -> type[DistillLoss]:
+        LOSSES[name] = cls
+        return cls
+
+    return deco
+
+
+def build_loss(name: str, cfg: KDConfig | None, ctx: LossContext | None = None) -> DistillLoss:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; available: {', '.join(sorted(LOSSES))}")
+    return LOSSES[name](cfg or KDConfig(), ctx or LossContext())
+
+
+@register("ce")
+class CrossEntropy(DistillLoss):
+    title = "labels only"
+    needs_teacher = False
+
+    def __init__(self, cfg: KDConfig | None = None, ctx: LossContext | None = None):
+        super().__init__()
+
+    def forward(self, batch: Batch, lam: float) -> dict[str, torch.Tensor]:
+        ce = F.cross_entropy(batch.student_logits, batch.labels)
+        return {"total": ce, "ce": ce}
+
+
+def kl_soft(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)), averaged over the batch. Teacher logits of -inf
+    (classes a top-k cache did not keep) get probability 0 and add nothing."""
+    log_q = F.log_softmax(student_logits / temperature, dim=1)
+    p = F.softmax(teacher_logits.float() / temperature, dim=1)
+    return F.kl_div(log_q, p, reduction="batchmean")
+
+
+def lam_at(cfg: KDConfig, epoch: int, epochs: int) -> float:
+    """The soft-term weight at `epoch` (0-based): constant, or ramped from lam_start to lam."""
+    start = cfg.lam if cfg.lam_start is None else cfg.lam_start
+    if cfg.lam_schedule == "constant" or epochs <= 1:
+        return cfg.lam
+    frac = epoch / (epochs - 1)
+    if cfg.lam_schedule == "cosine":
+        frac = (1 - math.cos(math.pi * frac)) / 2
+    return start + (cfg.lam - start) * frac
+
+
+# The families register themselves on import.
+from engine.losses.logit import DKD, HintonKD  # noqa: E402
+from engine.losses import feature, relation, online, self_distill  # noqa: E402,F401
+
+__all__ = ["Batch", "LossContext", "DistillLoss", "LOSSES", "register", "build_loss", "CrossEntropy", "HintonKD",
+           "DKD", "kl_soft", "lam_at"]

@@ -1,0 +1,84 @@
+"""Relation-based losses: RKD (distances and angles) and similarity-preserving KD.
+
+Both compare how the student and the teacher arrange a batch, not the features themselves,
+so the two networks' widths need not match. They read each network's last stage (the
+classifier's input) unless kd.student_layers / kd.teacher_layers name another.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.config import KDConfig
+from engine.losses import Batch, LossContext, register
+from engine.losses.feature import FeatureLoss
+from models.features import feature_names
+
+
+def _last_stages(cfg: KDConfig, ctx: LossContext) -> list[tuple[str, str]]:
+    if cfg.student_layers or cfg.teacher_layers:
+        from engine.losses.feature import match_stages
+
+        return [match_stages(cfg, ctx)[-1]]
+    if ctx.student is None or ctx.teacher is None:
+        raise ValueError(f"loss {cfg.loss!r} compares features: it needs the student and the teacher")
+    return [(feature_names(ctx.student)[-1], feature_names(ctx.teacher)[-1])]
+
+
+def pairwise_distances(e: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances between the rows, divided by their mean over distinct pairs."""
+    sq = e.pow(2).sum(1)
+    d = (sq[:, None] + sq[None, :] - 2 * e @ e.T).clamp_min(1e-12).sqrt()
+    d = d * (1 - torch.eye(len(e), device=e.device))
+    return d / d[d > 0].mean()
+
+
+def angles(e: torch.Tensor) -> torch.Tensor:
+    """cos of the angle at j between i and k, for every triplet (i, j, k): [B * B * B]."""
+    diff = F.normalize(e[None, :, :] - e[:, None, :], p=2, dim=2)
+    return torch.bmm(diff, diff.transpose(1, 2)).flatten()
+
+
+@register("rkd")
+class RKD(FeatureLoss):
+    """Park et al. 2019: base + w_d * smoothL1(distances) + w_a * smoothL1(angles), on the
+    flattened embeddings."""
+
+    title = "RKD (Park et al. 2019)"
+
+    def __init__(self, cfg: KDConfig, ctx: LossContext):
+        super().__init__(cfg, ctx, _last_stages(cfg, ctx))
+        self.cfg = cfg.rkd
+
+    def forward(self, batch: Batch, lam: float) -> dict[str, torch.Tensor]:
+        (s, t), = self.pairs
+        e_s, e_t = batch.student_features[s].float().flatten(1), batch.teacher_features[t].float().flatten(1)
+        dist = F.smooth_l1_loss(pairwise_distances(e_s), pairwise_distances(e_t))
+        ang = F.smooth_l1_loss(angles(e_s), angles(e_t))
+        parts = self.base(batch, lam)
+        total = parts["total"] + self.cfg.distance * dist + self.cfg.angle * ang
+        return {**parts, "total": total, "rkd_distance": dist, "rkd_angle": ang}
+
+
+def similarity(f: torch.Tensor) -> torch.Tensor:
+    """The batch's row-normalised Gram matrix of flattened features: [B, B]."""
+    f = f.float().flatten(1)
+    return F.normalize(f @ f.T, p=2, dim=1)
+
+
+@register("sp")
+class SimilarityPreserving(FeatureLoss):
+    """Tung & Mori 2019: base + gamma * ||G_s - G_t||_F^2 / B^2."""
+
+    title = "SP (Tung & Mori 2019)"
+
+    def __init__(self, cfg: KDConfig, ctx: LossContext):
+        super().__init__(cfg, ctx, _last_stages(cfg, ctx))
+        self.cfg = cfg.sp
+
+    def forward(self, batch: Batch, lam: float) -> dict[str, torch.Tensor]:
+        (s, t), = self.pairs
+        g_s, g_t = similarity(batch.student_features[s]), similarity(batch.teacher_features[t])
+        sp = (g_s - g_t).pow(2).sum() / len(g_s) ** 2
+        parts = self.base(batch, lam)
+        return {**parts, "total": parts["total"] + self.cfg.gamma * sp, "sp": sp}
