@@ -160,5 +160,11 @@ def equal_compute(config: PipelineConfig = PipelineConfig(), variant: str = "*",
     return run_experiment("equal-compute", config, variant, seed)
 
 
+@flow(name="takd-methods", log_prints=True, task_runner=_runner())
+def methods(config: PipelineConfig = PipelineConfig(), variant: str = "*", seed: Optional[int] = None) -> dict:
+    """FitNets, AT, RKD, SP, DKD, DML, born-again, self-distillation and ensembles beside KD and TAKD."""
+    return run_experiment("methods", config, variant, seed)
+
+
 FLOWS = {"comparison": comparison, "ta-sweep": ta_sweep, "teacher-sweep": teacher_sweep,
-         "student-sweep": student_sweep, "paths": paths, "equal-compute": equal_compute}
+         "student-sweep": student_sweep, "paths": paths, "equal-compute": equal_compute, "methods": methods}
