@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import typing
 from typing import Any, Callable
 
 import yaml
@@ -20,11 +21,19 @@ from tasks.catalog import Catalog
 from tasks.config import PipelineConfig, load_config, to_yaml
 
 
+def _section(ann: Any) -> type[BaseModel] | None:
+    """The settings class of a nested section, also when it is optional (student.kd)."""
+    for t in (ann, *typing.get_args(ann)):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
+
+
 def _leaf_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
     out = []
     for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
+        ann = _section(field.annotation)
+        if ann is not None:
             out += _leaf_fields(ann, f"{prefix}{name}.")
         else:
             out.append((f"{prefix}{name}", field))

@@ -28,7 +28,7 @@ def test_deployments_load_and_build():
         assert dep.flow_name == ("takd-pipeline" if "pipeline" in d["entrypoint"] else f"takd-{d['name'].removesuffix('-dask')}")
         names.append(dep.name)
     assert names == ["default", "nightly", "paper", "comparison", "ta-sweep", "teacher-sweep", "student-sweep", "paths",
-                     "equal-compute", "ta-sweep-dask"]
+                     "equal-compute", "methods", "ta-sweep-dask"]
 
 
 def test_flow_parameters_are_the_config_schema():
