@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("train-teacher")
     p.add_argument("--folder", type=Path, default=Path("data/own/images"))
     p.add_argument("--out", type=Path, default=Path("data/own/teacher.ts"))
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "make-folder":
