@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import PurePath
 from typing import Annotated, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def no_parent_refs(value: str | None) -> str | None:
     """Paths in configs may be absolute, but never climb out through '..'."""
-    if value is not None and ".." in PurePath(value.split(":", 1)[-1] if value.startswith("imagefolder:") else value).parts:
+    if value is not None and ".." in PurePath(value.split(":", 1)[-1] if value.startswith(("imagefolder:", "csv:")) else value).parts:
         raise ValueError(f"path {value!r} must not contain '..'")
     return value
 
@@ -30,24 +30,40 @@ class AugmentConfig(Strict):
 
 
 class DataConfig(Strict):
-    name: str = Field("fashion-mnist", description="fashion-mnist | cifar10 | cifar100 | imagefolder:<path>")
+    name: str = Field("fashion-mnist", description="fashion-mnist | cifar10 | cifar100 | imagefolder:<folder> | "
+                                                   "csv:<file with path,label[,split] columns>")
     root: SafePath = Field("data/raw", description="where downloaded or unpacked files live")
     source_dir: SafePath = Field("/usr/share/datasets/fashion-mnist", description="Debian's Fashion-MNIST files, used when present")
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of train carved out for validation")
     split_seed: int = Field(0, ge=0)
     train_subset: Optional[int] = Field(None, ge=20, description="use only this many training images (quick runs)")
     test_subset: Optional[int] = Field(None, ge=10, description="use only this many test images (quick runs)")
-    image_size: int = Field(32, ge=8, le=512, description="imagefolder only: images are resized to this")
-    channels: Literal[1, 3] = Field(3, description="imagefolder only: 1 = grey, 3 = RGB")
+    image_size: int = Field(32, ge=8, le=512, description="imagefolder and csv: images are resized to this")
+    channels: Literal[1, 3] = Field(3, description="imagefolder and csv: 1 = grey, 3 = RGB")
+    mean: Optional[list[float]] = Field(None, description="per-channel normalisation mean in [0, 1]; unset: the "
+                                                          "train split's own")
+    std: Optional[list[float]] = Field(None, description="per-channel normalisation std; unset: the train split's own")
     augment: Optional[AugmentConfig] = Field(None, description="default per data set when unset")
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
         no_parent_refs(v)
-        if v in ("fashion-mnist", "cifar10", "cifar100") or (v.startswith("imagefolder:") and len(v) > 12):
+        if v in ("fashion-mnist", "cifar10", "cifar100") or (v.startswith("imagefolder:") and len(v) > 12) or (
+                v.startswith("csv:") and len(v) > 4):
             return v
-        raise ValueError(f"unknown data set {v!r}; use fashion-mnist, cifar10, cifar100 or imagefolder:<path>")
+        raise ValueError(f"unknown data set {v!r}; use fashion-mnist, cifar10, cifar100, imagefolder:<folder> or "
+                         "csv:<file>")
+
+    @model_validator(mode="after")
+    def _norm(self) -> "DataConfig":
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("set both mean and std, or neither")
+        if self.mean is not None and len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} values and std {len(self.std)}; give one per channel")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"std must be positive (got {self.std})")
+        return self
 
 
 class FitNetsConfig(Strict):

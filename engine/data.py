@@ -3,9 +3,11 @@
 fashion-mnist  Debian's IDX files (dataset-fashion-mnist) or torchvision's download
 cifar10/100    torchvision's download and file layout, read with a restricted unpickler
 imagefolder:P  one folder per class (P/train and P/test when present)
+csv:F          a CSV with columns path,label (and optionally split = train | test); paths relative to F
 """
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import io
@@ -49,6 +51,7 @@ class Splits:
     val: ImageSet
     test: ImageSet
     augment: AugmentConfig
+    norm: tuple[list[float], list[float]] | None = None  # configured mean and std; None: the train split's
 
     @property
     def num_classes(self) -> int:
@@ -59,7 +62,9 @@ class Splits:
         return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
 
     def mean_std(self) -> tuple[list[float], list[float]]:
-        """Per-channel statistics of the train split only (never val or test)."""
+        """The configured normalisation, or per-channel statistics of the train split only (never val or test)."""
+        if self.norm is not None:
+            return list(self.norm[0]), list(self.norm[1])
         x = self.train.x.double() / 255
         return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
 
@@ -71,7 +76,8 @@ class Splits:
         return h.hexdigest()[:16]
 
     def to_dict(self) -> dict:
-        d = {"name": self.name, "classes": self.classes, "augment": self.augment.model_dump()}
+        d = {"name": self.name, "classes": self.classes, "augment": self.augment.model_dump(),
+             "norm": None if self.norm is None else [list(self.norm[0]), list(self.norm[1])]}
         for split in ("train", "val", "test"):
             part = getattr(self, split)
             d[f"{split}_x"], d[f"{split}_y"] = part.x, part.y
@@ -80,7 +86,9 @@ class Splits:
     @classmethod
     def from_dict(cls, d: dict) -> "Splits":
         parts = {s: ImageSet(d[f"{s}_x"], d[f"{s}_y"]) for s in ("train", "val", "test")}
-        return cls(d["name"], list(d["classes"]), augment=AugmentConfig(**d["augment"]), **parts)
+        norm = d.get("norm")
+        return cls(d["name"], list(d["classes"]), augment=AugmentConfig(**d["augment"]),
+                   norm=None if norm is None else (list(norm[0]), list(norm[1])), **parts)
 
 
 # ---------------------------------------------------------------- IDX (Fashion-MNIST)
@@ -192,27 +200,35 @@ def load_cifar(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str]]:
 
 # ---------------------------------------------------------------- image folders
 
-def _read_folder(root: Path, classes: list[str], cfg: DataConfig) -> ImageSet:
+def _read_images(items: list[tuple[Path, int]], cfg: DataConfig, where: str) -> ImageSet:
+    """Decode, convert and resize every image; every unreadable one is reported with its path."""
     from PIL import Image
-    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     images, labels, bad = [], [], []
+    for p, label in items:
+        try:
+            with Image.open(p) as im:
+                im = im.convert("L" if cfg.channels == 1 else "RGB").resize((cfg.image_size, cfg.image_size))
+                images.append(np.asarray(im, dtype=np.uint8).reshape(cfg.image_size, cfg.image_size, cfg.channels))
+                labels.append(label)
+        except Exception as e:
+            bad.append(f"{p} ({type(e).__name__})")
+    if bad:
+        raise DataError(f"{where}: {len(bad)} unreadable image(s): " + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(x, torch.tensor(labels, dtype=torch.long))
+
+
+def _read_folder(root: Path, classes: list[str], cfg: DataConfig) -> ImageSet:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    items = []
     for label, cls in enumerate(classes):
         files = sorted(p for p in (root / cls).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
         if not files:
             raise DataError(f"{root / cls}: class folder has no images ({', '.join(IMG_EXTENSIONS)})")
-        for p in files:
-            try:
-                with Image.open(p) as im:
-                    im = im.convert("L" if cfg.channels == 1 else "RGB").resize((cfg.image_size, cfg.image_size))
-                    images.append(np.asarray(im, dtype=np.uint8).reshape(cfg.image_size, cfg.image_size, cfg.channels))
-                    labels.append(label)
-            except Exception as e:
-                bad.append(f"{p} ({type(e).__name__})")
-    if bad:
-        raise DataError(f"{root}: {len(bad)} unreadable image(s): " + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return ImageSet(x, torch.tensor(labels, dtype=torch.long))
+        items += [(p, label) for p in files]
+    return _read_images(items, cfg, str(root))
 
 
 def _class_folders(root: Path) -> list[str]:
@@ -232,6 +248,45 @@ def load_image_folder(cfg: DataConfig) -> tuple[ImageSet, ImageSet | None, list[
             raise DataError(f"{root / 'test'}: class folders differ from {root / 'train'}")
         return _read_folder(root / "train", classes, cfg), _read_folder(root / "test", classes, cfg), classes
     return _read_folder(root, classes, cfg), None, classes
+
+
+# ---------------------------------------------------------------- CSV of path,label
+
+def _class_order(labels: list[str]) -> list[str]:
+    """Numeric labels in numeric order (2 before 10), names alphabetically, as torchvision's ImageFolder."""
+    if all(v.lstrip("-").isdigit() for v in labels):
+        return sorted(set(labels), key=int)
+    return sorted(set(labels))
+
+
+def load_csv(cfg: DataConfig) -> tuple[ImageSet, ImageSet | None, list[str]]:
+    path = Path(cfg.name.split(":", 1)[1])
+    if not path.is_file():
+        raise DataError(f"{path}: CSV file not found")
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: not a readable CSV ({e})") from None
+    columns = set(rows[0]) if rows else set()
+    if not {"path", "label"} <= columns:
+        raise DataError(f"{path}: needs a header with columns path,label (found {sorted(columns) or 'none'})")
+    for i, r in enumerate(rows, start=2):
+        if not (r["path"] or "").strip() or not (r["label"] or "").strip():
+            raise DataError(f"{path}: line {i}: empty path or label")
+        if "split" in r and (r["split"] or "train").strip() not in ("train", "test"):
+            raise DataError(f"{path}: line {i}: split must be train or test (got {r['split']!r})")
+    classes = _class_order([r["label"].strip() for r in rows])
+    index = {c: i for i, c in enumerate(classes)}
+
+    def items(split: str | None) -> list[tuple[Path, int]]:
+        chosen = [r for r in rows if split is None or (r.get("split") or "train").strip() == split]
+        return [(path.parent / r["path"].strip(), index[r["label"].strip()]) for r in chosen]
+
+    if "split" in columns and any((r.get("split") or "").strip() == "test" for r in rows):
+        return (_read_images(items("train"), cfg, f"{path} (train rows)"),
+                _read_images(items("test"), cfg, f"{path} (test rows)"), classes)
+    return _read_images(items(None), cfg, str(path)), None, classes
 
 
 # ---------------------------------------------------------------- splits
@@ -256,7 +311,7 @@ def load_splits(cfg: DataConfig) -> Splits:
     elif cfg.name in ("cifar10", "cifar100"):
         train, test, classes = load_cifar(cfg)
     else:
-        train, test, classes = load_image_folder(cfg)
+        train, test, classes = (load_csv if cfg.name.startswith("csv:") else load_image_folder)(cfg)
         if test is None:  # one folder only: carve a seeded test split too
             order = _shuffled(len(train), cfg.split_seed + 1)
             n_test = max(1, round(len(train) * 0.2))
@@ -272,7 +327,12 @@ def load_splits(cfg: DataConfig) -> Splits:
     if cfg.test_subset:
         test = test.subset(_shuffled(len(test), cfg.split_seed + 2)[: cfg.test_subset])
     augment = cfg.augment or DEFAULT_AUGMENT.get(cfg.name, AugmentConfig(crop_padding=4, flip=True))
-    return Splits(cfg.name.split(":")[0], list(classes), train.subset(order[n_val:]), train.subset(order[:n_val]), test, augment)
+    channels = train.x.shape[1]
+    if cfg.mean is not None and len(cfg.mean) != channels:
+        raise DataError(f"data.mean has {len(cfg.mean)} values; {cfg.name} has {channels} channel(s)")
+    norm = None if cfg.mean is None else (list(cfg.mean), list(cfg.std))
+    return Splits(cfg.name.split(":")[0], list(classes), train.subset(order[n_val:]), train.subset(order[:n_val]), test,
+                  augment, norm)
 
 
 class DeviceSet:

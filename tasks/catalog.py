@@ -16,6 +16,15 @@ MODELS: dict[str, tuple[str, str, str | None, str | None]] = {
 }
 STUDENTS = [m for m, spec in MODELS.items() if spec[0] == "student"]
 
+
+def lineage(name: str) -> list[str]:
+    """The pipeline models `name` descends from, itself first: student-takd-ft, student-takd,
+    assistant, teacher."""
+    chain = [name]
+    while (parent := MODELS[chain[-1]][2] or MODELS[chain[-1]][3]) is not None:
+        chain.append(parent)
+    return chain
+
 # Code each stage depends on. dvc.yaml lists the same deps (a test keeps them equal), and
 # each stage's skip key hashes these files, so Prefect and DVC rerun on the same changes.
 ENGINE = ["engine", "models", "tasks/config.py", "tasks/catalog.py", "tasks/stage.py", "tasks/context.py"]
@@ -26,6 +35,7 @@ CODE_DEPS: dict[str, list[str]] = {
     "cache": ENGINE + ["tasks/cache_soft_targets.py"],
     "evaluate": ENGINE + ["tasks/evaluate.py"],
     "report": ENGINE + ["tasks/report.py"],
+    "export": ENGINE + ["tasks/export.py", "tasks/model_card.py"],
     "experiment-report": ENGINE + ["tasks/report.py", "tasks/train_job.py", "experiments"],
 }
 
@@ -74,6 +84,11 @@ class Catalog:
     @property
     def eval_dir(self) -> Path:
         return self.data / "eval"
+
+    @property
+    def export(self) -> Path:
+        """The shipped student: TorchScript, ONNX, labels, preprocessing and its model card."""
+        return self.data / "export"
 
     @property
     def reports(self) -> Path:

@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="takd", description="Teacher-assistant knowledge distillation pipeline.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("params", help="print the default params.yaml")
+    pred = sub.add_parser("predict", help="classify image files with the exported student")
+    pred.add_argument("images", nargs="+")
+    pred.add_argument("--engine", default="onnx", choices=["onnx", "torchscript", "mlflow"])
+    pred.add_argument("--export-dir", default=None, help="default: data/export of the project")
+    pred.add_argument("--model-uri", default=None, help="mlflow engine; default models:/<registered_model>@<alias>")
+    pred.add_argument("--params", default="params.yaml")
     for name in [*STAGES, "pipeline"]:
         help_text = "run every stage through the Prefect flow" if name == "pipeline" else f"run the {name} stage"
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -91,6 +97,19 @@ def guarded(fn: Callable[[], Any]) -> int:
     return 0
 
 
+def _predict(cfg: PipelineConfig, args: argparse.Namespace) -> list[dict]:
+    from pathlib import Path
+
+    from tasks import tracking
+    from tasks.predict import predict
+
+    cat = Catalog.default()
+    uri = args.model_uri or f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
+    if args.engine == "mlflow":
+        tracking.connect(cat)  # the project's store, unless MLFLOW_TRACKING_URI names another
+    return predict(args.images, Path(args.export_dir) if args.export_dir else cat.export, args.engine, uri)
+
+
 def main(argv: list[str] | None = None) -> int:
     prepare_process()
     args = build_parser().parse_args(argv)
@@ -100,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def command():
         cfg = load_config(args.params, overrides(args))
+        if args.command == "predict":
+            return _predict(cfg, args)
         if args.command == "pipeline":
             from flows.pipeline import takd_pipeline
 

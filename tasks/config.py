@@ -31,7 +31,12 @@ class ModelConfig(Strict):
 
 
 class TeacherConfig(ModelConfig):
-    checkpoint: Optional[SafePath] = Field(None, description="import this state_dict (weights-only) instead of training")
+    checkpoint: Optional[SafePath] = Field(None, description="import this teacher instead of training one: a state_dict "
+                                                             "for `arch` (weights-only) or a TorchScript file")
+    format: Literal["auto", "state_dict", "torchscript"] = Field("auto", description="the checkpoint's kind; auto "
+                                                                                     "recognises TorchScript archives")
+    finetune_epochs: int = Field(0, ge=0, le=10_000, description="fine-tune the imported teacher on this data first, "
+                                                                 "with teacher.train's settings (0: as is)")
 
 
 class CacheConfig(Strict):
@@ -53,6 +58,13 @@ class FinetuneConfig(Strict):
 
 class EvalConfig(Strict):
     speed_repeats: int = Field(20, ge=0, description="timed repeats for CPU latency and throughput; 0 skips")
+
+
+class ExportConfig(Strict):
+    model: Optional[str] = Field(None, description="the pipeline model to ship (student-takd, ...); unset: the "
+                                                   "student best on validation, as the report registers")
+    check_images: int = Field(256, ge=1, description="test images each exported file is run on and compared with PyTorch")
+    max_abs_diff: float = Field(1e-3, gt=0, description="refuse an export whose logits differ from PyTorch's by more")
 
 
 class TrackingConfig(Strict):
@@ -126,6 +138,7 @@ class PipelineConfig(Strict):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     experiments: ExperimentsConfig = Field(default_factory=ExperimentsConfig)
 

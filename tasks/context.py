@@ -7,16 +7,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.atomic import load_torch, save_json, save_torch
+from engine.atomic import atomic_path, load_torch, save_json, save_torch
 from engine.data import DeviceSet, Splits
 from engine.device import resolve_device
 from engine.errors import CheckpointError, KDError
 from engine.fingerprint import model_fingerprint
+from engine.teacher_import import TORCHSCRIPT, load_torchscript
 from models import build_model
 from models.profile import profile
 from tasks.catalog import Catalog
 
 DATASET_FILE, MODEL_FILE, MODEL_META, HISTORY_FILE = "dataset.pt", "model.pt", "model.json", "history.json"
+SCRIPT_FILE = "model.ts"  # an imported TorchScript teacher is kept as TorchScript
 
 
 def load_splits_file(cat: Catalog) -> Splits:
@@ -63,13 +65,19 @@ class Workspace:
 
     def load_model_dir(self, model_dir: Path) -> nn.Module:
         meta = read_meta(model_dir)
+        if meta["arch"] == TORCHSCRIPT:
+            return load_torchscript(model_dir / SCRIPT_FILE, self.device)
         model = self.build(meta["arch"])
         return self.load_state(model, load_torch(model_dir / MODEL_FILE, self.device), str(model_dir / MODEL_FILE))
 
     def save_model(self, out_dir: Path, model: nn.Module, meta: dict, history: list[dict]) -> dict:
+        if model.arch == TORCHSCRIPT:
+            with atomic_path(out_dir / SCRIPT_FILE) as tmp:
+                torch.jit.save(model, str(tmp))
         save_torch(model.state_dict(), out_dir / MODEL_FILE)
         save_json(history, out_dir / HISTORY_FILE)
-        meta = {**meta, "arch": model.arch, "classes": self.splits.classes, "input_shape": list(self.splits.input_shape),
+        meta = {**meta, "arch": model.arch, "classes": self.splits.classes,
+                "class_to_idx": {c: i for i, c in enumerate(self.splits.classes)}, "input_shape": list(self.splits.input_shape),
                 "mean": self.mean, "std": self.std, "data": self.splits.name, "data_fingerprint": self.fingerprint,
                 "model_fingerprint": model_fingerprint(model), **profile(model, self.splits.input_shape)}
         save_json(meta, out_dir / MODEL_META)

@@ -87,8 +87,13 @@ def _write_curves(cat: Catalog, histories: dict[str, list[dict]]) -> None:
         save_json(rows, cat.metrics / "curves" / f"{name}.json")
 
 
-def _register_best(cfg: PipelineConfig, cat: Catalog, rows: list[dict]) -> dict | None:
-    best = max((r for r in rows if r["model"] in STUDENTS), key=lambda r: r["best_val_acc"] or 0)
+def best_student(cat: Catalog) -> str:
+    """The student to ship: best on validation, never chosen by the test split."""
+    return max(STUDENTS, key=lambda m: json.loads(cat.evaluation(m).read_text()).get("best_val_acc") or 0)
+
+
+def _register_best(cfg: PipelineConfig, cat: Catalog) -> dict | None:
+    best = {"model": best_student(cat)}
     run_id = read_stage(cat.model(best["model"]))["result"].get("mlflow_run_id")
     if not (tracking.enabled() and run_id and cfg.tracking.log_models):
         return None
@@ -116,7 +121,7 @@ def report(cfg: PipelineConfig, cat: Catalog, force: bool = False) -> dict:
             tmp.write_text(buf.getvalue())
         _plots(rows, histories, out)
         # Selection of the model to ship uses validation accuracy, never the test split.
-        registered = _register_best(cfg, cat, rows)
+        registered = _register_best(cfg, cat)
         tracking.log_report(cfg, cat, metrics, [out / f for f in
                                                 ("comparison.md", "comparison.csv", "comparison.png", "curves.png")])
         return {"test_acc": {m: v["test_acc"] for m, v in metrics.items()}, "registered": registered}

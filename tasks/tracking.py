@@ -55,6 +55,11 @@ def _client(cat: Catalog):
     return mlflow, mlflow.MlflowClient(uri)
 
 
+def connect(cat: Catalog):
+    """Point mlflow at the project's store (or the user's MLFLOW_TRACKING_URI) for reading."""
+    return _client(cat)[0]
+
+
 def experiment_id(cfg: PipelineConfig, cat: Catalog) -> str:
     mlflow, client = _client(cat)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
@@ -149,23 +154,18 @@ class ModelRun:
         self.client.log_dict(self.run_id, meta, "model.json")
         if not self.log_models:
             return
-        was = model.training
-        model.eval()  # pt2 export bakes the mode into the graph
-        example = ws.val.normalize(ws.val.x[:4]).contiguous().cpu().numpy().astype(np.float32)
-        cpu_model = _cpu_copy(model)
+        if getattr(model, "arch", "") == "torchscript":  # torch.export cannot trace a ScriptModule
+            self.client.set_tag(self.run_id, "model_logged", "no: an imported TorchScript teacher")
+            return
+        from engine.export import Deployable
+
+        # As shipped (engine.export): images in [0, 1], normalised inside, so pyfunc callers and
+        # `mlflow models serve` need no statistics. pt2 export bakes the eval mode into the graph.
+        example = (ws.val.x[:4].float() / 255).cpu().numpy().astype(np.float32)
         with self.mlflow.start_run(run_id=self.run_id):
-            info = self.mlflow.pytorch.log_model(cpu_model, name="model", input_example=example,
-                                                 pip_requirements=["torch", "torchvision"])
+            info = self.mlflow.pytorch.log_model(Deployable(model, ws.mean, ws.std), name="model",
+                                                 input_example=example, pip_requirements=["torch", "torchvision"])
         self.client.set_tag(self.run_id, "model_uri", info.model_uri)
-        model.train(was)
-
-
-def _cpu_copy(model):
-    import copy
-
-    import torch
-
-    return copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
 
 
 def _metric(key: str, value, step: int = 0):

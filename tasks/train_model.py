@@ -20,7 +20,9 @@ from engine.device import seed_everything
 from engine.fingerprint import model_fingerprint
 from engine.config import KDConfig
 from engine.errors import KDError
+from engine.teacher_import import TORCHSCRIPT, check_fits, checkpoint_format, load_torchscript
 from engine.losses import LOSSES, DistillLoss, LossContext, build_loss
+from engine.losses.feature import FeatureLoss
 from engine.trainer import Teacher, accuracy, fit, predict
 from pydantic import BaseModel
 from torch import nn
@@ -44,6 +46,8 @@ def hop_kd(cfg: PipelineConfig, name: str) -> KDConfig:
 
 def train_config(cfg: PipelineConfig, name: str) -> TrainConfig:
     base = model_config(cfg, name).train
+    if name == "teacher" and cfg.teacher.checkpoint:
+        return base.model_copy(update={"epochs": max(cfg.teacher.finetune_epochs, 1)})
     if MODELS[name][1] == "FT":
         return base.model_copy(update={"epochs": max(cfg.finetune.epochs, 1), "lr": base.lr * cfg.finetune.lr_scale})
     return base
@@ -60,7 +64,8 @@ def describe(cfg: PipelineConfig, name: str) -> str:
     if init:
         return f"fine-tune {role} {arch} ({method})"
     if role == "teacher" and cfg.teacher.checkpoint:
-        return f"import teacher {arch}"
+        tuned = f", fine-tuned {cfg.teacher.finetune_epochs} epochs" if cfg.teacher.finetune_epochs else ""
+        return f"import teacher {arch}{tuned}"
     return f"train {role} {arch} from labels ({method})"
 
 
@@ -163,23 +168,37 @@ def _teacher(cfg: PipelineConfig, ws: Workspace, t: Training, models: list[nn.Mo
     return Teacher(targets, views), extra
 
 
-def _import_teacher(ws: Workspace, arch: str, path: str):
-    state = load_torch(path, ws.device)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # our own checkpoints wrap the state_dict
-    return ws.load_state(ws.build(arch), state, path)
+def _import_teacher(cfg: PipelineConfig, ws: Workspace, arch: str, path: str) -> nn.Module:
+    """The user's teacher, checked against the data set's images and classes."""
+    kind = checkpoint_format(path) if cfg.teacher.format == "auto" else cfg.teacher.format
+    if kind == TORCHSCRIPT:
+        model = load_torchscript(path, ws.device)
+    else:
+        state = load_torch(path, ws.device)
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]  # our own checkpoints wrap the state_dict
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise KDError(f"{path}: not a state_dict (a mapping of names to tensors); save model.state_dict(), "
+                          "or a TorchScript file with torch.jit.save")
+        model = ws.load_state(ws.build(arch), state, path)
+    check_fits(model, ws.splits.input_shape, ws.splits.classes, path)
+    return model
 
 
 def _prepare(cfg: PipelineConfig, ws: Workspace, t: Training, generator) -> tuple[nn.Module, DistillLoss | None,
                                                                                 Teacher | None, dict]:
     """The model to train, its loss and its teacher (None when there is nothing to train)."""
     if t.checkpoint:
-        return _import_teacher(ws, t.arch, t.checkpoint), None, None, {}
-    model = ws.load_model_dir(t.init) if t.init else ws.build(t.arch, seed=t.seed)
+        model = _import_teacher(cfg, ws, t.arch, t.checkpoint)
+    else:
+        model = ws.load_model_dir(t.init) if t.init else ws.build(t.arch, seed=t.seed)
     if t.skip_training:
         return model, None, None, {}
     kd = t.kd or cfg.kd
     guides = [ws.load_model_dir(m) for m, _ in t.guides]
+    if any(getattr(g, "arch", "") == TORCHSCRIPT for g in guides) and issubclass(LOSSES[t.loss], FeatureLoss):
+        raise KDError(f"{t.name}: loss {t.loss!r} reads the teacher's features, which a TorchScript teacher does not "
+                      "expose; use a logit loss (kd, dkd) for this hop, or import the teacher as a state_dict")
     ctx = LossContext(student=model, teacher=guides[0] if guides else None,
                       sample=ws.train.normalize(ws.train.x[:8]), build=ws.build, seed=t.seed)
     loss = build_loss(t.loss, kd, ctx)
@@ -247,7 +266,9 @@ def training(cfg: PipelineConfig, cat: Catalog, name: str) -> Training:
                     guides=((cat.model(source), cat.soft_targets(source)),) if source else (),
                     init=cat.model(init) if init else None,
                     checkpoint=cfg.teacher.checkpoint if role == "teacher" else None,
-                    skip_training=bool(init) and cfg.finetune.epochs == 0, parent_model=source or init or "",
+                    skip_training=(bool(init) and cfg.finetune.epochs == 0) or (
+                        role == "teacher" and bool(cfg.teacher.checkpoint) and cfg.teacher.finetune_epochs == 0),
+                    parent_model=source or init or "",
                     loss=loss_name(hop_kd(cfg, name), bool(source)) if source else "ce", kd=hop_kd(cfg, name))
 
 

@@ -14,7 +14,7 @@ from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT_STAGES = {"train-student-nokd", "distill-student-blkd", "distill-student-takd", "fine-tune-student",
-                  "evaluate", "report"}
+                  "evaluate", "report", "export"}
 
 
 def sh(args, cwd, **kw):
@@ -66,13 +66,13 @@ def test_dvc_repro_then_flow_reuses_everything(tmp_path, fashion_dir, prefect_se
     from flows.pipeline import takd_pipeline
 
     result = takd_pipeline(load_config(repo / "params.yaml"))
-    assert len(result["reused"]) == 11
+    assert len(result["reused"]) == 12
 
     # A student parameter alone: only the student stages are stale, teacher and caches are not.
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["student"]["seed"] = 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stale_stages(repo) == STUDENT_STAGES - {"evaluate", "report"}  # those follow from their deps
+    assert stale_stages(repo) == STUDENT_STAGES - {"evaluate", "report", "export"}  # those follow from their deps
     sh(["git", "checkout", "params.yaml"], repo)
 
     # ...and `dvc exp run -S` with it reruns exactly those stages.
@@ -100,7 +100,7 @@ def test_dvc_yaml_lists_the_code_each_stage_hashes():
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert list(stages) == list(STAGES)
-    kind = {"prepare-data": "prepare-data", "evaluate": "evaluate", "report": "report"}
+    kind = {"prepare-data": "prepare-data", "evaluate": "evaluate", "report": "report", "export": "export"}
     for name, stage in stages.items():
         k = kind.get(name, "cache" if name.startswith("cache-") else "train")
         code = [d for d in stage["deps"] if not d.startswith("data/")]

@@ -1,4 +1,6 @@
 """Against a temporary SQLite store: the runs, metrics, models and registry entries exist."""
+import json
+
 import numpy as np
 import pytest
 
@@ -50,8 +52,17 @@ def test_runs_metrics_models_and_registry(tracked):
 
     version = client.get_model_version_by_alias(cfg.tracking.registered_model, cfg.tracking.alias)
     model = mlflow.pyfunc.load_model(f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}")
-    batch = np.random.default_rng(0).normal(size=(2, 1, 28, 28)).astype(np.float32)
-    assert model.predict(batch).shape == (2, 10) and int(version.version) == 1
+    batch = np.random.default_rng(0).uniform(size=(2, 1, 28, 28)).astype(np.float32)  # images in [0, 1]
+    predicted = model.predict(batch)
+    assert predicted.shape == (2, 10) and int(version.version) == 1
+    # The registered model is the exported one: same student, same input, same logits.
+    import torch
+
+    exported = json.loads((cat.export / "stage.json").read_text())["result"]
+    registered = json.loads((cat.reports / "stage.json").read_text())["result"]["registered"]
+    assert registered["model"] == exported["model"]
+    scripted = torch.jit.load(str(cat.export / "model.ts"))
+    assert np.abs(scripted(torch.from_numpy(batch)).detach().numpy() - predicted).max() < 1e-4
 
 
 def test_tracking_uri_is_not_logged(tracked):

@@ -39,7 +39,7 @@ def test_pipeline_outputs_and_reuse(project):
     third = run_all(changed, cat)
     rerun = {name for name, r in third.items() if not r["reused"]}
     assert rerun == {"train-student-nokd", "distill-student-blkd", "distill-student-takd", "fine-tune-student",
-                     "evaluate", "report"}
+                     "evaluate", "report", "export"}
 
 
 def test_same_config_same_results(project, tmp_path_factory, fashion_dir):

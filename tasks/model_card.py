@@ -1,0 +1,75 @@
+"""A model card in Markdown for an exported student: where it came from, how good it is
+against its teacher, how much smaller and faster, and what data it learnt from."""
+from __future__ import annotations
+
+from engine.config import KDConfig
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _hop(kd: KDConfig | None, method: str) -> str:
+    return "labels only" if kd is None else f"{method}, loss `{kd.loss}` (T={kd.temperature}, λ={kd.lam})"
+
+
+def headline(student: dict, teacher: dict) -> str:
+    """'96% smaller, 5.1x faster, 98.9% of the teacher's accuracy' (DistilBERT's way of saying it)."""
+    smaller = 1 - student["params"] / teacher["params"]
+    parts = [f"{100 * smaller:.0f}% smaller"]
+    if student.get("latency_ms_b1") and teacher.get("latency_ms_b1"):
+        parts.append(f"{teacher['latency_ms_b1'] / student['latency_ms_b1']:.1f}x faster")
+    parts.append(f"{100 * student['test_acc'] / teacher['test_acc']:.1f}% of the teacher's accuracy")
+    return ", ".join(parts)
+
+
+def model_card(name: str, chain: list[dict], data: dict, export: dict) -> str:
+    """`chain`: the student first, then each model it learnt from up to the teacher; each a dict of
+    its meta, evaluation and hop settings ('kd', a KDConfig or None)."""
+    student, teacher = chain[0], chain[-1]
+    path = " → ".join(f"{m['role']} {m['arch']}" for m in reversed(chain))
+    hops = "\n".join(f"- {m['role']} {m['arch']}: {_hop(m.get('kd'), m['method'])}" for m in reversed(chain))
+    rows = "\n".join(
+        f"| {m['role']} `{m['arch']}` | {_pct(m['test_acc'])} | {m['params']:,} | {m['size_bytes'] / 2**20:.2f} MB | "
+        f"{m['flops'] / 1e6:.1f} | {m.get('latency_ms_b1', float('nan')):.2f} | {m.get('throughput_b256', float('nan')):,.0f} |"
+        for m in chain)
+    classes = ", ".join(f"{i}: {c}" for i, c in enumerate(data["classes"]))
+    c, h, w = data["input_shape"]
+    return f"""# Model card: {student['arch']} ({name})
+
+**{headline(student, teacher)}** (test split; speed on the CPU that ran the evaluation, batch 1).
+
+## Where it came from
+- Path: {path}
+- Method of each hop:
+{hops}
+- Selected as the student with the best validation accuracy; the test split was used only to report.
+
+## How good it is
+| model | test accuracy | parameters | size | MFLOPs / image | latency b1 (ms) | throughput b256 (img/s) |
+|---|---|---|---|---|---|---|
+{rows}
+
+- Accuracy as a share of the teacher's: **{100 * student['test_acc'] / teacher['test_acc']:.1f}%**
+  ({_pct(student['test_acc'])} vs {_pct(teacher['test_acc'])}).
+- Agreement with the teacher's predictions on the test split: {_pct(student.get('teacher_agreement', float('nan')))}.
+- {teacher['params'] / student['params']:.1f}x fewer parameters and {teacher['flops'] / student['flops']:.1f}x fewer FLOPs than the teacher.
+
+## Data it was distilled on
+- Data set: `{data['name']}` (fingerprint `{data['fingerprint']}`): {data['sizes']['train']:,} training,
+  {data['sizes']['val']:,} validation and {data['sizes']['test']:,} test images.
+- Classes ({len(data['classes'])}): {classes}
+- Input: {c}x{h}x{w}, pixel values in [0, 1]; the files normalise inside with mean {data['mean']} and std {data['std']}.
+
+## Files
+| file | what | max abs difference from PyTorch ({export['check_images']} test images) |
+|---|---|---|
+| `model.ts` | TorchScript: `torch.jit.load("model.ts")(images)` | {export['torchscript_max_abs_diff']:.2e} |
+| `model.onnx` | ONNX (input `image` [N, {c}, {h}, {w}], output `logits`), for onnxruntime | {export['onnx_max_abs_diff']:.2e} |
+| `labels.json` | class index → name | |
+| `preprocessing.json` | input shape, value range, normalisation | |
+
+## Limits
+- Measured on the test split of the data above only; other data may differ.
+- The class order is fixed: outputs index into `labels.json`.
+"""

@@ -1,0 +1,180 @@
+"""A user's own data and teacher in, a deployable student out (issue 6): CSV data sets and
+configured normalisation, teachers as state_dicts or TorchScript (weights-only, checked
+against the data), fine-tuning an imported teacher, and the exported student."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import DataConfig
+from engine.data import load_splits
+from engine.errors import CheckpointError, DataError
+from models import build_model
+from tasks.config import load_config
+from tasks.stages import STAGES
+from tests.conftest import tiny_overrides
+from tests.fakes import write_image_folder
+
+
+def _csv(root: Path, rows: list[tuple[str, str, str]], header="path,label,split") -> Path:
+    path = root / "labels.csv"
+    path.write_text(header + "\n" + "\n".join(",".join(r) for r in rows) + "\n")
+    return path
+
+
+def test_csv_data_set_with_classes_and_splits(tmp_path):
+    folder = write_image_folder(tmp_path / "imgs", classes=3, per_class=6, size=20)
+    rows = [(f"imgs/class_{c}/{i}.png", ["cat", "dog", "ant"][c], "test" if i == 0 else "train")
+            for c in range(3) for i in range(6)]
+    splits = load_splits(DataConfig(name=f"csv:{_csv(tmp_path, rows)}", image_size=16, channels=3, val_fraction=0.2))
+    assert splits.classes == ["ant", "cat", "dog"]  # sorted, as ImageFolder would
+    assert len(splits.test) == 3 and len(splits.train) + len(splits.val) == 15
+    assert splits.input_shape == (3, 16, 16)
+    assert folder.exists()
+
+
+def test_csv_faults_are_named(tmp_path):
+    write_image_folder(tmp_path / "imgs", classes=2, per_class=3, size=12)
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"not a png")
+    rows = [("imgs/class_0/0.png", "a", "train"), ("imgs/missing.png", "a", "train"), ("imgs/broken.png", "b", "train"),
+            ("imgs/class_1/0.png", "b", "train")]
+    with pytest.raises(DataError, match=r"2 unreadable image\(s\): .*missing.png \(FileNotFoundError\); .*broken.png"):
+        load_splits(DataConfig(name=f"csv:{_csv(tmp_path, rows)}", channels=3))
+    with pytest.raises(DataError, match=r"needs a header with columns path,label \(found \['file', 'split', 'y'\]\)"):
+        load_splits(DataConfig(name=f"csv:{_csv(tmp_path, rows, header='file,y,split')}"))
+    with pytest.raises(DataError, match="line 2: split must be train or test"):
+        load_splits(DataConfig(name=f"csv:{_csv(tmp_path, [('a.png', 'x', 'dev')])}"))
+
+
+def test_normalisation_from_config(data_cfg):
+    cfg = data_cfg.model_copy(update={"mean": [0.5], "std": [0.25]})
+    assert load_splits(cfg).mean_std() == ([0.5], [0.25])
+    with pytest.raises(DataError, match="data.mean has 3 values; fashion-mnist has 1 channel"):
+        load_splits(data_cfg.model_copy(update={"mean": [0.5] * 3, "std": [0.2] * 3}))
+    with pytest.raises(ValueError, match="set both mean and std"):
+        DataConfig(mean=[0.5])
+
+
+@pytest.fixture
+def prepared(project):
+    cfg, cat = project
+    STAGES["prepare-data"](cfg, cat, False)
+    return cfg, cat
+
+
+def _with(cfg, cat, **over):
+    base = tiny_overrides(Path(cfg.data.source_dir), cat.root)
+    return load_config(None, {**base, **over})
+
+
+def test_torchscript_teacher_distils_and_its_class_mapping_is_saved(prepared, tmp_path):
+    cfg, cat = prepared
+    torch.manual_seed(3)
+    teacher = build_model("plain-4", 1, 10, 28).eval()
+    path = tmp_path / "teacher.ts"
+    torch.jit.save(torch.jit.trace(teacher, torch.zeros(2, 1, 28, 28)), str(path))
+    imported = _with(cfg, cat, **{"teacher.checkpoint": str(path)})
+    STAGES["train-teacher"](imported, cat, False)
+    meta = json.loads((cat.model("teacher") / "model.json").read_text())
+    assert meta["arch"] == "torchscript" and meta["class_to_idx"]["Trouser"] == 1
+    STAGES["cache-teacher"](imported, cat, False)
+    result = STAGES["distill-student-blkd"](imported, cat, False)
+    assert result["best_val_acc"] > 0.2
+    student_meta = json.loads((cat.model("student-blkd") / "model.json").read_text())
+    assert student_meta["classes"][0] == "T-shirt/top"  # the mapping travels with every model
+
+
+def test_state_dict_teacher_fine_tuned_on_the_users_data(prepared, tmp_path):
+    cfg, cat = prepared
+    torch.manual_seed(4)
+    path = tmp_path / "teacher.pt"
+    torch.save(build_model("plain-4", 1, 10, 28).state_dict(), path)
+    tuned = _with(cfg, cat, **{"teacher.checkpoint": str(path), "teacher.finetune_epochs": 1})
+    STAGES["train-teacher"](tuned, cat, False)
+    meta = json.loads((cat.model("teacher") / "model.json").read_text())
+    assert meta["best_epoch"] == 1 and meta["best_val_acc"] > 0.2
+    weights = torch.load(cat.model("teacher") / "model.pt", weights_only=True)
+    before = torch.load(path, weights_only=True)
+    assert not torch.equal(weights["classifier.1.weight"], before["classifier.1.weight"])
+
+
+def test_teacher_mismatches_and_pickled_code_are_explained(prepared, tmp_path):
+    cfg, cat = prepared
+    wrong_classes = tmp_path / "seven.ts"
+    torch.jit.save(torch.jit.trace(build_model("plain-2", 1, 7, 28).eval(), torch.zeros(2, 1, 28, 28)), str(wrong_classes))
+    with pytest.raises(CheckpointError, match=r"outputs \(7,\) per image, but the data set has 10 classes \(T-shirt/top"):
+        STAGES["train-teacher"](_with(cfg, cat, **{"teacher.checkpoint": str(wrong_classes)}), cat, False)
+    rgb = tmp_path / "rgb.ts"
+    torch.jit.save(torch.jit.trace(build_model("plain-2", 3, 10, 28).eval(), torch.zeros(2, 3, 28, 28)), str(rgb))
+    with pytest.raises(CheckpointError, match=r"does not accept the data set's 1x28x28 images"):
+        STAGES["train-teacher"](_with(cfg, cat, **{"teacher.checkpoint": str(rgb)}), cat, False)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": build_model("plain-2", 1, 10, 28)}, pickled)  # a whole module: needs pickled code
+    with pytest.raises(CheckpointError, match="refused or unreadable as a weights-only checkpoint"):
+        STAGES["train-teacher"](_with(cfg, cat, **{"teacher.checkpoint": str(pickled),
+                                                   "teacher.arch": "plain-2"}), cat, False)
+
+
+def test_exported_student_matches_pytorch_and_has_a_model_card(project):
+    cfg, cat = project
+    for fn in STAGES.values():
+        fn(cfg, cat, False)
+    result = json.loads((cat.export / "stage.json").read_text())["result"]
+    assert result["torchscript_max_abs_diff"] < 1e-4 and result["onnx_max_abs_diff"] < 1e-4
+    labels = json.loads((cat.export / "labels.json").read_text())
+    assert labels["0"] == "T-shirt/top" and len(labels) == 10
+    import onnxruntime as ort
+
+    from tasks.context import Workspace
+
+    ws = Workspace(cat, "cpu")
+    images = (ws.test.x[:16].float() / 255).numpy()
+    session = ort.InferenceSession(str(cat.export / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_pred = session.run(["logits"], {"image": images})[0].argmax(1)
+    torch_pred = ws.load_model(result["model"]).eval()(ws.test.normalize(ws.test.x[:16])).argmax(1).numpy()
+    assert np.array_equal(onnx_pred, torch_pred)
+    card = (cat.export / "model_card.md").read_text()
+    for phrase in ("% smaller", "of the teacher's accuracy", "teacher plain-4", "Data it was distilled on",
+                   "max abs difference", "T-shirt/top"):
+        assert phrase in card, phrase
+
+
+def test_worked_example_end_to_end(fashion_dir, tmp_path, monkeypatch):
+    """docs/own-data.md at tiny scale: PNG folder, a teacher trained outside the pipeline (TorchScript),
+    TAKD, export, and the same predictions through ONNX, TorchScript and the registered MLflow model."""
+    import importlib.util
+
+    from tasks.catalog import Catalog
+    from tasks.predict import predict
+
+    spec = importlib.util.spec_from_file_location("own_data", Path(__file__).parents[1] / "examples" / "own_data.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    images = tmp_path / "images"
+    example.make_folder(images, per_class=30, test_per_class=8, source_dir=str(fashion_dir))
+    made = example.train_teacher(images, tmp_path / "teacher.ts", epochs=1, seed=0)
+    assert made["classes"][0] == "Ankle_boot"
+
+    root = tmp_path / "project"
+    monkeypatch.setenv("KD_PROJECT_ROOT", str(root))
+    monkeypatch.setenv("KD_TRACKING", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    monkeypatch.delenv("KD_MLFLOW_PARENT_RUN", raising=False)
+    over = {k: v for k, v in tiny_overrides(fashion_dir, root).items() if not k.startswith(("data.", "teacher.arch"))}
+    cfg = load_config(None, {**over, "data.name": f"imagefolder:{images}", "data.channels": 1, "data.image_size": 28,
+                             "data.mean": [0.5], "data.std": [0.5], "teacher.checkpoint": str(tmp_path / "teacher.ts")})
+    cat = Catalog(root)
+    for fn in STAGES.values():
+        fn(cfg, cat, False)
+    pngs = sorted(str(p) for p in (images / "test").rglob("*.png"))[:6]
+    uri = f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
+    answers = {engine: predict(pngs, cat.export, engine, uri) for engine in ("onnx", "torchscript", "mlflow")}
+    assert answers["onnx"] == answers["torchscript"]
+    assert [a["class"] for a in answers["mlflow"]] == [a["class"] for a in answers["onnx"]]
+    assert all(a["class"] in made["classes"] for a in answers["onnx"])
+    card = (cat.export / "model_card.md").read_text()
+    assert "teacher torchscript" in card and "imagefolder" in card
