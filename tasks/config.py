@@ -100,7 +100,7 @@ class ExperimentsConfig(Strict):
     generations: int = Field(3, ge=1, le=20, description="born-again: distilled generations after the first")
     ensemble_teachers: list[str] = Field(default_factory=lambda: ["plain-10", "resnet-8"], min_length=2,
                                          description="methods: the multi-teacher ensemble (teacher settings each)")
-    dml_peers: list[str] = Field(default_factory=lambda: ["plain-10"], min_length=1,
+    dml_peers: list[str] = Field(default_factory=lambda: ["plain-2"], min_length=1,
                                  description="methods: DML's peers, trained with the student from scratch")
 
     @field_validator("seeds")
