@@ -201,7 +201,10 @@ def _prepare(cfg: PipelineConfig, ws: Workspace, t: Training, generator) -> tupl
                       "expose; use a logit loss (kd, dkd) for this hop, or import the teacher as a state_dict")
     ctx = LossContext(student=model, teacher=guides[0] if guides else None,
                       sample=ws.train.normalize(ws.train.x[:8]), build=ws.build, seed=t.seed)
-    loss = build_loss(t.loss, kd, ctx)
+    try:
+        loss = build_loss(t.loss, kd, ctx)
+    except ValueError as e:  # a bad layer name, no matching stages: one line naming the setting
+        raise KDError(f"{t.name}: {e}") from None
     if guides and not loss.needs_teacher:
         raise KDError(f"{t.name}: loss {t.loss!r} trains without a teacher, but {len(guides)} guide(s) were given")
     if not guides:

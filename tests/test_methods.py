@@ -329,3 +329,16 @@ def test_any_loss_at_each_hop_of_the_pipeline_chain(project):
     assert training(cfg2, cat, "student-takd").loss == "fitnets"
     assert training(cfg2, cat, "student-nokd").loss == "ce"
     assert training(cfg2, cat, "teacher").loss == "ce"
+
+
+def test_a_bad_layer_name_is_one_clear_error(project):
+    from engine.errors import KDError
+    from tasks.prepare_data import prepare_data
+    from tasks.train_job import Job, train_job
+
+    cfg, cat = project
+    prepare_data(cfg, cat)
+    kd = cfg.kd.model_copy(update={"loss": "fitnets", "student_layers": ["features.9"], "teacher_layers": ["features.0"]})
+    job = Job(role="student", arch="plain-2", epochs=1, kd=kd, guides=[Job(role="teacher", arch="plain-4")])
+    with pytest.raises(KDError, match=r"kd.student_layers: no stage named \['features.9'\]; the model has"):
+        train_job(cfg, cat, job)
