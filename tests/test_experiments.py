@@ -52,12 +52,13 @@ def test_kd_with_several_guides_is_their_mean_by_hand():
 def test_dense_guides_drop_guides_but_keep_one():
     guides = [lambda idx, view, x, v=v: torch.full((len(idx), 3), float(v)) for v in range(4)]
     idx = view = torch.arange(5)
-    all_kept = DenseGuides(guides, 1.0, torch.Generator().manual_seed(0))(idx, view)
-    assert all_kept.shape == (4, 5, 3) and all_kept[:, 0, 0].tolist() == [0, 1, 2, 3]
+    all_kept = DenseGuides(guides, 1.0, torch.Generator().manual_seed(0), [1, 2, 3, 4])(idx, view)
+    assert all_kept.logits.shape == (4, 5, 3) and all_kept.logits[:, 0, 0].tolist() == [0, 1, 2, 3]
+    assert all_kept.weights.tolist() == [1, 2, 3, 4]  # each kept guide keeps its own weight
     rare = DenseGuides(guides, 1e-6, torch.Generator().manual_seed(0))
-    assert {rare(idx, view).shape[0] for _ in range(20)} == {1}
-    draws = [[DenseGuides(guides, 0.5, torch.Generator().manual_seed(3))(idx, view)[:, 0, 0].tolist() for _ in range(1)]
-             for _ in range(2)]
+    assert {rare(idx, view).logits.shape[0] for _ in range(20)} == {1}
+    draws = [[DenseGuides(guides, 0.5, torch.Generator().manual_seed(3))(idx, view).logits[:, 0, 0].tolist()
+              for _ in range(1)] for _ in range(2)]
     assert draws[0] == draws[1]  # the generator decides: a resumed run drops the same guides
 
 
