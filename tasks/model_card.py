@@ -16,7 +16,7 @@ def _hop(kd: KDConfig | None, method: str) -> str:
 def headline(student: dict, teacher: dict) -> str:
     """'96% smaller, 5.1x faster, 98.9% of the teacher's accuracy' (DistilBERT's way of saying it)."""
     smaller = 1 - student["params"] / teacher["params"]
-    parts = [f"{100 * smaller:.0f}% smaller"]
+    parts = [f"{100 * smaller:.1f}% smaller" if smaller > 0.99 else f"{100 * smaller:.0f}% smaller"]
     if student.get("latency_ms_b1") and teacher.get("latency_ms_b1"):
         parts.append(f"{teacher['latency_ms_b1'] / student['latency_ms_b1']:.1f}x faster")
     parts.append(f"{100 * student['test_acc'] / teacher['test_acc']:.1f}% of the teacher's accuracy")
@@ -28,7 +28,7 @@ def model_card(name: str, chain: list[dict], data: dict, export: dict) -> str:
     its meta, evaluation and hop settings ('kd', a KDConfig or None)."""
     student, teacher = chain[0], chain[-1]
     path = " → ".join(f"{m['role']} {m['arch']}" for m in reversed(chain))
-    hops = "\n".join(f"- {m['role']} {m['arch']}: {_hop(m.get('kd'), m['method'])}" for m in reversed(chain))
+    hops = "\n".join(f"  - {m['role']} {m['arch']}: {_hop(m.get('kd'), m['method'])}" for m in reversed(chain))
     rows = "\n".join(
         f"| {m['role']} `{m['arch']}` | {_pct(m['test_acc'])} | {m['params']:,} | {m['size_bytes'] / 2**20:.2f} MB | "
         f"{m['flops'] / 1e6:.1f} | {m.get('latency_ms_b1', float('nan')):.2f} | {m.get('throughput_b256', float('nan')):,.0f} |"
