@@ -178,3 +178,22 @@ def test_worked_example_end_to_end(fashion_dir, tmp_path, monkeypatch):
     assert all(a["class"] in made["classes"] for a in answers["onnx"])
     card = (cat.export / "model_card.md").read_text()
     assert "teacher torchscript" in card and "imagefolder" in card
+
+
+def test_torchvision_architecture_with_a_weights_file(prepared, tmp_path):
+    """A teacher trained with torchvision's own resnet18 (its first conv made 1-channel) imports as tv:resnet18."""
+    import torchvision
+    from torch import nn
+
+    cfg, cat = prepared
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10)
+    net.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    path = tmp_path / "resnet18.pth"
+    torch.save(net.state_dict(), path)
+    imported = _with(cfg, cat, **{"teacher.checkpoint": str(path), "teacher.arch": "tv:resnet18"})
+    STAGES["train-teacher"](imported, cat, False)
+    assert json.loads((cat.model("teacher") / "model.json").read_text())["arch"] == "tv:resnet18"
+    with pytest.raises(CheckpointError, match="does not fit tv:resnet34"):
+        STAGES["train-teacher"](_with(cfg, cat, **{"teacher.checkpoint": str(path), "teacher.arch": "tv:resnet34"}),
+                                cat, False)
