@@ -11,14 +11,12 @@ import torch.nn.functional as F
 
 from engine.config import KDConfig
 from engine.losses import Batch, LossContext, register
-from engine.losses.feature import FeatureLoss
+from engine.losses.feature import FeatureLoss, match_stages
 from models.features import feature_names
 
 
 def _last_stages(cfg: KDConfig, ctx: LossContext) -> list[tuple[str, str]]:
     if cfg.student_layers or cfg.teacher_layers:
-        from engine.losses.feature import match_stages
-
         return [match_stages(cfg, ctx)[-1]]
     if ctx.student is None or ctx.teacher is None:
         raise ValueError(f"loss {cfg.loss!r} compares features: it needs the student and the teacher")
