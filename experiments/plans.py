@@ -184,8 +184,12 @@ def methods(cfg: PipelineConfig) -> Plan:
     t, s, x = _teacher(cfg), cfg.student.arch, cfg.experiments
     ta = _assistant(cfg, cfg.assistant.arch, [t])
     ta_dkd = ta.model_copy(update={"kd": _hop(cfg, "dkd")})
-    # DKD's CIFAR-100 setting (beta 8) collapsed a plain-2 student on Fashion-MNIST; beta 2 is the gentler one.
+    # DKD's CIFAR-100 setting (beta 8) and DML collapsed a plain-2 student on Fashion-MNIST at lr 0.05:
+    # rows at beta 2 and at x.low_lr tell the loss's setting from the step size.
     dkd2 = _hop(cfg, "dkd", dkd={"beta": 2.0, "warmup_epochs": 2.0})
+    ta_dkd2 = ta.model_copy(update={"kd": dkd2})
+    dml = _hop(cfg, "dml", dml={"peers": x.dml_peers})
+    peers = " + ".join(x.dml_peers)
     ensemble = [t if a == t.arch else _teacher(cfg, a) for a in x.ensemble_teachers]
     names = " + ".join(a for a in x.ensemble_teachers)
     rows, contrasts = [], []
@@ -203,8 +207,10 @@ def methods(cfg: PipelineConfig) -> Plan:
                 ("dkd", _student(cfg, seed, [t], kd=_hop(cfg, "dkd")), "DKD"),
                 ("takd-dkd", _student(cfg, seed, [ta_dkd], kd=_hop(cfg, "dkd")), "TAKD with DKD at both hops"),
                 ("dkd-b2", _student(cfg, seed, [t], kd=dkd2), "DKD, beta 2, warm-up 2 epochs"),
-                ("dml", _student(cfg, seed, kd=_hop(cfg, "dml", dml={"peers": x.dml_peers})),
-                 f"DML with {' + '.join(x.dml_peers)}"),
+                ("dkd-low-lr", _student(cfg, seed, [t], kd=_hop(cfg, "dkd"), lr=x.low_lr), f"DKD, lr {x.low_lr:g}"),
+                ("takd-dkd-b2", _student(cfg, seed, [ta_dkd2], kd=dkd2), "TAKD with DKD beta 2 at both hops"),
+                ("dml", _student(cfg, seed, kd=dml), f"DML with {peers}"),
+                ("dml-low-lr", _student(cfg, seed, kd=dml, lr=x.low_lr), f"DML with {peers}, lr {x.low_lr:g}"),
                 ("born-again", _student(cfg, seed + 1000, [nokd]), f"born-again {s} -> {s}"),
                 ("self", _student(cfg, seed, kd=_hop(cfg, "self")), "self-distillation, deep to shallow"),
                 ("ensemble", _student(cfg, seed, ensemble), f"ensemble {names}, mean KL"),
@@ -214,7 +220,8 @@ def methods(cfg: PipelineConfig) -> Plan:
         rows += [Row(v, seed, job, label) for v, job, label in spec]
     variants = list(dict.fromkeys(r.variant for r in rows))
     contrasts = [("kd", "nokd")] + [(v, "kd") for v in variants if v not in ("nokd", "kd")]
-    refs = [_ref("teacher", t), _ref("assistant", ta), _ref("assistant-dkd", ta_dkd, f"assistant {ta.arch} (DKD)")]
+    refs = [_ref("teacher", t), _ref("assistant", ta), _ref("assistant-dkd", ta_dkd, f"assistant {ta.arch} (DKD)"),
+            _ref("assistant-dkd-b2", ta_dkd2, f"assistant {ta.arch} (DKD beta 2)")]
     refs += [_ref(f"teacher-{j.arch}", j) for j in ensemble if j is not t]
     return Plan("methods", f"distillation methods, {t.arch} -> {s}", rows, refs, contrasts)
 

@@ -102,6 +102,8 @@ class ExperimentsConfig(Strict):
                                          description="methods: the multi-teacher ensemble (teacher settings each)")
     dml_peers: list[str] = Field(default_factory=lambda: ["plain-2"], min_length=1,
                                  description="methods: DML's peers, trained with the student from scratch")
+    low_lr: float = Field(0.01, gt=0, le=10, description="methods: the learning rate of the DKD and DML rows that "
+                                                         "repeat a collapsed setting at a lower one")
 
     @field_validator("seeds")
     @classmethod

@@ -26,6 +26,7 @@ class Job(Strict):
     arch: str
     seed: int = Field(0, ge=0)
     epochs: Optional[int] = Field(None, ge=1, description="overrides cfg.<role>.train.epochs")
+    lr: Optional[float] = Field(None, gt=0, le=10, description="overrides cfg.<role>.train.lr")
     guides: list["Job"] = Field(default_factory=list, description="learn from these (several: DGKD)")
     survival: float = Field(1.0, gt=0, le=1, description="DGKD: chance each guide is kept at a step")
     kd: Optional[KDConfig] = Field(None, description="this job's distillation settings; unset: the config's kd")
@@ -39,7 +40,8 @@ class Job(Strict):
 
 def train_settings(cfg: PipelineConfig, job: Job):
     base = getattr(cfg, job.role).train
-    return base.model_copy(update={"epochs": job.epochs}) if job.epochs else base
+    update = {k: v for k, v in (("epochs", job.epochs), ("lr", job.lr)) if v is not None}
+    return base.model_copy(update=update) if update else base
 
 
 def job_kd(cfg: PipelineConfig, job: Job) -> KDConfig:
