@@ -207,6 +207,8 @@ def methods(cfg: PipelineConfig) -> Plan:
                 ("dkd", _student(cfg, seed, [t], kd=_hop(cfg, "dkd")), "DKD"),
                 ("takd-dkd", _student(cfg, seed, [ta_dkd], kd=_hop(cfg, "dkd")), "TAKD with DKD at both hops"),
                 ("dkd-b2", _student(cfg, seed, [t], kd=dkd2), "DKD, beta 2, warm-up 2 epochs"),
+                ("nokd-low-lr", _student(cfg, seed, lr=x.low_lr), f"NOKD {s}, lr {x.low_lr:g}"),
+                ("kd-low-lr", _student(cfg, seed, [t], lr=x.low_lr), f"KD {t.arch} -> {s}, lr {x.low_lr:g}"),
                 ("dkd-low-lr", _student(cfg, seed, [t], kd=_hop(cfg, "dkd"), lr=x.low_lr), f"DKD, lr {x.low_lr:g}"),
                 ("takd-dkd-b2", _student(cfg, seed, [ta_dkd2], kd=dkd2), "TAKD with DKD beta 2 at both hops"),
                 ("dml", _student(cfg, seed, kd=dml), f"DML with {peers}"),
@@ -219,7 +221,10 @@ def methods(cfg: PipelineConfig) -> Plan:
                  f"ensemble {names}, mixture weighted by val. acc.")]
         rows += [Row(v, seed, job, label) for v, job, label in spec]
     variants = list(dict.fromkeys(r.variant for r in rows))
-    contrasts = [("kd", "nokd")] + [(v, "kd") for v in variants if v not in ("nokd", "kd")]
+    # The low-lr rows are read against KD at the same learning rate.
+    low = [v for v in variants if v.endswith("-low-lr") and v not in ("nokd-low-lr", "kd-low-lr")]
+    contrasts = [("kd", "nokd"), ("kd-low-lr", "nokd-low-lr")] + [(v, "kd-low-lr") for v in low]
+    contrasts += [(v, "kd") for v in variants if v not in ("nokd", "kd", "nokd-low-lr", "kd-low-lr", *low)]
     refs = [_ref("teacher", t), _ref("assistant", ta), _ref("assistant-dkd", ta_dkd, f"assistant {ta.arch} (DKD)"),
             _ref("assistant-dkd-b2", ta_dkd2, f"assistant {ta.arch} (DKD beta 2)")]
     refs += [_ref(f"teacher-{j.arch}", j) for j in ensemble if j is not t]

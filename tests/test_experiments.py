@@ -187,7 +187,7 @@ def test_every_dvc_matrix_stage_names_rows_of_its_plan():
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "params.yaml")
     stages = [s for s in Repo(str(root)).index.stages if "experiments job" in (s.cmd or "")]
-    assert len(stages) == 3 * 3 + 3 * 3 + 4 * 3 + 4 * 2 * 3 + 3 + 3 + 19 * 3
+    assert len(stages) == 3 * 3 + 3 * 3 + 4 * 3 + 4 * 2 * 3 + 3 + 3 + 21 * 3
     for stage in stages:
         args = build_parser().parse_args(shlex.split(stage.cmd)[3:])
         assert build_plan(args.name, cfg).select(args.variant, args.seed), stage.cmd
