@@ -164,9 +164,11 @@ def _train_epoch(forward, train: DeviceSet, cfg: TrainConfig, loss_fn: DistillLo
         y = train.y[idx]
         with autocast(device):
             out = forward(x)
-            logits, feats = out if isinstance(out, tuple) else (out, {})
-            epoch = where[1] - 1 + step / steps
-            parts = loss_fn(Batch(logits.float(), y, t.logits, feats, t.features, epoch, t.weights), lam)
+        logits, feats = out if isinstance(out, tuple) else (out, {})
+        # The loss runs in fp32: relation losses subtract near-equal Gram entries, which bf16 would round away.
+        feats = {k: v.float() for k, v in feats.items()}
+        epoch = where[1] - 1 + step / steps
+        parts = loss_fn(Batch(logits.float(), y, t.logits, feats, t.features, epoch, t.weights), lam)
         if (step + 1) % check_every == 0 and not torch.isfinite(parts["total"]):
             raise DivergedError(f"{where[0]}: loss is {parts['total'].item()} at epoch {where[1]}, step {step + 1}")
         opt.zero_grad(set_to_none=True)

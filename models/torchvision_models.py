@@ -1,9 +1,11 @@
 """`tv:<name>`: any torchvision classifier, adapted to the data set's channels and classes."""
 from __future__ import annotations
 
+import torch
 import torchvision
 from torch import nn
 
+from models.features import stage_ends
 from models.registry import UnknownModelError, register
 
 
@@ -25,5 +27,9 @@ def torchvision_model(name: str, in_channels: int, num_classes: int, image_size:
         raise UnknownModelError(f"unknown torchvision classifier {tv_name!r} in model {name!r}")
     model = torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes)
     _adapt_first_conv(model, in_channels)
-    model.feature_names = []  # discover with torchvision.models.feature_extraction.get_graph_node_names
+    # Feature losses pair stages by spatial size; a probe finds where each size ends.
+    try:
+        model.feature_names = stage_ends(model, torch.zeros(2, in_channels, image_size, image_size))
+    except RuntimeError:  # too small an image for this network: explained where the model first runs
+        model.feature_names = []
     return model

@@ -203,7 +203,7 @@ def _prepare(cfg: PipelineConfig, ws: Workspace, t: Training, generator) -> tupl
                       sample=ws.train.normalize(ws.train.x[:8]), build=ws.build, seed=t.seed)
     try:
         loss = build_loss(t.loss, kd, ctx)
-    except ValueError as e:  # a bad layer name, no matching stages: one line naming the setting
+    except (ValueError, LookupError) as e:  # a bad layer name, no matching stages: one line naming the setting
         raise KDError(f"{t.name}: {e}") from None
     if guides and not loss.needs_teacher:
         raise KDError(f"{t.name}: loss {t.loss!r} trains without a teacher, but {len(guides)} guide(s) were given")

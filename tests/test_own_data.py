@@ -194,6 +194,12 @@ def test_torchvision_architecture_with_a_weights_file(prepared, tmp_path):
     imported = _with(cfg, cat, **{"teacher.checkpoint": str(path), "teacher.arch": "tv:resnet18"})
     STAGES["train-teacher"](imported, cat, False)
     assert json.loads((cat.model("teacher") / "model.json").read_text())["arch"] == "tv:resnet18"
+    # Its stages are found by spatial size, so feature and relation losses pair with them.
+    assert build_model("tv:resnet18", 1, 10, 28).feature_names == ["relu", "layer1", "layer2", "layer3", "avgpool"]
+    STAGES["cache-teacher"](imported, cat, False)
+    for loss in ("at", "rkd"):
+        over = {"teacher.checkpoint": str(path), "teacher.arch": "tv:resnet18", "kd.loss": loss, "kd.lam": 0.0}
+        assert STAGES["distill-student-blkd"](_with(cfg, cat, **over), cat, True)["best_val_acc"] > 0.2
     with pytest.raises(CheckpointError, match="does not fit tv:resnet34"):
         STAGES["train-teacher"](_with(cfg, cat, **{"teacher.checkpoint": str(path), "teacher.arch": "tv:resnet34"}),
                                 cat, False)

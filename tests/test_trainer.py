@@ -109,3 +109,49 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     torch.save({"model": Evil()}, path, pickle_protocol=pickle.HIGHEST_PROTOCOL)
     with pytest.raises(CheckpointError, match="refused or unreadable as a weights-only checkpoint"):
         load_torch(path)
+
+
+
+def test_the_loss_runs_in_fp32_outside_mixed_precision(data_cfg, monkeypatch):
+    """On a GPU the forward pass runs under bf16 autocast; the loss must not (relation losses
+    subtract near-equal Gram entries). CPU bf16 autocast stands in for the GPU's here."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    import engine.trainer
+    from engine.config import TrainConfig
+    from engine.device import seed_everything
+    from engine.losses import DistillLoss
+    from engine.trainer import fit
+    from models import build_model, with_features
+    from tests.engine_helpers import device_sets
+
+    forward_dtypes, loss_sees = [], []
+
+    class Tap(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.body = with_features(model, model.feature_names[-1:])
+
+        def forward(self, x):
+            logits, feats = self.body(x)
+            forward_dtypes.append(next(iter(feats.values())).dtype)
+            return logits, feats
+
+    class Probe(DistillLoss):
+        needs_teacher = False
+
+        def wrap(self, model):
+            return Tap(model)
+
+        def forward(self, batch, lam):
+            feat = next(iter(batch.student_features.values()))
+            loss_sees.append((torch.is_autocast_enabled("cpu"), batch.student_logits.dtype, feat.dtype))
+            return {"total": F.cross_entropy(batch.student_logits, batch.labels)}
+
+    monkeypatch.setattr(engine.trainer, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    s, tr, va, _ = device_sets(data_cfg)
+    fit(build_model("plain-2", 1, 10, 28), tr, va, TrainConfig(epochs=1, batch_size=128), Probe(), seed_everything(0),
+        s.augment, progress=False)
+    assert set(forward_dtypes) == {torch.bfloat16}  # the forward pass did run in mixed precision
+    assert set(loss_sees) == {(False, torch.float32, torch.float32)}
