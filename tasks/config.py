@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from engine.config import DataConfig, KDConfig, SafePath, Strict, TrainConfig
 from engine.errors import KDError
@@ -144,6 +144,12 @@ class PipelineConfig(Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     experiments: ExperimentsConfig = Field(default_factory=ExperimentsConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _hops_inherit_kd(cls, raw: Any) -> Any:
+        # Here, not in load_config, so that the Prefect form and Python callers inherit too.
+        return inherit_hop_kd(raw) if isinstance(raw, dict) else raw
+
 
 class ConfigError(KDError):
     pass
@@ -193,7 +199,7 @@ def load_config(path: str | Path | None = "params.yaml", overrides: dict[str, An
         raise ConfigError(f"{path}: file not found")
     # Partial sections in the file or the flags fill in from the schema's defaults.
     merged = deep_merge(deep_merge(PipelineConfig().model_dump(), raw), dotted_to_nested(overrides or {}))
-    return validate(inherit_hop_kd(merged), str(path or "config"))
+    return validate(merged, str(path or "config"))
 
 
 HOPS = ("teacher", "assistant", "student")

@@ -67,3 +67,14 @@ def test_every_stage_has_help(capsys):
 def test_paths_cannot_climb_out(key, value):
     with pytest.raises(ConfigError, match=f"{key}: Value error, path .* must not contain '..'"):
         load_config(None, {key: value})
+
+
+def test_a_hop_kd_inherits_the_top_level_kd_however_the_config_arrives():
+    """params.yaml, the CLI and the Prefect form (a PipelineConfig validated from JSON) agree."""
+    raw = {"kd": {"temperature": 5.0, "lam": 0.5}, "student": {"arch": "plain-2", "kd": {"loss": "dkd"}}}
+    for cfg in (PipelineConfig.model_validate(raw), load_config(None, {"kd.temperature": 5.0, "kd.lam": 0.5,
+                                                                       "student.kd.loss": "dkd"})):
+        assert (cfg.student.kd.loss, cfg.student.kd.temperature, cfg.student.kd.lam) == ("dkd", 5.0, 0.5)
+        assert cfg.assistant.kd is None
+    again = PipelineConfig.model_validate(PipelineConfig.model_validate(raw).model_dump())
+    assert again == PipelineConfig.model_validate(raw)
