@@ -65,7 +65,8 @@ def export_student(cfg: PipelineConfig, cat: Catalog, force: bool = False) -> di
                    "std": ws.std, "layout": "NCHW, float32; normalised inside the model"}, out / PREPROCESS_FILE)
         data = {**read_stage(cat.prepared)["result"], "mean": [round(v, 4) for v in ws.mean],
                 "std": [round(v, 4) for v in ws.std]}
-        export = {**diffs, "check_images": len(images)}
+        selected = "by export.model" if cfg.export.model else "as the student with the best validation accuracy"
+        export = {**diffs, "check_images": len(images), "selected": selected}
         with atomic_path(out / CARD_FILE) as tmp:
             tmp.write_text(model_card(name, _chain(cfg, cat, name), data, export))
         return {"model": name, **export, "files": [TORCHSCRIPT_FILE, ONNX_FILE, LABELS_FILE, PREPROCESS_FILE, CARD_FILE],

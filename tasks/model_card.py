@@ -3,6 +3,7 @@ against its teacher, how much smaller and faster, and what data it learnt from."
 from __future__ import annotations
 
 from engine.config import KDConfig
+from engine.losses import loss_settings
 
 
 def _pct(x: float) -> str:
@@ -10,7 +11,10 @@ def _pct(x: float) -> str:
 
 
 def _hop(kd: KDConfig | None, method: str) -> str:
-    return "labels only" if kd is None else f"{method}, loss `{kd.loss}` (T={kd.temperature}, λ={kd.lam})"
+    if kd is None:
+        return "labels only"
+    settings = ", ".join(f"{k}={v}" for k, v in loss_settings(kd, kd.loss).items())
+    return f"{method}, loss `{kd.loss}` ({settings})"
 
 
 def headline(student: dict, teacher: dict) -> str:
@@ -43,7 +47,7 @@ def model_card(name: str, chain: list[dict], data: dict, export: dict) -> str:
 - Path: {path}
 - Method of each hop:
 {hops}
-- Selected as the student with the best validation accuracy; the test split was used only to report.
+- Selected {export['selected']}; the test split was used only to report.
 
 ## How good it is
 | model | test accuracy | parameters | size | MFLOPs / image | latency b1 (ms) | throughput b256 (img/s) |

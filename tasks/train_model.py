@@ -12,20 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from engine import augment, soft_targets
 from engine.atomic import load_torch
-from engine.config import TrainConfig
+from engine.config import KDConfig, TrainConfig
 from engine.device import seed_everything
-from engine.fingerprint import model_fingerprint
-from engine.config import KDConfig
 from engine.errors import KDError
-from engine.teacher_import import TORCHSCRIPT, check_fits, checkpoint_format, load_torchscript
-from engine.losses import LOSSES, DistillLoss, LossContext, build_loss
+from engine.fingerprint import model_fingerprint
+from engine.losses import LOSSES, DistillLoss, LossContext, build_loss, loss_settings
 from engine.losses.feature import FeatureLoss
+from engine.teacher_import import TORCHSCRIPT, check_fits, checkpoint_format, load_torchscript
 from engine.trainer import Teacher, accuracy, fit, predict
-from pydantic import BaseModel
-from torch import nn
 from tasks import tracking
 from tasks.catalog import MODELS, Catalog
 from tasks.config import ModelConfig, PipelineConfig
@@ -129,7 +127,12 @@ def _ensemble_weights(kd: KDConfig, t: Training) -> list[float] | None:
             raise KDError(f"kd.ensemble.weights has {len(kd.ensemble.weights)} entries for {len(t.guides)} teachers")
         return kd.ensemble.weights
     if kd.ensemble.weighted:
-        return [float(read_meta(m).get("best_val_acc") or 0) for m, _ in t.guides]
+        accs = {str(m): read_meta(m).get("best_val_acc") for m, _ in t.guides}
+        unknown = [m for m, acc in accs.items() if acc is None]
+        if unknown:  # an imported teacher that was not fine-tuned was never validated here
+            raise KDError(f"kd.ensemble.weighted weights teachers by validation accuracy, but {', '.join(unknown)} "
+                          "has none; set kd.ensemble.weights, or teacher.finetune_epochs for an imported teacher")
+        return [float(acc) for acc in accs.values()]
     return None
 
 
@@ -225,15 +228,6 @@ def _fit(cfg: PipelineConfig, ws: Workspace, t: Training, key: str, generator, m
     return result.history, {"best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc}
 
 
-def _kd_params(kd: KDConfig, loss: str) -> dict:
-    """The hop's distillation settings for MLflow: the shared ones and the chosen loss's own."""
-    own = getattr(kd, {"self": "self_distill"}.get(loss, loss), None)
-    params = {"lam": kd.lam, "temperature": kd.temperature, "lam_schedule": kd.lam_schedule}
-    if isinstance(own, BaseModel):
-        params |= {f"{loss}.{k}": v for k, v in own.model_dump().items()}
-    return params
-
-
 def fit_training(cfg: PipelineConfig, cat: Catalog, t: Training, key: str, out_dir: Path) -> dict:
     """Train (or import) the model, save it in `out_dir` and log it to MLflow; returns the summary."""
     ws = Workspace(cat, cfg.device)
@@ -242,7 +236,7 @@ def fit_training(cfg: PipelineConfig, cat: Catalog, t: Training, key: str, out_d
               "epochs": t.train.epochs, "lr": t.train.lr, "batch_size": t.train.batch_size, "data": cfg.data.name}
     model, loss, teacher, extra = _prepare(cfg, ws, t, generator)
     if loss is not None and t.loss != "ce":
-        params |= _kd_params(t.kd or cfg.kd, t.loss)
+        params |= loss_settings(t.kd or cfg.kd, t.loss)
     if t.guides:
         params |= {"views": cfg.cache.views, "topk": cfg.cache.topk or 0, "guide_survival": t.survival}
     params |= extra

@@ -348,3 +348,43 @@ def test_a_bad_layer_name_is_one_clear_error(project):
     job = Job(role="student", arch="plain-2", epochs=1, kd=kd, guides=[Job(role="teacher", arch="plain-4")])
     with pytest.raises(KDError, match=r"kd.student_layers: no stage named \['features.9'\]; the model has"):
         train_job(cfg, cat, job)
+
+
+def test_weighting_an_ensemble_needs_every_teachers_validation_accuracy(tmp_path):
+    """weighted=true reads each teacher's best validation accuracy; an imported teacher that
+    was never validated is named, rather than weighted 0 (all zero would be NaN)."""
+    import json
+
+    from engine.config import TrainConfig
+    from engine.errors import KDError
+    from tasks.train_model import Training, _ensemble_weights
+
+    dirs = []
+    for name, acc in (("a", 0.8), ("b", 0.6), ("imported", None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.json").write_text(json.dumps({"best_val_acc": acc}))
+        dirs.append((tmp_path / name, tmp_path / name))
+    kd = KDConfig(ensemble={"weighted": True})
+
+    def training(guides):
+        return Training(name="s", role="student", method="kd", arch="plain-2", seed=0, train=TrainConfig(),
+                        run_name="s", guides=tuple(guides), loss="kd", kd=kd)
+
+    assert _ensemble_weights(kd, training(dirs[:2])) == [0.8, 0.6]
+    with pytest.raises(KDError, match=r"imported has none; set kd.ensemble.weights"):
+        _ensemble_weights(kd, training(dirs))
+
+
+def test_each_loss_reports_the_settings_it_reads():
+    """MLflow params and the model card name the settings a hop's loss actually uses: DKD its
+    own temperature and no lam; the feature losses KD's objective plus their own weights."""
+    from engine.losses import loss_settings
+    from tasks.model_card import _hop
+
+    kd = KDConfig(loss="dkd", lam=0.3)
+    assert set(loss_settings(kd, "dkd")) == {"dkd.alpha", "dkd.beta", "dkd.temperature", "dkd.warmup_epochs"}
+    at = loss_settings(KDConfig(lam=0.0), "at")
+    assert at["lam"] == 0.0 and at["at.beta"] == KDConfig().at.beta and "temperature" in at
+    assert loss_settings(KDConfig(), "ce") == {}
+    assert "dkd.temperature=4.0" in _hop(kd, "takd") and "lam" not in _hop(kd, "takd")
+    assert "lam=0.1" in _hop(KDConfig(), "blkd") and _hop(None, "nokd") == "labels only"

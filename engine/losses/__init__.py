@@ -53,6 +53,8 @@ class DistillLoss(nn.Module):
 
     title = ""  # what tables call it
     needs_teacher = True
+    section = ""  # its own settings: kd.<section>
+    kd_objective = True  # builds on KD's (1 - lam) * CE + lam * T^2 * KL, so reads kd.lam and kd.temperature
     student_features: tuple[str, ...] = ()
     teacher_features: tuple[str, ...] = ()
 
@@ -78,6 +80,15 @@ def register(name: str):
     return deco
 
 
+def loss_settings(kd: KDConfig, name: str) -> dict:
+    """The settings the loss `name` reads, flat ('dkd.beta': 8.0): for MLflow params and model cards."""
+    cls = LOSSES[name]
+    out = {"lam": kd.lam, "temperature": kd.temperature, "lam_schedule": kd.lam_schedule} if cls.kd_objective else {}
+    if cls.section:
+        out |= {f"{cls.section}.{k}": v for k, v in getattr(kd, cls.section).model_dump().items()}
+    return out
+
+
 def build_loss(name: str, cfg: KDConfig | None, ctx: LossContext | None = None) -> DistillLoss:
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; available: {', '.join(sorted(LOSSES))}")
@@ -88,6 +99,7 @@ def build_loss(name: str, cfg: KDConfig | None, ctx: LossContext | None = None) 
 class CrossEntropy(DistillLoss):
     title = "labels only"
     needs_teacher = False
+    kd_objective = False
 
     def __init__(self, cfg: KDConfig | None = None, ctx: LossContext | None = None):
         super().__init__()

@@ -85,6 +85,7 @@ class FitNets(FeatureLoss):
     the hint; the rest minimise the base objective."""
 
     title = "FitNets (Romero et al. 2015)"
+    section = "fitnets"
 
     def __init__(self, cfg: KDConfig, ctx: LossContext):
         pairs = match_stages(cfg, ctx)
@@ -121,6 +122,7 @@ class AttentionTransfer(FeatureLoss):
     Q an attention map. The cache keeps the teacher's maps only (H*W numbers per stage)."""
 
     title = "AT (Zagoruyko & Komodakis 2017)"
+    section = "at"
 
     def __init__(self, cfg: KDConfig, ctx: LossContext):
         super().__init__(cfg, ctx, match_stages(cfg, ctx))

@@ -58,6 +58,7 @@ class DKD(DistillLoss):
     DKD has its own temperature and ignores lam, as in the paper."""
 
     title = "DKD (Zhao et al. 2022)"
+    section, kd_objective = "dkd", False
 
     def __init__(self, cfg: KDConfig, ctx: LossContext | None = None):
         super().__init__()

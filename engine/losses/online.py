@@ -29,6 +29,7 @@ class DeepMutualLearning(DistillLoss):
     backward pass. Only the student (the first member) is kept."""
 
     title = "DML (Zhang et al. 2018)"
+    section, kd_objective = "dml", False
     needs_teacher = False
 
     def __init__(self, cfg: KDConfig, ctx: LossContext):

@@ -51,6 +51,7 @@ class RKD(FeatureLoss):
     flattened embeddings."""
 
     title = "RKD (Park et al. 2019)"
+    section = "rkd"
 
     def __init__(self, cfg: KDConfig, ctx: LossContext):
         super().__init__(cfg, ctx, _last_stages(cfg, ctx))
@@ -77,6 +78,7 @@ class SimilarityPreserving(FeatureLoss):
     """Tung & Mori 2019: base + gamma * ||G_s - G_t||_F^2 / B^2."""
 
     title = "SP (Tung & Mori 2019)"
+    section = "sp"
 
     def __init__(self, cfg: KDConfig, ctx: LossContext):
         super().__init__(cfg, ctx, _last_stages(cfg, ctx))

@@ -46,6 +46,7 @@ class SelfDistillation(DistillLoss):
     the last layer held fixed in the KL. (The paper's feature-hint term is left out.)"""
 
     title = "self-distillation, deep to shallow (Zhang et al. 2019)"
+    section, kd_objective = "self_distill", False
     needs_teacher = False
 
     def __init__(self, cfg: KDConfig, ctx: LossContext):
