@@ -5,7 +5,6 @@ path runs in CI."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -37,9 +36,9 @@ def test_micro_suites_write_json_and_markdown(tmp_path, fashion_dir):
     for name in ("overhead", "gpu"):
         for row in results[name]["rows"]:
             assert row["trainer_img_s"] > 0 and row["bare_img_s"] > 0
-            # One repeat: the median pair is the only pair (the *_runs_s lists are rounded for the report).
-            assert math.isclose(row["ratio"], row["trainer_img_s"] / row["bare_img_s"], rel_tol=1e-9)
-            assert len(row["trainer_runs_s"]) == len(row["bare_runs_s"]) == 1
+            # One repeat: the ratio is that pair's bare / trainer time; the recorded times are rounded to 1 ms.
+            (t,), (b,) = row["trainer_runs_s"], row["bare_runs_s"]
+            assert (b - 5e-4) / (t + 5e-4) <= row["ratio"] <= (b + 5e-4) / max(t - 5e-4, 1e-9)
     assert {r["workers"] for r in results["original"]["rows"]} == {0, 2}
     for row in results["cache"]["rows"]:
         assert row["expected_by_flops"] > 1 and row["expected_by_time"] > 1 and row["online_epoch_s"] > 0

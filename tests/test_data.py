@@ -11,7 +11,7 @@ from engine import augment
 from engine.config import AugmentConfig, DataConfig
 from engine.data import DeviceSet, load_splits
 from engine.errors import DataError
-from tests.fakes import idx_bytes, write_cifar, write_fashion, write_image_folder
+from tests.fakes import idx_bytes, write_cifar, write_image_folder
 
 
 def test_fashion_mnist_splits_are_seeded_and_disjoint(data_cfg):

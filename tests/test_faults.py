@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from tasks.catalog import Catalog
 from tasks.cli import main

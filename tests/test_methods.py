@@ -129,6 +129,15 @@ def test_fitnets_hint_by_hand_joint_and_stagewise(ctx):
     assert stagewise(batch, 0.0)["total"].item() == pytest.approx(10 * hint, rel=1e-4)  # hint alone
     batch.epoch = 1
     assert stagewise(batch, 0.0)["total"].item() == pytest.approx(ce_, rel=1e-5)  # then the task loss
+    # Stage 1 trains the layers up to the hint (and the regressor), not the ones after it.
+    stagewise.train()
+    logits, feats = stagewise.wrap(ctx.student)(ctx.sample)
+    teacher_feats = {"s1": torch.randn(4, 5, 4, 4)}
+    stagewise(Batch(logits, torch.zeros(4, dtype=torch.long), None, feats, teacher_feats, 0.0), 0.0)["total"].backward()
+    grads = {n: p.grad for n, p in ctx.student.named_parameters()}
+    assert all(grads[n] is None or not grads[n].any() for n in grads if n.startswith("head."))
+    assert all(grads[n] is not None and grads[n].any() for n in grads if n.startswith(("s0.", "s1.")))
+    assert stagewise.regressor[0].weight.grad.any()
 
 
 def test_attention_transfer_by_hand(ctx):
@@ -233,6 +242,12 @@ def test_self_distillation_by_hand(ctx):
     ce_exit = mean(ce(e, y) for e, y in zip(exit_logits, Y))
     kl_exit = mean(kl(softmax(s, 3), softmax(e, 3)) for s, e in zip(S, exit_logits)) * 9
     assert parts["total"].item() == pytest.approx(ce_last + 0.7 * ce_exit + 0.3 * kl_exit, rel=1e-5)
+    # The last layer teaches the exits, not the reverse: its gradient is its own CE's alone.
+    last, exits = torch.tensor(S, requires_grad=True), torch.tensor([exit_logits], requires_grad=True)
+    loss(Batch(last, torch.tensor(Y), student_features={"exits": exits}), 0.0)["total"].backward()
+    by_hand = [[(p - (c == y)) / len(S) for c, p in enumerate(softmax(s))] for s, y in zip(S, Y)]
+    assert torch.allclose(last.grad, torch.tensor(by_hand), atol=1e-6)
+    assert exits.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("name", ["fitnets", "at", "rkd", "sp", "self"])

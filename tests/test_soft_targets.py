@@ -91,3 +91,26 @@ def test_distillation_from_cache_and_online_train_alike(setup):
                 kd=KDConfig(), teacher=Teacher(source, views))
         results.append(r.history[0])
     assert results[0]["loss_kd"] == pytest.approx(results[1]["loss_kd"], rel=1e-2)
+
+
+def test_cached_teacher_features_equal_the_online_teachers_up_to_fp16(data_cfg):
+    """For the same images and views, the feature cache (computed once, fp16) returns what
+    running the teacher at that step returns, to fp16's precision."""
+    from engine.soft_targets import CachedFeatures, OnlineTeacher, compute_features
+    from models import feature_names
+
+    s, train, _, _ = device_sets(data_cfg)
+    torch.manual_seed(0)
+    teacher = build_model("plain-4", 1, 10, 28).eval()
+    names = tuple(feature_names(teacher))
+    cache = CachedFeatures(lambda idx, view, x: None,
+                           compute_features(teacher, train, s.augment, 2, seed=5, names=names, batch_size=64))
+    views = augment.fixed_views(len(train), s.augment, 5, 2)
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:50]
+    view = torch.randint(0, 2, (50,), generator=torch.Generator().manual_seed(2))
+    x = train.normalize(augment.apply(train.x[idx], views[view, idx], s.augment))
+    cached, online = cache(idx, view, x).features, OnlineTeacher(teacher, names)(idx, view, x).features
+    assert set(cached) == set(online) == set(names)
+    for n in names:
+        scale = online[n].abs().max().item()
+        torch.testing.assert_close(cached[n], online[n], rtol=1e-3, atol=1e-3 * scale)
