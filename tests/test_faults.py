@@ -3,6 +3,7 @@ two runs of one stage take turns, bad input gets one line and a non-zero exit.""
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,13 +72,21 @@ def test_kill_9_during_training_then_rerun_gives_the_uninterrupted_result(tmp_pa
     assert [h["val_acc"] for h in ha] == [h["val_acc"] for h in hb]
 
 
-@pytest.mark.parametrize("delay", [0.5, 1.5, 3.0])
-def test_kill_9_during_caching_never_leaves_a_cache_that_reads_as_complete(tmp_path, fashion_dir, delay):
-    root = tmp_path / "p"
+@pytest.fixture(scope="module")
+def trained_teacher(tmp_path_factory, fashion_dir) -> Path:
+    """A project with its data prepared and its teacher trained, to copy (the copy reuses both)."""
+    root = tmp_path_factory.mktemp("teacher") / "p"
     root.mkdir()
     write_params(root, fashion_dir, **{"cache.views": 48, "cache.batch_size": 64})
     for stage in ("prepare-data", "train-teacher"):
         finish(cli(root, stage))
+    return root
+
+
+@pytest.mark.parametrize("delay", [0.5, 1.5, 3.0])
+def test_kill_9_during_caching_never_leaves_a_cache_that_reads_as_complete(tmp_path, trained_teacher, delay):
+    root = tmp_path / "p"
+    shutil.copytree(trained_teacher, root)
     cache = Catalog(root).soft_targets("teacher")
     proc = cli(root, "cache-teacher")
     assert wait_for(root / ".kd" / "locks" / "cache-teacher.lock", proc)  # imports done, stage started
