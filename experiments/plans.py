@@ -221,10 +221,10 @@ def methods(cfg: PipelineConfig) -> Plan:
                  f"ensemble {names}, mixture weighted by val. acc.")]
         rows += [Row(v, seed, job, label) for v, job, label in spec]
     variants = list(dict.fromkeys(r.variant for r in rows))
-    # The low-lr rows are read against KD at the same learning rate.
-    low = [v for v in variants if v.endswith("-low-lr") and v not in ("nokd-low-lr", "kd-low-lr")]
-    contrasts = [("kd", "nokd"), ("kd-low-lr", "nokd-low-lr")] + [(v, "kd-low-lr") for v in low]
-    contrasts += [(v, "kd") for v in variants if v not in ("nokd", "kd", "nokd-low-lr", "kd-low-lr", *low)]
+    # Each row is read against KD at its own learning rate.
+    contrasts = [("kd", "nokd"), ("kd-low-lr", "nokd-low-lr")]
+    contrasts += [(v, "kd-low-lr" if v.endswith("-low-lr") else "kd") for v in variants
+                  if v not in ("nokd", "kd", "nokd-low-lr", "kd-low-lr")]
     refs = [_ref("teacher", t), _ref("assistant", ta), _ref("assistant-dkd", ta_dkd, f"assistant {ta.arch} (DKD)"),
             _ref("assistant-dkd-b2", ta_dkd2, f"assistant {ta.arch} (DKD beta 2)")]
     refs += [_ref(f"teacher-{j.arch}", j) for j in ensemble if j is not t]
