@@ -2,7 +2,7 @@
 # The two commands of the README:
 #   ./run.sh pipeline   install what is missing, then run the default pipeline (dvc repro) on Fashion-MNIST
 #   ./run.sh test       install what is missing, then run the test suite
-# Other commands run inside the project's venv: ./run.sh dvc metrics show, ./run.sh python -m tasks --help
+# Other commands run inside the project's venv: ./run.sh dvc metrics show, ./run.sh takd --help
 set -euo pipefail
 cd "$(dirname "$0")"
 export DVC_NO_ANALYTICS=1 PIP_DISABLE_PIP_VERSION_CHECK=1 GIT_PYTHON_REFRESH=quiet
@@ -41,6 +41,9 @@ case "$cmd" in
   pipeline)
     setup
     [ -d .git ] || { git init -q && git add -A && git -c user.email=takd@localhost -c user.name=takd commit -qm init; }
+    # Without Debian's files, the prepare-data stage downloads the data set first, so dvc.yaml can list it.
+    [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || python -m tasks prepare-data > /dev/null
+    python -m tasks dvc-yaml  # dvc.yaml lists what params.yaml makes each stage read (a no-op when it does)
     start=$(date +%s)
     dvc repro "$@"
     echo "== dvc repro took $(( $(date +%s) - start )) s"

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from bench.common import Context
-from tasks.stages import ORDER, TRAINS
+from tasks.config import load_config
+from tasks.stages import instances
 
 REPO = Path(__file__).resolve().parents[1]
 _DROP = ("KD_PROJECT_ROOT", "KD_MLFLOW_PARENT_RUN", "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "KD_TRACKING")
@@ -48,18 +49,17 @@ def _clone(ctx: Context, name: str) -> Path:
 
 
 def _stage_seconds(root: Path) -> dict[str, float]:
-    """Each stage's own wall time from its stage.json, by dvc.yaml stage name, in pipeline order."""
+    """Each stage instance's own wall time from its stage.json, by dvc.yaml stage name, in pipeline order."""
     found = {}
     for path in (root / "data").rglob("stage.json"):
         record = json.loads(path.read_text())
         found[record["stage"]] = record["result"].get("stage_seconds")
-    recorded_as = {name: f"train-{TRAINS[name]}" if name in TRAINS else name for name in ORDER}
-    return {name: found.get(recorded_as[name]) for name in ORDER}
+    return {i.id: found.get(i.id) for i in instances(load_config(root / "params.yaml"))}
 
 
 def _test_acc(root: Path) -> dict[str, float]:
     rows = json.loads((root / "data" / "metrics" / "comparison_plot.json").read_text())
-    return {r["model"]: r["test_acc"] for r in rows}
+    return {r["method"]: r["test_acc"] for r in rows}
 
 
 def run(ctx: Context) -> dict:

@@ -120,23 +120,38 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _find_idx(stem: str, dirs: list[Path]) -> Path:
-    for d in dirs:
-        for name in (stem + ".gz", stem):
-            if (d / name).exists():
-                return d / name
-    raise DataError(f"{stem}: not found in {', '.join(map(str, dirs))}")
+def fashion_dir(cfg: DataConfig) -> Path:
+    """Where Fashion-MNIST is read from: Debian's files in data.source_dir, else torchvision's
+    download in data.root."""
+    source = Path(cfg.source_dir)
+    if any((source / (FASHION_FILES["train"][0] + ext)).exists() for ext in (".gz", "")):
+        return source
+    return Path(cfg.root) / "FashionMNIST" / "raw"
+
+
+def _find_idx(stem: str, folder: Path) -> Path:
+    for name in (stem + ".gz", stem):
+        if (folder / name).exists():
+            return folder / name
+    raise DataError(f"{folder / stem}: file not found (.gz or unpacked)")
+
+
+def fetch(cfg: DataConfig) -> None:
+    """Download a named data set with torchvision when no local copy exists (never a user's own)."""
+    import torchvision
+
+    if cfg.name == "fashion-mnist" and not fashion_dir(cfg).exists():
+        torchvision.datasets.FashionMNIST(cfg.root, train=True, download=True)
+    elif cfg.name in ("cifar10", "cifar100") and not cifar_dir(cfg).exists():
+        (torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100)(
+            cfg.root, train=True, download=True)
 
 
 def load_fashion_mnist(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
-    source, raw_dir = Path(cfg.source_dir), Path(cfg.root) / "FashionMNIST" / "raw"
-    if not (source / "train-images-idx3-ubyte.gz").exists() and not raw_dir.exists():
-        import torchvision  # the Debian package is absent: fetch the same files with torchvision
-
-        torchvision.datasets.FashionMNIST(cfg.root, train=True, download=True)
+    folder = fashion_dir(cfg)
     sets = []
     for split in ("train", "test"):
-        images, labels = (_find_idx(stem, [source, raw_dir]) for stem in FASHION_FILES[split])
+        images, labels = (_find_idx(stem, folder) for stem in FASHION_FILES[split])
         x, y = read_idx(images, 3), read_idx(labels, 1)
         if len(x) != len(y):
             raise DataError(f"{labels}: {len(y)} labels for {len(x)} images in {images}")
@@ -174,13 +189,18 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
     return data.reshape(-1, 3, 32, 32), labels
 
 
-def load_cifar(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str]]:
+def _cifar(cfg: DataConfig):
     import torchvision
 
-    tv = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
-    folder = Path(cfg.root) / tv.base_folder
-    if not folder.exists():
-        tv(cfg.root, train=True, download=True)
+    return torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
+
+
+def cifar_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.root) / _cifar(cfg).base_folder
+
+
+def load_cifar(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str]]:
+    tv, folder = _cifar(cfg), cifar_dir(cfg)
     label_key = "labels" if cfg.name == "cifar10" else "fine_labels"
     sets = []
     for files in (tv.train_list, tv.test_list):
@@ -260,7 +280,7 @@ def _class_order(labels: list[str]) -> list[str]:
 
 
 def load_csv(cfg: DataConfig) -> tuple[ImageSet, ImageSet | None, list[str]]:
-    path = Path(cfg.name.split(":", 1)[1])
+    path = _csv_path(cfg)
     if not path.is_file():
         raise DataError(f"{path}: CSV file not found")
     try:
@@ -287,6 +307,35 @@ def load_csv(cfg: DataConfig) -> tuple[ImageSet, ImageSet | None, list[str]]:
         return (_read_images(items("train"), cfg, f"{path} (train rows)"),
                 _read_images(items("test"), cfg, f"{path} (test rows)"), classes)
     return _read_images(items(None), cfg, str(path)), None, classes
+
+
+def _csv_path(cfg: DataConfig) -> Path:
+    return Path(cfg.name.split(":", 1)[1])
+
+
+def csv_sources(path: Path) -> list[Path]:
+    """The CSV and the top-level entries beside it that its rows point into (a folder of images
+    counts once), so that a changed image is a changed input."""
+    try:
+        with path.open(newline="") as f:
+            rows = [r.get("path", "") or "" for r in csv.DictReader(f)]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return [path]  # the loader names what is wrong
+    tops = {Path(r.strip()).parts[0] for r in rows if r.strip() and not Path(r.strip()).is_absolute()}
+    absolute = {Path(r.strip()) for r in rows if r.strip() and Path(r.strip()).is_absolute()}
+    return [path, *sorted(path.parent / t for t in tops), *sorted(absolute)]
+
+
+def sources(cfg: DataConfig) -> list[Path]:
+    """Every file or folder `load_splits` reads: a stage's key hashes their content, and dvc.yaml
+    lists them as the prepare-data stage's deps."""
+    if cfg.name == "fashion-mnist":
+        return [fashion_dir(cfg)]
+    if cfg.name in ("cifar10", "cifar100"):
+        return [cifar_dir(cfg)]
+    if cfg.name.startswith("csv:"):
+        return csv_sources(_csv_path(cfg))
+    return [Path(cfg.name.split(":", 1)[1])]
 
 
 # ---------------------------------------------------------------- splits

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from scipy import stats
 
 
 def summary(values: Sequence[float]) -> dict:
@@ -31,6 +30,19 @@ def paired_difference(a: dict[int, float], b: dict[int, float], confidence: floa
     s = summary(diffs)
     if s["n"] < 2:
         return {**s, "low": None, "high": None, "beyond_noise": False, "seeds": seeds}
+    from scipy import stats  # here: scipy costs half a second to import, and most stages never need it
+
     half = float(stats.t.ppf(0.5 + confidence / 2, df=s["n"] - 1)) * s["std"] / math.sqrt(s["n"])
     low, high = s["mean"] - half, s["mean"] + half
     return {**s, "low": low, "high": high, "beyond_noise": bool(low > 0 or high < 0), "seeds": seeds}
+
+
+def seed_table(accs: dict[str, dict[int, float]], labels: dict[str, str], contrasts: list[tuple[str, str]],
+               confidence: float = 0.95) -> dict:
+    """Per variant: mean ± std over its seeds and the per-seed values; per contrast (a, b): the
+    paired difference a - b. Variants are read in the order of `accs`."""
+    rows = [{"variant": v, "label": labels.get(v, v), **summary(list(by_seed.values())), "per_seed": dict(by_seed)}
+            for v, by_seed in accs.items()]
+    diffs = [{"a": a, "b": b, "label": f"{labels.get(a, a)} - {labels.get(b, b)}",
+              **paired_difference(accs[a], accs[b], confidence)} for a, b in contrasts]
+    return {"confidence": confidence, "rows": rows, "contrasts": diffs}

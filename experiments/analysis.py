@@ -2,7 +2,7 @@
 paired differences with confidence intervals, and what each experiment asks on top."""
 from __future__ import annotations
 
-from engine.stats import paired_difference, summary
+from engine.stats import seed_table
 from experiments.plans import Plan, Row
 from tasks.config import PipelineConfig
 from tasks.train_job import Job, job_id, train_settings
@@ -34,18 +34,17 @@ def _variants(rows: list[Row]) -> list[str]:
 def analyse(plan: Plan, cfg: PipelineConfig, results: Results) -> dict:
     accs = {v: {r.seed: results[job_id(cfg, r.job)]["test_acc"] for r in plan.rows if r.variant == v}
             for v in _variants(plan.rows)}
+    table = seed_table(accs, {v: plan.label(v) for v in accs}, plan.contrasts, cfg.experiments.confidence)
     rows = []
-    for v in _variants(plan.rows):
-        first = next(r for r in plan.rows if r.variant == v)
+    for row in table["rows"]:
+        first = next(r for r in plan.rows if r.variant == row["variant"])
         res = results[job_id(cfg, first.job)]
-        rows.append({"variant": v, "label": plan.label(v), "x": first.x, **summary(list(accs[v].values())),
-                     "per_seed": accs[v], "params": res["params"], "flops": res["flops"],
+        rows.append({**row, "x": first.x, "params": res["params"], "flops": res["flops"],
                      "chain_gflops_per_image": chain_gflops(cfg, first.job, results)})
     refs = [{"variant": r.variant, "label": r.label, "x": r.x, "test_acc": results[job_id(cfg, r.job)]["test_acc"],
              "params": results[job_id(cfg, r.job)]["params"]} for r in plan.references]
-    contrasts = [{"a": a, "b": b, "label": f"{plan.label(a)} - {plan.label(b)}",
-                  **paired_difference(accs[a], accs[b], cfg.experiments.confidence)} for a, b in plan.contrasts]
-    out = {"experiment": plan.name, "title": plan.title, "seeds": cfg.experiments.seeds,
+    contrasts = table["contrasts"]
+    out = {"experiment": plan.name, "title": plan.title, "seeds": cfg.student.seeds,
            "confidence": cfg.experiments.confidence, "rows": rows, "references": refs, "contrasts": contrasts}
     if plan.name == "ta-sweep":
         out["rule_of_thumb"] = rule_of_thumb(rows, refs)

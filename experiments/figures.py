@@ -4,37 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.atomic import atomic_path
 from experiments.plans import Plan
-
-BAR, REF = "#3a7", "#777"
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _bars(ax, table: dict) -> None:
-    rows = table["rows"]
-    xs = range(len(rows))
-    ax.bar(xs, [100 * r["mean"] for r in rows], yerr=[100 * r["std"] for r in rows], capsize=4, color=BAR, alpha=0.85)
-    for i, r in enumerate(rows):  # every seed as a dot: three seeds are too few to hide behind a bar
-        vals = [100 * v for v in r["per_seed"].values()]
-        ax.plot([i] * len(vals), vals, "k.", ms=4)
-    for ref in table["references"]:
-        ax.axhline(100 * ref["test_acc"], color=REF, ls="--", lw=1)
-        ax.annotate(ref["label"], (len(rows) - 0.5, 100 * ref["test_acc"]), fontsize=7, ha="right", va="bottom",
-                    color=REF)
-    ax.set_xticks(list(xs), [r["label"] for r in rows], rotation=25, ha="right", fontsize=7)
-    lo = min(min(100 * v for v in r["per_seed"].values()) for r in rows)
-    hi = max([100 * r["mean"] + 100 * r["std"] for r in rows] + [100 * f["test_acc"] for f in table["references"]])
-    ax.set_ylim(lo - 0.3 * (hi - lo) - 0.1, hi + 0.1 * (hi - lo) + 0.1)
-    ax.set_ylabel("test accuracy (%)")
+from tasks.figures import BAR, REF, bars, pyplot, save
 
 
 def _size_accuracy(ax, table: dict) -> None:
@@ -73,17 +44,12 @@ def _size_gain(ax, table: dict) -> None:
     ax.legend(fontsize=7)
 
 
-DRAW = {"bar": _bars, "size-accuracy": _size_accuracy, "size-gain": _size_gain}
+DRAW = {"bar": bars, "size-accuracy": _size_accuracy, "size-gain": _size_gain}
 
 
 def draw(table: dict, plan: Plan, out: Path) -> list[Path]:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4))
+    fig, ax = pyplot().subplots(figsize=(7.5, 4))
     DRAW[plan.plot](ax, {**table, "x_title": plan.x_title})
     ax.set_title(table["title"], fontsize=9)
     fig.tight_layout()
-    path = out / "accuracy.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save(fig, out / "accuracy.png")]

@@ -64,7 +64,7 @@ def _ref(variant: str, job: Job, label: str = "") -> Row:
 
 def _baselines(cfg: PipelineConfig, teacher: Job) -> list[Row]:
     s = cfg.student.arch
-    return [r for seed in cfg.experiments.seeds for r in
+    return [r for seed in cfg.student.seeds for r in
             (Row("nokd", seed, _student(cfg, seed), f"NOKD {s}"),
              Row("blkd", seed, _student(cfg, seed, [teacher]), f"BLKD {teacher.arch} -> {s}"))]
 
@@ -73,8 +73,8 @@ def comparison(cfg: PipelineConfig) -> Plan:
     t = _teacher(cfg)
     ta = _assistant(cfg, cfg.assistant.arch, [t])
     takd = [Row("takd", seed, _student(cfg, seed, [ta]), f"TAKD {t.arch} -> {ta.arch} -> {cfg.student.arch}")
-            for seed in cfg.experiments.seeds]
-    return Plan("comparison", f"NOKD / BLKD / TAKD over {len(cfg.experiments.seeds)} seeds",
+            for seed in cfg.student.seeds]
+    return Plan("comparison", f"NOKD / BLKD / TAKD over {len(cfg.student.seeds)} seeds",
                 _baselines(cfg, t) + takd, [_ref("teacher", t), _ref("assistant", ta)],
                 [("takd", "blkd"), ("blkd", "nokd"), ("takd", "nokd")])
 
@@ -86,7 +86,7 @@ def _size_sweep(cfg: PipelineConfig, name: str, title: str, archs: list[str], gu
         g = guide(arch)
         refs.append(_ref(f"{g.role}-{arch}", g))
         rows += [Row(f"via-{arch}", seed, _student(cfg, seed, [g]), f"via {g.role} {arch}", arch)
-                 for seed in cfg.experiments.seeds]
+                 for seed in cfg.student.seeds]
     return Plan(name, title, rows, refs, [(f"via-{a}", versus) for a in archs], "size-accuracy", x_title)
 
 
@@ -98,7 +98,7 @@ def ta_sweep(cfg: PipelineConfig) -> Plan:
 
 
 def teacher_sweep(cfg: PipelineConfig) -> Plan:
-    nokd = [Row("nokd", s, _student(cfg, s), f"NOKD {cfg.student.arch}") for s in cfg.experiments.seeds]
+    nokd = [Row("nokd", s, _student(cfg, s), f"NOKD {cfg.student.arch}") for s in cfg.student.seeds]
     return _size_sweep(cfg, "teacher-sweep", f"student {cfg.student.arch} against teacher size",
                        cfg.experiments.teacher_sizes, lambda arch: _teacher(cfg, arch), nokd, [], "nokd", "teacher")
 
@@ -107,7 +107,7 @@ def student_sweep(cfg: PipelineConfig) -> Plan:
     t = _teacher(cfg)
     rows, contrasts = [], []
     for arch in cfg.experiments.student_sizes:
-        for seed in cfg.experiments.seeds:
+        for seed in cfg.student.seeds:
             rows += [Row(f"{arch}-nokd", seed, _student(cfg, seed, arch=arch), f"NOKD {arch}", arch),
                      Row(f"{arch}-blkd", seed, _student(cfg, seed, [t], arch=arch), f"BLKD {arch}", arch)]
         contrasts.append((f"{arch}-blkd", f"{arch}-nokd"))
@@ -131,14 +131,14 @@ def paths(cfg: PipelineConfig) -> Plan:
                 prev = _assistant(cfg, arch, [prev])
             slug = "via-" + "_".join(subset)
             label = " -> ".join([t.arch, *subset, cfg.student.arch])
-            rows += [Row(slug, seed, _student(cfg, seed, [prev]), label, str(k)) for seed in cfg.experiments.seeds]
+            rows += [Row(slug, seed, _student(cfg, seed, [prev]), label, str(k)) for seed in cfg.student.seeds]
     if cfg.experiments.dgkd and mids:
         guides, p = [t], cfg.experiments.guide_survival
         for arch in mids:
             guides.append(_assistant(cfg, arch, list(guides), p))
         label = f"DGKD {' -> '.join([t.arch, *mids])} (p={p})"
         rows += [Row("dgkd", seed, _student(cfg, seed, guides, survival=p), label)
-                 for seed in cfg.experiments.seeds]
+                 for seed in cfg.student.seeds]
     variants = list(dict.fromkeys(r.variant for r in rows if r.variant not in ("nokd", "blkd")))
     return Plan("paths", f"distillation paths from {t.arch} to {cfg.student.arch}", rows, refs,
                 [(v, "blkd") for v in variants])
@@ -150,7 +150,7 @@ def equal_compute(cfg: PipelineConfig) -> Plan:
     trained from labels for as many epochs as the whole chain (generation g: (g + 1) E)."""
     e, s, gens = cfg.experiments.equal_epochs, cfg.student.arch, cfg.experiments.generations
     rows = []
-    for seed in cfg.experiments.seeds:
+    for seed in cfg.student.seeds:
         t = _teacher(cfg, seed=seed, epochs=e // 2)
         rows += [Row("labels", seed, _student(cfg, seed, epochs=e), f"{s} from labels, {e} epochs"),
                  Row("distill", seed, _student(cfg, seed, [t], epochs=e - e // 2),
@@ -193,7 +193,7 @@ def methods(cfg: PipelineConfig) -> Plan:
     ensemble = [t if a == t.arch else _teacher(cfg, a) for a in x.ensemble_teachers]
     names = " + ".join(a for a in x.ensemble_teachers)
     rows, contrasts = [], []
-    for seed in x.seeds:
+    for seed in cfg.student.seeds:
         nokd = _student(cfg, seed)
         spec = [("nokd", nokd, f"NOKD {s}"),
                 ("kd", _student(cfg, seed, [t]), f"KD {t.arch} -> {s}"),

@@ -17,6 +17,7 @@ from tasks.report import markdown_table
 from tasks.stage import run_once
 from tasks.train_job import all_jobs
 
+REPORT_CODE = ("tasks/report.py", "tasks/figures.py", "tasks/train_job.py", "experiments")
 COLUMNS = ["variant", "label", "n", "mean", "std", "params", "chain_gflops_per_image"]
 
 
@@ -93,7 +94,7 @@ def report_experiment(plan: Plan, cfg: PipelineConfig, cat: Catalog, results: Re
     """Results must hold every job of the plan (train_job's summaries)."""
     jobs = all_jobs(cfg, [r.job for r in plan.rows + plan.references])
     inputs = {"experiment": plan.name, "jobs": {jid: results[jid].get("model_fingerprint") for jid in jobs},
-              "experiments": cfg.experiments.model_dump(), "cache_views": cfg.cache.views}
+              "experiments": cfg.experiments.model_dump(), "seeds": cfg.student.seeds, "cache_views": cfg.cache.views}
 
     def work(key: str, out: Path) -> dict:
         table = analyse(plan, cfg, results)
@@ -102,6 +103,5 @@ def report_experiment(plan: Plan, cfg: PipelineConfig, cat: Catalog, results: Re
         return {"contrasts": {f"{c['a']} - {c['b']}": [c["mean"], c["low"], c["high"]] for c in table["contrasts"]},
                 "means": {r["variant"]: r["mean"] for r in table["rows"]}}
 
-    return run_once(cat, f"report-{plan.name}", "experiment-report", cat.experiment(plan.name) / "report", inputs,
-                    work, force)
+    return run_once(cat, f"report-{plan.name}", cat.experiment(plan.name) / "report", inputs, REPORT_CODE, work, force)
 

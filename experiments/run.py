@@ -6,11 +6,11 @@ from experiments.analysis import Results
 from experiments.plans import Plan
 from tasks.catalog import Catalog
 from tasks.config import PipelineConfig
-from tasks.prepare_data import prepare_data
+from tasks.stages import run_stage
 from tasks.train_job import all_jobs, train_job
 
 
 def run_rows(plan: Plan, cfg: PipelineConfig, cat: Catalog, variant: str = "*", seed: int | None = None) -> Results:
-    prepare_data(cfg, cat)  # reused when the data config is unchanged
+    run_stage("prepare-data", cfg, cat)  # reused when the data and its config are unchanged
     jobs = all_jobs(cfg, [r.job for r in plan.select(variant, seed)])
     return {jid: train_job(cfg, cat, job) for jid, job in jobs.items()}

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+
+def get_graph_node_names(model: nn.Module):
+    # torchvision is imported where it is used: importing it costs every process a second (torch._dynamo).
+    from torchvision.models.feature_extraction import get_graph_node_names as names
+
+    return names(model)
 
 
 def feature_names(model: nn.Module) -> list[str]:
@@ -62,6 +68,8 @@ class WithFeatures(nn.Module):
         super().__init__()
         output = get_graph_node_names(model)[1][-1]
         self.output = output
+        from torchvision.models.feature_extraction import create_feature_extractor
+
         self.body = create_feature_extractor(model, return_nodes=[*names, output])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 from models.features import stage_ends
@@ -22,6 +21,8 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
 
 @register("tv:", prefix=True)
 def torchvision_model(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    import torchvision  # here, not at the top: importing it costs a second per process (torch._dynamo)
+
     tv_name = name[len("tv:"):]
     if tv_name not in torchvision.models.list_models(module=torchvision.models):
         raise UnknownModelError(f"unknown torchvision classifier {tv_name!r} in model {name!r}")

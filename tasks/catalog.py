@@ -5,40 +5,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-# The models one pipeline run trains: name -> (role, method, teacher it learns from, init from)
-MODELS: dict[str, tuple[str, str, str | None, str | None]] = {
-    "teacher": ("teacher", "NOKD", None, None),
-    "assistant": ("assistant", "KD", "teacher", None),
-    "student-nokd": ("student", "NOKD", None, None),
-    "student-blkd": ("student", "BLKD", "teacher", None),
-    "student-takd": ("student", "TAKD", "assistant", None),
-    "student-takd-ft": ("student", "FT", None, "student-takd"),
-}
-STUDENTS = [m for m, spec in MODELS.items() if spec[0] == "student"]
-
-
-def lineage(name: str) -> list[str]:
-    """The pipeline models `name` descends from, itself first: student-takd-ft, student-takd,
-    assistant, teacher."""
-    chain = [name]
-    while (parent := MODELS[chain[-1]][2] or MODELS[chain[-1]][3]) is not None:
-        chain.append(parent)
-    return chain
-
-# Code each stage depends on. dvc.yaml lists the same deps (a test keeps them equal), and
-# each stage's skip key hashes these files, so Prefect and DVC rerun on the same changes.
-ENGINE = ["engine", "models", "tasks/config.py", "tasks/catalog.py", "tasks/stage.py", "tasks/context.py"]
-CODE_DEPS: dict[str, list[str]] = {
-    "prepare-data": ENGINE + ["tasks/prepare_data.py"],
-    "train": ENGINE + ["tasks/train_model.py"],
-    "train-job": ENGINE + ["tasks/train_model.py", "tasks/train_job.py"],
-    "cache": ENGINE + ["tasks/cache_soft_targets.py"],
-    "evaluate": ENGINE + ["tasks/evaluate.py"],
-    "report": ENGINE + ["tasks/report.py"],
-    "export": ENGINE + ["tasks/export.py", "tasks/model_card.py"],
-    "experiment-report": ENGINE + ["tasks/report.py", "tasks/train_job.py", "experiments"],
-}
-
 
 def project_root() -> Path:
     return Path(os.environ.get("KD_PROJECT_ROOT", ".")).resolve()
@@ -60,8 +26,12 @@ class Catalog:
     def prepared(self) -> Path:
         return self.data / "prepared"
 
+    @property
+    def models(self) -> Path:
+        return self.data / "models"
+
     def model(self, name: str) -> Path:
-        return self.data / "models" / name
+        return self.models / name
 
     def job(self, job_id: str) -> Path:
         """One experiment training (tasks/train_job.py): model/ and, for guides, soft_targets/."""
@@ -101,5 +71,5 @@ class Catalog:
 
     @property
     def state(self) -> Path:
-        """Local bookkeeping (locks, the open MLflow parent run); not an artefact."""
+        """Local bookkeeping (locks, content hashes, the open MLflow parent run); not an artefact."""
         return self.root / ".kd"

@@ -1,4 +1,5 @@
-"""`takd` / `python -m tasks`: run one stage, or the whole pipeline, from a terminal.
+"""`python -m tasks`: run one stage (what `dvc repro` calls), write dvc.yaml, predict.
+`takd` (takd/cli.py) adds the Prefect flows on top.
 
 Every field of the config schema is a flag (`--student.arch plain-4`, `--kd.lam 0.9`),
 applied on top of params.yaml. Errors print one line and exit 2.
@@ -51,25 +52,46 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k[4:]: yaml.safe_load(v) for k, v in vars(args).items() if k.startswith("cfg:")}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_params_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default=None, help="YAML file of parameters (default: params.yaml, unless --profile "
+                                                  "names the profile to start from)")
+    add_config_flags(p)
+
+
+def config_from(args: argparse.Namespace):
+    """The one merge rule (tasks.config.PipelineConfig): defaults, the profile, the file, then the flags.
+    `--profile` alone runs that profile, not params.yaml on top of it."""
+    flags = overrides(args)
+    path = args.params or (None if "profile" in flags else "params.yaml")
+    return load_config(path, flags)
+
+
+def build_parser(prog: str = "python -m tasks") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Teacher-assistant knowledge distillation: the stages.")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def add_commands(sub) -> None:
+    """The stage subcommands (one per row of the stage table), params, dvc-yaml and predict."""
     from tasks.stages import STAGES
 
-    parser = argparse.ArgumentParser(prog="takd", description="Teacher-assistant knowledge distillation pipeline.")
-    sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("params", help="print the default params.yaml")
+    p = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage table and params.yaml")
+    p.add_argument("--check", action="store_true", help="only compare; exit 1 when dvc.yaml is out of date")
     pred = sub.add_parser("predict", help="classify image files with the exported student")
     pred.add_argument("images", nargs="+")
     pred.add_argument("--engine", default="onnx", choices=["onnx", "torchscript", "mlflow"])
     pred.add_argument("--export-dir", default=None, help="default: data/export of the project")
     pred.add_argument("--model-uri", default=None, help="mlflow engine; default models:/<registered_model>@<alias>")
-    pred.add_argument("--params", default="params.yaml")
-    for name in [*STAGES, "pipeline"]:
-        help_text = "run every stage through the Prefect flow" if name == "pipeline" else f"run the {name} stage"
+    add_params_flags(pred)
+    for name, stage in STAGES.items():
+        help_text = f"run the {name} stage" + (" (every seed in student.seeds, or --seed)" if stage.per_seed else "")
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--params", default="params.yaml", help="YAML file of parameters (default: params.yaml)")
+        if stage.per_seed:
+            p.add_argument("--seed", type=int, default=None, help="only this seed's instance")
         p.add_argument("--force", action="store_true", help="redo the stage even if its outputs are up to date")
-        add_config_flags(p)
-    return parser
+        add_params_flags(p)
 
 
 def prepare_process() -> None:
@@ -82,8 +104,8 @@ def prepare_process() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def guarded(fn: Callable[[], Any]) -> int:
-    """Run a command; print its result as JSON, or one line of error and exit 2."""
+def guarded(fn: Callable[[], Any], quiet: bool = False) -> int:
+    """Run a command; print its result as JSON (or, quiet, return its exit code), or one line of error and exit 2."""
     try:
         result = fn()
     except KDError as e:
@@ -93,6 +115,8 @@ def guarded(fn: Callable[[], Any]) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e} (outputs written before this are intact)", file=sys.stderr)
         return 2
+    if quiet:
+        return result
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -110,23 +134,39 @@ def _predict(cfg: PipelineConfig, args: argparse.Namespace) -> list[dict]:
     return predict(args.images, Path(args.export_dir) if args.export_dir else cat.export, args.engine, uri)
 
 
-def main(argv: list[str] | None = None) -> int:
-    prepare_process()
-    args = build_parser().parse_args(argv)
+def _dvc_yaml(check: bool) -> int:
+    from tasks import dvc_yaml
+
+    root = Catalog.default().root
+    if check:
+        if (root / "dvc.yaml").exists() and (root / "dvc.yaml").read_text() == dvc_yaml.generate(root):
+            return 0
+        print(f"error: {root / 'dvc.yaml'} does not match the stage table and params.yaml; run "
+              "`python -m tasks dvc-yaml`", file=sys.stderr)
+        return 1
+    print("dvc.yaml " + ("written" if dvc_yaml.write(root) else "already up to date"))
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> Any:
+    """What every stage subcommand, and `predict`, does once the config is read."""
+    cfg = config_from(args)
+    if args.command == "predict":
+        return _predict(cfg, args)
+    from tasks.stages import run_stage
+
+    return run_stage(args.command, cfg, Catalog.default(), getattr(args, "seed", None), args.force)
+
+
+def dispatch(args: argparse.Namespace) -> int:
     if args.command == "params":
         sys.stdout.write(to_yaml(PipelineConfig()))
         return 0
+    if args.command == "dvc-yaml":
+        return guarded(lambda: _dvc_yaml(args.check), quiet=True)
+    return guarded(lambda: run_command(args))
 
-    def command():
-        cfg = load_config(args.params, overrides(args))
-        if args.command == "predict":
-            return _predict(cfg, args)
-        if args.command == "pipeline":
-            from flows.pipeline import takd_pipeline
 
-            return takd_pipeline(cfg, force=args.force)
-        from tasks.stages import STAGES
-
-        return STAGES[args.command](cfg, Catalog.default(), args.force)
-
-    return guarded(command)
+def main(argv: list[str] | None = None) -> int:
+    prepare_process()
+    return dispatch(build_parser().parse_args(argv))

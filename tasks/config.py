@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from engine.config import DataConfig, KDConfig, SafePath, Strict, TrainConfig
 from engine.errors import KDError
@@ -18,7 +18,6 @@ from models import check_name
 
 class ModelConfig(Strict):
     arch: str = Field(description="model by name: plain-N, resnet-N or tv:<torchvision name>")
-    seed: int = Field(0, ge=0, description="fixes initialisation, batch order and augmentation")
     train: TrainConfig = Field(default_factory=TrainConfig)
     kd: Optional[KDConfig] = Field(None, description="distillation settings of the hop into this model (any loss at "
                                                      "each hop); unset keys inherit from the top-level kd")
@@ -30,7 +29,24 @@ class ModelConfig(Strict):
         return v
 
 
-class TeacherConfig(ModelConfig):
+class SeededModelConfig(ModelConfig):
+    seed: int = Field(0, ge=0, description="fixes initialisation, batch order and augmentation")
+
+
+class StudentConfig(ModelConfig):
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
+                             description="every student (NOKD, BLKD, TAKD, fine-tuned) trains once per seed, from "
+                                         "one teacher and one TA; the report pairs the methods by seed")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v) or min(v) < 0:
+            raise ValueError("seeds must be distinct and >= 0")
+        return v
+
+
+class TeacherConfig(SeededModelConfig):
     checkpoint: Optional[SafePath] = Field(None, description="import this teacher instead of training one: a state_dict "
                                                              "for `arch` (weights-only) or a TorchScript file")
     format: Literal["auto", "state_dict", "torchscript"] = Field("auto", description="the checkpoint's kind; auto "
@@ -81,10 +97,9 @@ def _archs(v: list[str]) -> list[str]:
 
 
 class ExperimentsConfig(Strict):
-    """What the experiments (experiments/) vary. Teacher, TA and student settings come from above."""
+    """What the experiments (experiments/) vary. Teacher, TA and student settings (student seeds included)
+    come from above."""
 
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
-                             description="student seeds; teacher and TAs train once (their own seed)")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="of the paired-difference intervals")
     ta_sizes: list[str] = Field(default_factory=lambda: ["plain-8", "plain-6", "plain-4"], min_length=1,
                                 description="TA-size sweep: TAs between the teacher and the student")
@@ -105,13 +120,6 @@ class ExperimentsConfig(Strict):
     low_lr: float = Field(0.01, gt=0, le=10, description="methods: the learning rate of the DKD and DML rows that "
                                                          "repeat a collapsed setting at a lower one")
 
-    @field_validator("seeds")
-    @classmethod
-    def _unique(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v) or min(v) < 0:
-            raise ValueError("seeds must be distinct and >= 0")
-        return v
-
     @field_validator("ta_sizes", "teacher_sizes", "student_sizes", "path_sizes", "ensemble_teachers", "dml_peers")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
@@ -122,20 +130,26 @@ def _teacher() -> TeacherConfig:
     return TeacherConfig(arch="plain-10", train=TrainConfig(epochs=3, lr=0.05))
 
 
-def _assistant() -> ModelConfig:
-    return ModelConfig(arch="plain-4", train=TrainConfig(epochs=8, lr=0.05))
+def _assistant() -> SeededModelConfig:
+    return SeededModelConfig(arch="plain-4", train=TrainConfig(epochs=8, lr=0.05))
 
 
-def _student() -> ModelConfig:
-    return ModelConfig(arch="plain-2", train=TrainConfig(epochs=10, lr=0.05))
+def _student() -> StudentConfig:
+    return StudentConfig(arch="plain-2", train=TrainConfig(epochs=10, lr=0.05))
 
 
 class PipelineConfig(Strict):
+    """The whole configuration. However it arrives (params.yaml, a profile, CLI flags, the Prefect
+    form or API, a Python dict), a partial one is completed by one rule: the schema's defaults,
+    then the named profile, then the keys given."""
+
+    profile: Optional[SafePath] = Field(None, description="start from this profile: a name in profiles/ (paper) or a "
+                                                          "YAML file; the keys given here override it")
     device: str = Field("auto", description="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=_teacher)
-    assistant: ModelConfig = Field(default_factory=_assistant)
-    student: ModelConfig = Field(default_factory=_student)
+    assistant: SeededModelConfig = Field(default_factory=_assistant)
+    student: StudentConfig = Field(default_factory=_student)
     kd: KDConfig = Field(default_factory=KDConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
@@ -146,9 +160,14 @@ class PipelineConfig(Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _hops_inherit_kd(cls, raw: Any) -> Any:
-        # Here, not in load_config, so that the Prefect form and Python callers inherit too.
-        return inherit_hop_kd(raw) if isinstance(raw, dict) else raw
+    def _complete(cls, raw: Any) -> Any:
+        # Here, not in load_config, so that the Prefect form, its API and Python callers get the same rule.
+        if not isinstance(raw, dict):
+            return raw
+        base = schema_defaults()
+        if raw.get("profile"):
+            base = deep_merge(base, read_profile(raw["profile"]))
+        return inherit_hop_kd(deep_merge(base, raw))
 
 
 class ConfigError(KDError):
@@ -185,24 +204,56 @@ def validate(raw: dict, source: str = "config") -> PipelineConfig:
         raise ConfigError("; ".join(lines)) from None
 
 
+def read_yaml(path: str | Path) -> dict:
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of keys to values")
+    return raw
+
+
 def load_config(path: str | Path | None = "params.yaml", overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """params.yaml (when present) + dotted overrides such as {"student.arch": "plain-4"}."""
     raw: dict = {}
-    if path and Path(path).exists():
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: must be a mapping of keys to values")
-    elif path and Path(path).name != "params.yaml":
-        raise ConfigError(f"{path}: file not found")
-    # Partial sections in the file or the flags fill in from the schema's defaults.
-    merged = deep_merge(deep_merge(PipelineConfig().model_dump(), raw), dotted_to_nested(overrides or {}))
-    return validate(merged, str(path or "config"))
+    if path and (Path(path).exists() or Path(path).name != "params.yaml"):
+        raw = read_yaml(path)
+    return validate(deep_merge(raw, dotted_to_nested(overrides or {})), str(path or "config"))
 
 
 HOPS = ("teacher", "assistant", "student")
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+
+
+def profile_path(name: str) -> Path:
+    """A profile by name (profiles/<name>.yaml) or by path."""
+    if "/" in name or name.endswith((".yaml", ".yml")):
+        return Path(name)
+    path = PROFILES / f"{name}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
+        raise ConfigError(f"profile: unknown profile {name!r}; available: {known} (or a path to a YAML file)")
+    return path
+
+
+def read_profile(name: str) -> dict:
+    path = profile_path(name)
+    raw = read_yaml(path)
+    if "profile" in raw:
+        raise ConfigError(f"{path}: a profile cannot name another profile (profile: {raw['profile']!r})")
+    return raw
+
+
+def schema_defaults() -> dict:
+    """Every field's default, as plain values (without validating a PipelineConfig, which would recurse)."""
+    out = {}
+    for name, field in PipelineConfig.model_fields.items():
+        value = field.get_default(call_default_factory=True)
+        out[name] = value.model_dump() if isinstance(value, BaseModel) else value
+    return out
 
 
 def inherit_hop_kd(raw: dict) -> dict:

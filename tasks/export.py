@@ -4,72 +4,81 @@ refused), plus its labels, preprocessing and model card."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 
 from engine.atomic import atomic_path, save_json
 from engine.errors import KDError
 from engine.export import Deployable, onnx_max_abs_diff, to_onnx, to_torchscript, torchscript_max_abs_diff
-from tasks.catalog import MODELS, Catalog, lineage
+from tasks import tracking
+from tasks.catalog import Catalog
 from tasks.config import PipelineConfig
 from tasks.context import Workspace, read_meta
 from tasks.model_card import model_card
-from tasks.report import best_student
-from tasks.stage import read_stage, run_once, stage_key
-from tasks.train_model import hop_kd
+from tasks.stage import StageRun, require
+from tasks.train_model import PipelineModel, hop_kd
 
 TORCHSCRIPT_FILE, ONNX_FILE, LABELS_FILE, PREPROCESS_FILE, CARD_FILE = (
     "model.ts", "model.onnx", "labels.json", "preprocessing.json", "model_card.md")
 
 
-def chosen_model(cfg: PipelineConfig, cat: Catalog) -> str:
-    name = cfg.export.model or best_student(cat)
-    if name not in MODELS:
-        raise KDError(f"export.model: unknown model {name!r}; the pipeline's models are {', '.join(MODELS)}")
+def best_student(cat: Catalog, models: dict[str, PipelineModel]) -> str:
+    """The student to ship: best on validation over every method and seed, never chosen by the test split."""
+    return max((n for n, m in models.items() if m.role == "student"),
+               key=lambda n: json.loads(cat.evaluation(n).read_text()).get("best_val_acc") or 0)
+
+
+def chosen_model(cfg: PipelineConfig, cat: Catalog, models: dict[str, PipelineModel]) -> str:
+    name = cfg.export.model or best_student(cat, models)
+    if name not in models:
+        raise KDError(f"export.model: unknown model {name!r}; the pipeline's models are {', '.join(models)}")
     return name
 
 
-def _chain(cfg: PipelineConfig, cat: Catalog, name: str) -> list[dict]:
+def _chain(cfg: PipelineConfig, cat: Catalog, m: PipelineModel) -> list[dict]:
     """The student and every model it learnt from (fine-tuning's init is its own past, skipped)."""
     out = []
-    for m in lineage(name):
-        if out and MODELS[out[-1]["name"]][3] == m:
-            continue
-        meta = read_meta(cat.model(m))
-        evaluation = json.loads(cat.evaluation(m).read_text())
-        source = MODELS[m][2]
-        out.append({**meta, **evaluation, "name": m, "kd": hop_kd(cfg, m) if source else None})
+    node: PipelineModel | None = m
+    while node is not None:
+        meta = read_meta(cat.model(node.name))
+        evaluation = json.loads(cat.evaluation(node.name).read_text())
+        out.append({**meta, **evaluation, "name": node.name, "kd": hop_kd(cfg, node) if node.source else None})
+        node = node.source or (node.init.source if node.init else None)
     return out
 
 
-def export_student(cfg: PipelineConfig, cat: Catalog, force: bool = False) -> dict:
-    name = chosen_model(cfg, cat)
-    inputs = {"model": stage_key(cat.model(name), name), "evaluate": stage_key(cat.eval_dir, "the evaluation"),
-              "export": cfg.export.model_dump(), "name": name}
+def work(run: StageRun, models: dict[str, PipelineModel]) -> dict:
+    cfg, cat, out = run.cfg, run.cat, run.out
+    name = chosen_model(cfg, cat, models)
+    ws = Workspace(cat, "cpu")
+    model = Deployable(ws.load_model(name), ws.mean, ws.std)
+    images = ws.test.x[: cfg.export.check_images].float() / 255
+    to_torchscript(model, images[:4], out / TORCHSCRIPT_FILE)
+    to_onnx(model, images[:4], out / ONNX_FILE)
+    diffs = {"torchscript_max_abs_diff": torchscript_max_abs_diff(out / TORCHSCRIPT_FILE, model, images),
+             "onnx_max_abs_diff": onnx_max_abs_diff(out / ONNX_FILE, model, images)}
+    worst = max(diffs, key=diffs.get)
+    if diffs[worst] > cfg.export.max_abs_diff:
+        raise KDError(f"{out}: {worst} = {diffs[worst]:.3g} exceeds export.max_abs_diff = {cfg.export.max_abs_diff}")
+    classes = ws.splits.classes
+    save_json({str(i): c for i, c in enumerate(classes)}, out / LABELS_FILE)
+    save_json({"input_shape": list(ws.splits.input_shape), "value_range": [0.0, 1.0], "mean": ws.mean,
+               "std": ws.std, "layout": "NCHW, float32; normalised inside the model"}, out / PREPROCESS_FILE)
+    data = {**require(cat.prepared, "the prepared data set")["result"], "mean": [round(v, 4) for v in ws.mean],
+            "std": [round(v, 4) for v in ws.std]}
+    selected = "by export.model" if cfg.export.model else "as the student with the best validation accuracy"
+    export = {**diffs, "check_images": len(images), "selected": selected}
+    with atomic_path(out / CARD_FILE) as tmp:
+        tmp.write_text(model_card(name, _chain(cfg, cat, models[name]), data, export))
+    return {"model": name, **export, "files": [TORCHSCRIPT_FILE, ONNX_FILE, LABELS_FILE, PREPROCESS_FILE, CARD_FILE],
+            "torch": torch.__version__, "mlflow_run_id": require(cat.model(name), name)["result"].get("mlflow_run_id")}
 
-    def work(key: str, out: Path) -> dict:
-        ws = Workspace(cat, "cpu")
-        model = Deployable(ws.load_model(name), ws.mean, ws.std)
-        images = ws.test.x[: cfg.export.check_images].float() / 255
-        to_torchscript(model, images[:4], out / TORCHSCRIPT_FILE)
-        to_onnx(model, images[:4], out / ONNX_FILE)
-        diffs = {"torchscript_max_abs_diff": torchscript_max_abs_diff(out / TORCHSCRIPT_FILE, model, images),
-                 "onnx_max_abs_diff": onnx_max_abs_diff(out / ONNX_FILE, model, images)}
-        worst = max(diffs, key=diffs.get)
-        if diffs[worst] > cfg.export.max_abs_diff:
-            raise KDError(f"{out}: {worst} = {diffs[worst]:.3g} exceeds export.max_abs_diff = {cfg.export.max_abs_diff}")
-        classes = ws.splits.classes
-        save_json({str(i): c for i, c in enumerate(classes)}, out / LABELS_FILE)
-        save_json({"input_shape": list(ws.splits.input_shape), "value_range": [0.0, 1.0], "mean": ws.mean,
-                   "std": ws.std, "layout": "NCHW, float32; normalised inside the model"}, out / PREPROCESS_FILE)
-        data = {**read_stage(cat.prepared)["result"], "mean": [round(v, 4) for v in ws.mean],
-                "std": [round(v, 4) for v in ws.std]}
-        selected = "by export.model" if cfg.export.model else "as the student with the best validation accuracy"
-        export = {**diffs, "check_images": len(images), "selected": selected}
-        with atomic_path(out / CARD_FILE) as tmp:
-            tmp.write_text(model_card(name, _chain(cfg, cat, name), data, export))
-        return {"model": name, **export, "files": [TORCHSCRIPT_FILE, ONNX_FILE, LABELS_FILE, PREPROCESS_FILE, CARD_FILE],
-                "torch": torch.__version__}
 
-    return run_once(cat, "export", "export", cat.export, inputs, work, force)
+def register(cfg: PipelineConfig, cat: Catalog, result: dict) -> dict:
+    """The exported student is the registered champion: registered when the alias points elsewhere,
+    whether the export ran now or was reused."""
+    run_id = result.get("mlflow_run_id")
+    if not (tracking.enabled() and run_id and cfg.tracking.log_models):
+        return {"registered": None}
+    registered = tracking.register(cat, run_id, cfg.tracking.registered_model, cfg.tracking.alias)
+    return {"registered": registered and registered | {"model": result["model"]}}

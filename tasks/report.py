@@ -1,5 +1,6 @@
-"""Stage report: the NOKD / BLKD / TAKD comparison as a table, JSON metrics and plots,
-logged on the MLflow parent run; the best student is registered with an alias."""
+"""Stage report: NOKD / BLKD / TAKD over the student seeds, as mean ± std with the paired
+differences and their confidence intervals; a table, JSON metrics for `dvc metrics`, plots for
+`dvc plots`, all logged on the MLflow parent run."""
 from __future__ import annotations
 
 import csv
@@ -8,26 +9,81 @@ import json
 from pathlib import Path
 
 from engine.atomic import atomic_path, save_json
+from engine.stats import seed_table
 from tasks import tracking
-from tasks.catalog import MODELS, STUDENTS, Catalog
+from tasks.catalog import Catalog
 from tasks.config import PipelineConfig
 from tasks.context import HISTORY_FILE
-from tasks.stage import read_stage, run_once, stage_key
+from tasks.figures import BAR, REF, bars, pyplot, save
+from tasks.stage import StageRun
+from tasks.train_model import PipelineModel
 
-COLUMNS = ["model", "method", "arch", "test_acc", "test_top5", "best_val_acc", "teacher_agreement", "params",
+COLUMNS = ["model", "method", "seed", "arch", "test_acc", "test_top5", "best_val_acc", "teacher_agreement", "params",
            "size_bytes", "flops", "latency_ms_b1", "throughput_b256"]
+METRICS_FILE, PLOT_FILE, CURVES = "data/metrics/comparison.json", "data/metrics/comparison_plot.json", "data/metrics/curves"
+METRICS, PLOTS = (METRICS_FILE,), (CURVES, PLOT_FILE)
+# Each reads "a - b", paired by seed: what KD adds, what the TA adds on top, what fine-tuning adds.
+CONTRASTS = [("blkd", "nokd"), ("takd", "blkd"), ("takd", "nokd"), ("takd_ft", "takd")]
+LABELS = {"NOKD": "NOKD", "BLKD": "BLKD", "TAKD": "TAKD", "FT": "TAKD + fine-tuning"}
 
 
-def metric_key(name: str) -> str:
-    return name.removeprefix("student-").replace("-", "_")
+def variant(m: PipelineModel) -> str:
+    """'nokd', 'blkd', 'takd', 'takd_ft' for students (any seed); the role for the others."""
+    base = m.name.removesuffix(f"-s{m.seed}") if m.role == "student" else m.name
+    return base.removeprefix("student-").replace("-", "_")
 
 
-def _rows(cat: Catalog) -> list[dict]:
-    rows = []
-    for name in MODELS:
-        result = json.loads(cat.evaluation(name).read_text())
-        rows.append({"model": name, **{c: result.get(c) for c in COLUMNS[1:]}})
-    return rows
+def _evaluations(cat: Catalog, models: dict[str, PipelineModel]) -> dict[str, dict]:
+    return {name: json.loads(cat.evaluation(name).read_text()) for name in models}
+
+
+def comparison(cfg: PipelineConfig, models: dict[str, PipelineModel], evals: dict[str, dict]) -> dict:
+    """The seed table (engine.stats.seed_table) of the students, with the teacher and TA beside."""
+    accs: dict[str, dict[int, float]] = {}
+    labels = {}
+    for name, m in models.items():
+        if m.role == "student":
+            accs.setdefault(variant(m), {})[m.seed] = evals[name]["test_acc"]
+            labels[variant(m)] = LABELS[m.method]
+    table = seed_table(accs, labels, CONTRASTS, cfg.experiments.confidence)
+    refs = [{"variant": name, "label": f"{m.role} {evals[name]['arch']}", "test_acc": evals[name]["test_acc"]}
+            for name, m in models.items() if m.role != "student"]
+    chain = f"{cfg.teacher.arch} -> {cfg.assistant.arch} -> {cfg.student.arch}"
+    return {**table, "references": refs, "seeds": cfg.student.seeds, "data": cfg.data.name,
+            "title": f"{cfg.data.name}: {chain}, students over seeds {cfg.student.seeds}"}
+
+
+def metrics(table: dict, evals: dict[str, dict], models: dict[str, PipelineModel]) -> dict:
+    """For `dvc metrics show` (one column each) and the MLflow parent run."""
+    cost = ("params", "flops", "latency_ms_b1")
+    first = {variant(m): evals[name] for name, m in reversed(list(models.items()))}  # each variant's first seed
+    out = {r["variant"]: {"test_acc": r["test_acc"], **{k: evals[r["variant"]].get(k) for k in cost}}
+           for r in table["references"]}
+    for r in table["rows"]:
+        out[r["variant"]] = {"test_acc_mean": r["mean"], "test_acc_std": r["std"], "n": r["n"],
+                             **{k: first[r["variant"]].get(k) for k in cost}}
+    for c in table["contrasts"]:
+        out[f"{c['a']}_minus_{c['b']}"] = {"mean": c["mean"], "low": c["low"], "high": c["high"],
+                                           "beyond_noise": c["beyond_noise"]}
+    return out
+
+
+def _pp(v) -> str:
+    return "" if v is None else f"{100 * v:+.2f}"
+
+
+def markdown(table: dict, rows: list[dict]) -> str:
+    conf = round(100 * table["confidence"])
+    summary = [{"method": r["label"], "test acc (%)": f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}",
+                "per seed": " ".join(f"{100 * v:.2f}" for v in r["per_seed"].values())} for r in table["rows"]]
+    summary += [{"method": r["label"], "test acc (%)": f"{100 * r['test_acc']:.2f}", "per seed": "(trained once)"}
+                for r in table["references"]]
+    diffs = [{"difference": c["label"], "mean (pp)": _pp(c["mean"]), f"{conf}% CI": f"[{_pp(c['low'])}, {_pp(c['high'])}]",
+              "seeds": c["n"], "beyond noise": c["beyond_noise"]} for c in table["contrasts"]]
+    return "".join([f"## {table['title']}\n\n", "Test accuracy, mean ± std over the student seeds:\n\n",
+                    markdown_table(summary, list(summary[0])),
+                    f"\nPaired differences by seed, percentage points, {conf}% t-interval:\n\n",
+                    markdown_table(diffs, list(diffs[0])), "\nEvery model:\n\n", markdown_table(rows, COLUMNS)])
 
 
 def _cell(v) -> str:
@@ -44,88 +100,72 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _histories(cat: Catalog) -> dict[str, list[dict]]:
-    return {name: json.loads((cat.model(name) / HISTORY_FILE).read_text()) for name in MODELS}
-
-
-def _plots(rows: list[dict], histories: dict[str, list[dict]], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figs = {}
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    names = [r["model"] for r in rows]
-    ax.bar(names, [100 * r["test_acc"] for r in rows], color=["#555", "#888"] + ["#3a7"] * (len(rows) - 2))
-    lo = min(100 * r["test_acc"] for r in rows)
-    ax.set_ylim(max(0, lo - 5), 100)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("NOKD / BLKD / TAKD on the test split")
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+def _comparison_png(table: dict, out: Path) -> Path:
+    """Left: accuracy per method (mean ± std, each seed a dot). Right: each paired difference with its interval."""
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 2]})
+    bars(left, table)
+    left.set_title(table["title"], fontsize=8)
+    cs = [c for c in table["contrasts"] if c["low"] is not None]
+    per_seed = {r["variant"]: r["per_seed"] for r in table["rows"]}
+    for i, c in enumerate(cs):
+        right.errorbar([100 * c["mean"]], [i], xerr=[[100 * (c["mean"] - c["low"])], [100 * (c["high"] - c["mean"])]],
+                       fmt="o", capsize=4, color=BAR)
+        diffs = [100 * (per_seed[c["a"]][s] - per_seed[c["b"]][s]) for s in c["seeds"]]
+        right.plot(diffs, [i + 0.15] * len(diffs), "k.", ms=4)
+    right.axvline(0, color=REF, lw=1)
+    right.set_yticks(range(len(cs)), [c["label"] for c in cs], fontsize=7)
+    right.set_xlabel(f"difference, percentage points ({round(100 * table['confidence'])}% CI)")
     fig.tight_layout()
-    figs["comparison.png"] = fig
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    return save(fig, out / "comparison.png")
+
+
+def _curves_png(histories: dict[str, list[dict]], out: Path) -> Path:
+    fig, ax = pyplot().subplots(figsize=(7, 3.5))
     for name, hist in histories.items():
         if hist:
-            ax.plot([h["epoch"] for h in hist], [100 * h["val_acc"] for h in hist], marker="o", label=name)
+            ax.plot([h["epoch"] for h in hist], [100 * h["val_acc"] for h in hist], marker="o", ms=3, label=name)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    figs["curves.png"] = fig
-    for fname, fig in figs.items():
-        with atomic_path(out / fname) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
+    return save(fig, out / "curves.png")
 
 
-def _write_curves(cat: Catalog, histories: dict[str, list[dict]]) -> None:
-    """One file per model, so `dvc plots` draws one line each."""
-    for name, hist in histories.items():
-        rows = [{"epoch": h["epoch"], "val_acc": h["val_acc"], "train_acc": h["train_acc"]} for h in hist]
-        save_json(rows, cat.metrics / "curves" / f"{name}.json")
+def _write_text(path: Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
 
 
-def best_student(cat: Catalog) -> str:
-    """The student to ship: best on validation, never chosen by the test split."""
-    return max(STUDENTS, key=lambda m: json.loads(cat.evaluation(m).read_text()).get("best_val_acc") or 0)
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
-def _register_best(cfg: PipelineConfig, cat: Catalog) -> dict | None:
-    best = {"model": best_student(cat)}
-    run_id = read_stage(cat.model(best["model"]))["result"].get("mlflow_run_id")
-    if not (tracking.enabled() and run_id and cfg.tracking.log_models):
-        return None
-    return tracking.register(cat, run_id, cfg.tracking.registered_model, cfg.tracking.alias) | {"model": best["model"]}
+def work(run: StageRun, models: dict[str, PipelineModel]) -> dict:
+    cfg, cat, out = run.cfg, run.cat, run.out
+    evals = _evaluations(cat, models)
+    rows = [{"model": name, **{c: evals[name].get(c) for c in COLUMNS[1:]}} for name in models]
+    table = comparison(cfg, models, evals)
+    numbers = metrics(table, evals, models)
+    histories = {name: json.loads((cat.model(name) / HISTORY_FILE).read_text()) for name in models}
+    save_json(numbers, cat.root / METRICS_FILE)
+    save_json([{"method": r["label"], "test_acc": r["mean"]} for r in table["rows"]], cat.root / PLOT_FILE)
+    for name, hist in histories.items():  # one file per model, so `dvc plots` draws one line each
+        save_json([{"epoch": h["epoch"], "val_acc": h["val_acc"], "train_acc": h["train_acc"]} for h in hist],
+                  cat.root / CURVES / f"{name}.json")
+    save_json(table, out / "comparison.json")
+    files = [_write_text(out / "comparison.md", markdown(table, rows)), _write_text(out / "comparison.csv", _csv(rows)),
+             out / "comparison.json", _comparison_png(table, out), _curves_png(histories, out)]
+    tracking.log_report(cfg, cat, numbers, files)
+    return {"means": {r["variant"]: r["mean"] for r in table["rows"]},
+            "contrasts": {f"{c['a']} - {c['b']}": [c["mean"], c["low"], c["high"]] for c in table["contrasts"]}}
 
 
-def report(cfg: PipelineConfig, cat: Catalog, force: bool = False) -> dict:
-    inputs = {"evaluate": stage_key(cat.eval_dir, "the evaluation"), "tracking": cfg.tracking.model_dump()}
-
-    def work(key: str, out: Path) -> dict:
-        rows = _rows(cat)
-        metrics = {metric_key(r["model"]): {k: r[k] for k in ("test_acc", "params", "flops", "latency_ms_b1")
-                                            if r[k] is not None} for r in rows}
-        save_json(metrics, cat.metrics / "comparison.json")
-        save_json([{"model": r["model"], "test_acc": r["test_acc"]} for r in rows], cat.metrics / "comparison_plot.json")
-        histories = _histories(cat)
-        _write_curves(cat, histories)
-        with atomic_path(out / "comparison.md") as tmp:
-            tmp.write_text(markdown_table(rows, COLUMNS))
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-        with atomic_path(out / "comparison.csv") as tmp:
-            tmp.write_text(buf.getvalue())
-        _plots(rows, histories, out)
-        # Selection of the model to ship uses validation accuracy, never the test split.
-        registered = _register_best(cfg, cat)
-        tracking.log_report(cfg, cat, metrics, [out / f for f in
-                                                ("comparison.md", "comparison.csv", "comparison.png", "curves.png")])
-        return {"test_acc": {m: v["test_acc"] for m, v in metrics.items()}, "registered": registered}
-
-    result = run_once(cat, "report", "report", cat.reports, inputs, work, force)
+def after(cfg: PipelineConfig, cat: Catalog, result: dict) -> dict:
+    """Close the MLflow parent that stages run one by one (DVC, the CLI) shared; a flow closes its own."""
     tracking.end_file_parent(cat)
-    return result
+    return {}

@@ -1,52 +1,259 @@
-"""The pipeline's stages by name: what the CLI, dvc.yaml and the Prefect flow all call."""
+"""The stage table: every stage of the pipeline, declared once.
+
+A stage says its name, the upstream stages whose outputs it reads, the files outside the
+project it reads, the config fields it depends on, its code, what it writes, and whether it
+runs on an accelerator. Everything else is derived from this table:
+
+- the CLI subcommands (`python -m tasks <stage>`, tasks/cli.py);
+- dvc.yaml (`python -m tasks dvc-yaml`, tasks/dvc_yaml.py; a test keeps the committed file equal);
+- the Prefect flow's tasks, their names and their edges (flows/pipeline.py);
+- each stage's key (`run_stage` below): a hash of exactly what DVC tracks for it.
+
+Student stages run once per seed in `student.seeds` (`per_seed`); an instance is named like
+DVC names its foreach stages, `train-student-nokd@1`.
+"""
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
-from tasks.cache_soft_targets import cache_soft_targets
+from engine.data import fetch, sources
+from engine.errors import KDError
+from tasks import evaluate, export, prepare_data, report, train_model
+from tasks.cache_soft_targets import cache_stage
 from tasks.catalog import Catalog
 from tasks.config import PipelineConfig
-from tasks.evaluate import evaluate_models
-from tasks.export import export_student
-from tasks.prepare_data import prepare_data
-from tasks.report import report
-from tasks.train_model import describe, train_model
+from tasks.content import content_hash
+from tasks.stage import StageRun, read_stage, run_once, stage_lock
+from tasks.train_model import PipelineModel, describe
 
-Stage = Callable[[PipelineConfig, Catalog, bool], dict]
-
-# Stages that train a model, and the model each one trains (see catalog.MODELS).
-TRAINS = {"train-teacher": "teacher", "distill-assistant": "assistant", "train-student-nokd": "student-nokd",
-          "distill-student-blkd": "student-blkd", "distill-student-takd": "student-takd",
-          "fine-tune-student": "student-takd-ft"}
+# The cache settings a distillation reads (batch size only sets how fast a cache is written).
+CACHE_USE = ("cache.views", "cache.topk", "cache.seed", "cache.online", "cache.features", "cache.feature_budget_mb")
+CACHE_MAKE = ("cache.views", "cache.topk", "cache.seed")
+STUDENT = ("student.arch", "student.train")
+HOP = ("kd", *CACHE_USE)
 
 
-ORDER = ["prepare-data", "train-teacher", "cache-teacher", "distill-assistant", "cache-assistant",
-         "train-student-nokd", "distill-student-blkd", "distill-student-takd", "fine-tune-student", "evaluate", "report", "export"]
+@dataclass(frozen=True)
+class Trains:
+    """The model a training stage makes, and what it learns from (stage names)."""
+
+    model: str  # folder under data/models (per-seed stages add -s<seed>)
+    role: str  # teacher | assistant | student
+    method: str
+    source: str | None = None  # the stage whose model's soft targets it learns from
+    init: str | None = None  # the stage whose model it starts from
 
 
-def _stage(name: str) -> Stage:
-    if name in TRAINS:
-        return lambda cfg, cat, force=False: train_model(cfg, cat, TRAINS[name], force)
-    if name.startswith("cache-"):
-        return lambda cfg, cat, force=False: cache_soft_targets(cfg, cat, name.removeprefix("cache-"), force)
-    return {"prepare-data": prepare_data, "evaluate": evaluate_models, "report": report, "export": export_student}[name]
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    work: Callable[[StageRun], dict]  # writes the outputs into run.out; returns the summary
+    out: Callable[[Catalog, str], Path]  # its output folder, given the model name for trainings
+    needs: tuple[str, ...] = ()  # upstream stages whose outputs it reads
+    params: tuple[str, ...] = ()  # config fields (dotted) it depends on
+    code: tuple[str, ...] = ()  # its own modules, beside tasks.stage.SHARED_CODE
+    reads: Callable[[PipelineConfig], list[Path]] = lambda cfg: []  # files outside the project's outputs
+    accelerator: bool = False
+    per_seed: bool = False
+    trains: Trains | None = None
+    title: Callable[[PipelineConfig], str] = lambda cfg: ""
+    fetch: Callable[[PipelineConfig], None] | None = None  # makes `reads` exist (a named data set's download)
+    after: Callable[[PipelineConfig, Catalog, dict], dict] | None = None  # runs also when the outputs are reused
+    metrics: tuple[str, ...] = ()  # small files outside `out` it writes, for dvc metrics / dvc plots
+    plots: tuple[str, ...] = ()
 
 
-# In pipeline order. The names are the CLI subcommands and the dvc.yaml stage names.
-STAGES: dict[str, Stage] = {name: _stage(name) for name in ORDER}
+def _model_out(cat: Catalog, name: str) -> Path:
+    return cat.model(name)
 
 
-def title(cfg: PipelineConfig, stage: str) -> str:
-    """What a stage does, in words, for the Prefect UI and logs."""
-    if stage in TRAINS:
-        return describe(cfg, TRAINS[stage])
-    if stage.startswith("cache-"):
-        source = stage.removeprefix("cache-")
-        return f"cache soft targets of {source} {getattr(cfg, source).arch} (K={cfg.cache.views})"
-    return {"prepare-data": f"prepare data {cfg.data.name}", "evaluate": "evaluate all models on the test split",
-            "report": "report NOKD / BLKD / TAKD",
-            "export": "export the best student (TorchScript, ONNX, model card)"}[stage]
+def _train(name: str, trains: Trains, needs: tuple[str, ...], params: tuple[str, ...], **kw) -> Stage:
+    def work(run: StageRun) -> dict:
+        return train_model.train(run, models(run.cfg)[model_name(STAGES[name], run.seed)])
+
+    return Stage(name, work, out=_model_out, needs=("prepare-data", *needs), params=params,
+                 code=("tasks/train_model.py",), accelerator=True, trains=trains, **kw)
 
 
-def uses_accelerator(stage: str) -> bool:
-    return stage not in ("prepare-data", "report", "export")
+def _cache(source: str) -> Stage:
+    return Stage(f"cache-{source}", work=cache_stage(source), out=lambda cat, _: cat.soft_targets(source),
+                 needs=("prepare-data", TRAINER[source]), params=CACHE_MAKE, code=("tasks/cache_soft_targets.py",),
+                 accelerator=True,
+                 title=lambda cfg: f"cache soft targets of {source} {getattr(cfg, source).arch} (K={cfg.cache.views})")
+
+
+def _teacher_file(cfg: PipelineConfig) -> list[Path]:
+    return [Path(cfg.teacher.checkpoint)] if cfg.teacher.checkpoint else []
+
+
+TRAINER = {"teacher": "train-teacher", "assistant": "distill-assistant"}  # the stages making the models cached
+TRAINING = (
+    _train("train-teacher", Trains("teacher", "teacher", "NOKD"), (), ("teacher",), reads=_teacher_file),
+    _train("distill-assistant", Trains("assistant", "assistant", "KD", source="train-teacher"),
+           ("train-teacher", "cache-teacher"), ("assistant", *HOP)),
+    _train("train-student-nokd", Trains("student-nokd", "student", "NOKD"), (), STUDENT, per_seed=True),
+    _train("distill-student-blkd", Trains("student-blkd", "student", "BLKD", source="train-teacher"),
+           ("train-teacher", "cache-teacher"), (*STUDENT, "student.kd", *HOP), per_seed=True),
+    _train("distill-student-takd", Trains("student-takd", "student", "TAKD", source="distill-assistant"),
+           ("distill-assistant", "cache-assistant"), (*STUDENT, "student.kd", *HOP), per_seed=True),
+    _train("fine-tune-student", Trains("student-takd-ft", "student", "FT", init="distill-student-takd"),
+           ("distill-student-takd",), ("student.train", "finetune"), per_seed=True),
+)
+ALL_MODELS = tuple(s.name for s in TRAINING)
+_T = dict(zip(ALL_MODELS, TRAINING))
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("prepare-data", prepare_data.work, out=lambda cat, _: cat.prepared, params=("data",),
+          code=("tasks/prepare_data.py",), reads=lambda cfg: sources(cfg.data), fetch=lambda cfg: fetch(cfg.data),
+          title=lambda cfg: f"prepare data {cfg.data.name}"),
+    _T["train-teacher"],
+    _cache("teacher"),
+    _T["distill-assistant"],
+    _cache("assistant"),
+    _T["train-student-nokd"],
+    _T["distill-student-blkd"],
+    _T["distill-student-takd"],
+    _T["fine-tune-student"],
+    Stage("evaluate", lambda run: evaluate.work(run, models(run.cfg)), out=lambda cat, _: cat.eval_dir,
+          needs=("prepare-data", *ALL_MODELS), params=("evaluate",), code=("tasks/evaluate.py",), accelerator=True,
+          title=lambda cfg: "evaluate every model on the test split"),
+    Stage("report", lambda run: report.work(run, models(run.cfg)), out=lambda cat, _: cat.reports,
+          needs=("evaluate", *ALL_MODELS), params=("tracking", "experiments.confidence"), code=("tasks/report.py",),
+          after=report.after, metrics=report.METRICS, plots=report.PLOTS,
+          title=lambda cfg: f"report NOKD / BLKD / TAKD over {len(cfg.student.seeds)} seeds"),
+    Stage("export", lambda run: export.work(run, models(run.cfg)), out=lambda cat, _: cat.export,
+          needs=("prepare-data", "evaluate", *ALL_MODELS), params=("export",),
+          code=("tasks/export.py", "tasks/model_card.py"),
+          after=lambda cfg, cat, result: export.register(cfg, cat, result),
+          title=lambda cfg: "export the best student (TorchScript, ONNX, model card), register it in MLflow"),
+)}
+
+
+# ---------------------------------------------------------------- instances: (stage, seed)
+
+@dataclass(frozen=True)
+class Instance:
+    stage: Stage
+    seed: int | None = None
+
+    @property
+    def id(self) -> str:
+        """As DVC names a foreach stage: train-student-nokd@1."""
+        return self.stage.name if self.seed is None else f"{self.stage.name}@{self.seed}"
+
+    def model(self, cfg: PipelineConfig) -> PipelineModel | None:
+        return models(cfg).get(model_name(self.stage, self.seed)) if self.stage.trains else None
+
+    def out(self, cat: Catalog) -> Path:
+        return self.stage.out(cat, model_name(self.stage, self.seed) if self.stage.trains else "")
+
+    def title(self, cfg: PipelineConfig) -> str:
+        m = self.model(cfg)
+        return describe(cfg, m) if m else self.stage.title(cfg)
+
+
+def model_name(stage: Stage, seed: int | None) -> str:
+    return f"{stage.trains.model}-s{seed}" if stage.per_seed else stage.trains.model
+
+
+def instances(cfg: PipelineConfig, stage: str | None = None, seed: int | None = None) -> list[Instance]:
+    """Every stage instance, in an order where each comes after its upstream."""
+    out = []
+    for s in STAGES.values():
+        if stage in (None, s.name):
+            seeds = [t for t in cfg.student.seeds if seed in (None, t)] if s.per_seed else [None]
+            out += [Instance(s, t) for t in seeds]
+    return out
+
+
+def upstream(inst: Instance, cfg: PipelineConfig) -> list[Instance]:
+    """The instances whose outputs `inst` reads: a per-seed stage reads its own seed's upstream,
+    any other stage every seed's."""
+    out = []
+    for name in inst.stage.needs:
+        up = STAGES[name]
+        if not up.per_seed:
+            out.append(Instance(up))
+        elif inst.stage.per_seed:
+            out.append(Instance(up, inst.seed))
+        else:
+            out += [Instance(up, t) for t in cfg.student.seeds]
+    return out
+
+
+def models(cfg: PipelineConfig) -> dict[str, PipelineModel]:
+    """The models one pipeline run trains, by folder name, in pipeline order."""
+    out: dict[str, PipelineModel] = {}
+    for inst in instances(cfg):
+        t = inst.stage.trains
+        if t is None:
+            continue
+        section = getattr(cfg, t.role)
+        seed = inst.seed if inst.seed is not None else section.seed
+
+        def made_by(stage_name: str | None) -> PipelineModel | None:
+            return None if stage_name is None else out[model_name(STAGES[stage_name], inst.seed)]
+
+        name = model_name(inst.stage, inst.seed)
+        out[name] = PipelineModel(name, t.role, t.method, seed, made_by(t.source), made_by(t.init))
+    return out
+
+
+def students(cfg: PipelineConfig) -> list[str]:
+    return [name for name, m in models(cfg).items() if m.role == "student"]
+
+
+# ---------------------------------------------------------------- running one instance
+
+def dotted(cfg: PipelineConfig, key: str):
+    value = cfg.model_dump(mode="json")
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def key_inputs(inst: Instance, cfg: PipelineConfig, cat: Catalog) -> dict:
+    """What the stage's key hashes: its config fields, its seed, and the content of every file it
+    reads and every upstream output. dvc.yaml lists the same (tasks/dvc_yaml.py)."""
+    ups = upstream(inst, cfg)
+    for u in ups:
+        if read_stage(u.out(cat)) is None:
+            raise KDError(f"{u.out(cat)}: {inst.id} reads the output of {u.id}, which has not been produced yet "
+                          "(no stage.json); run that stage first")
+    return {"params": {p: dotted(cfg, p) for p in inst.stage.params}, "seed": inst.seed,
+            "reads": {str(p): content_hash(p, cat.state) for p in inst.stage.reads(cfg)},
+            "upstream": {u.id: content_hash(u.out(cat), cat.state) for u in ups}}
+
+
+def run_instance(inst: Instance, cfg: PipelineConfig, cat: Catalog, force: bool = False) -> dict:
+    """Run one stage instance, or reuse its outputs when its key matches. The one entry point of
+    the CLI, the Prefect flow and `dvc repro`."""
+    stage = inst.stage
+    if os.environ.get("DVC_STAGE") == inst.id:
+        from tasks.dvc_yaml import check_in_step
+
+        check_in_step(cfg, cat, stage)
+    if stage.fetch:
+        stage.fetch(cfg)
+    result = run_once(cat, inst.id, inst.out(cat), key_inputs(inst, cfg, cat), stage.code,
+                      lambda key, out: stage.work(StageRun(cfg, cat, inst.seed, out, key)), force)
+    if stage.after:
+        with stage_lock(cat, f"{inst.id}-after"):  # two runs register one champion, not two
+            result |= stage.after(cfg, cat, result)
+    return result
+
+
+def run_stage(name: str, cfg: PipelineConfig, cat: Catalog, seed: int | None = None, force: bool = False) -> dict:
+    """A stage by name: every seed of a per-seed stage unless one is given."""
+    if name not in STAGES:
+        raise KDError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    if seed is not None and not STAGES[name].per_seed:
+        raise KDError(f"{name} runs once, not per seed; drop --seed")
+    chosen = instances(cfg, name, seed)
+    if not chosen:
+        raise KDError(f"{name}: seed {seed} is not in student.seeds {cfg.student.seeds}")
+    results = {i.id: run_instance(i, cfg, cat, force) for i in chosen}
+    return results[chosen[0].id] if len(chosen) == 1 else results

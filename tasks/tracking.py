@@ -60,12 +60,19 @@ def connect(cat: Catalog):
     return _client(cat)[0]
 
 
+# MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it is model training.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def experiment_id(cfg: PipelineConfig, cat: Catalog) -> str:
     mlflow, client = _client(cat)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    return client.create_experiment(cfg.tracking.experiment, artifact_location=(cat.root / "mlartifacts").as_uri())
+    if exp is None:
+        return client.create_experiment(cfg.tracking.experiment, artifact_location=(cat.root / "mlartifacts").as_uri(),
+                                        tags={KIND_TAG: KIND})
+    if exp.tags.get(KIND_TAG) != KIND:
+        client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+    return exp.experiment_id
 
 
 def git_revision(cat: Catalog) -> str | None:
@@ -184,7 +191,8 @@ def model_run(cfg: PipelineConfig, cat: Catalog, name: str, run_name: str, role:
         return
     mlflow, client = _client(cat)
     parent = parent_id(cfg, cat)
-    tags = {"role": role, "method": method, "model": name, "mlflow.parentRunId": parent, **_common_tags(cat)}
+    tags = {"role": role, "method": method, "model": name, "seed": str(params.get("seed", "")),
+            "mlflow.parentRunId": parent, **_common_tags(cat)}
     run = client.create_run(experiment_id(cfg, cat), run_name=run_name, tags=tags)
     client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in params.items()])
     handle = ModelRun(mlflow, client, run.info.run_id, cfg.tracking.log_models)
@@ -213,9 +221,20 @@ def log_test_metrics(cat: Catalog, run_id: str | None, metrics: dict) -> None:
         log.warning("could not log test metrics to MLflow run %s: %s", run_id, type(e).__name__)
 
 
-def register(cat: Catalog, run_id: str, name: str, alias: str) -> dict:
+def register(cat: Catalog, run_id: str, name: str, alias: str) -> dict | None:
+    """Register the run's model under `alias`, unless the alias already points at that run's model."""
     mlflow, client = _client(cat)
-    uri = client.get_run(run_id).data.tags["model_uri"]
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+        if current.run_id == run_id:
+            return {"name": name, "version": current.version, "alias": alias}
+    except mlflow.exceptions.MlflowException:  # no such model or alias yet
+        pass
+    try:
+        uri = client.get_run(run_id).data.tags["model_uri"]
+    except (mlflow.exceptions.MlflowException, KeyError) as e:  # the run lives in another store, or has no model
+        log.warning("could not register the model of MLflow run %s: %s", run_id, type(e).__name__)
+        return None
     version = mlflow.register_model(uri, name)
     client.set_registered_model_alias(name, alias, version.version)
     return {"name": name, "version": version.version, "alias": alias}
@@ -226,9 +245,10 @@ def log_report(cfg: PipelineConfig, cat: Catalog, metrics: dict, files: list) ->
         return
     _, client = _client(cat)
     run_id = parent_id(cfg, cat)
-    flat = [_metric(f"{model}_{k}", v) for model, vals in metrics.items() for k, v in vals.items()]
+    flat = [_metric(f"{model}_{k}", v) for model, vals in metrics.items() for k, v in vals.items()
+            if isinstance(v, (int, float))]
     client.log_batch(run_id, metrics=flat)
-    client.log_dict(run_id, metrics, "comparison.json")
+    client.log_dict(run_id, metrics, "metrics.json")
     for f in files:
         client.log_artifact(run_id, str(f))
 

@@ -14,11 +14,13 @@ from pydantic import Field, field_validator
 from engine.config import KDConfig, Strict
 from engine.fingerprint import config_fingerprint
 from models import check_name
-from tasks.cache_soft_targets import cache_model
+from tasks.cache_soft_targets import write_cache
 from tasks.catalog import Catalog
 from tasks.config import PipelineConfig
 from tasks.stage import run_once, stage_key
 from tasks.train_model import Training, fit_training, loss_name
+
+JOB_CODE = ("tasks/train_model.py", "tasks/train_job.py")
 
 
 class Job(Strict):
@@ -111,11 +113,15 @@ def train_job(cfg: PipelineConfig, cat: Catalog, job: Job, force: bool = False) 
     inputs = {"job": jid, "data": stage_key(cat.prepared, "the prepared data set"),
               "guides": [stage_key(cat.job(job_id(cfg, g)) / "soft_targets", f"soft targets of {job_id(cfg, g)}")
                          for g in job.guides]}
-    result = run_once(cat, f"train-{jid}", "train-job", folder / "model", inputs,
+    result = run_once(cat, f"train-{jid}", folder / "model", inputs, JOB_CODE,
                       lambda key, out_dir: fit_training(cfg, cat, t, key, out_dir), force)
     return {**result, "job": jid}
 
 
 def cache_job(cfg: PipelineConfig, cat: Catalog, job: Job, force: bool = False) -> dict:
     jid = job_id(cfg, job)
-    return cache_model(cfg, cat, cat.job(jid) / "model", cat.job(jid) / "soft_targets", f"cache-{jid}", jid, force)
+    model_dir = cat.job(jid) / "model"
+    inputs = {"model": stage_key(model_dir, jid), "data": stage_key(cat.prepared, "the prepared data set"),
+              "cache": cfg.cache.model_dump(exclude={"online", "batch_size"})}
+    return run_once(cat, f"cache-{jid}", cat.job(jid) / "soft_targets", inputs, ("tasks/cache_soft_targets.py",),
+                    lambda key, staging: write_cache(cfg, cat, model_dir, staging), force)

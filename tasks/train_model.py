@@ -1,11 +1,10 @@
 """Stages that train a model: teacher (or import it), assistant, the three students, fine-tuning.
 
 One function (`fit_training`) serves them all, and the experiments' jobs too (tasks/train_job.py);
-catalog.MODELS says what each pipeline model learns from.
+the stage table (tasks/stages.py) says what each pipeline model learns from.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from dataclasses import dataclass
@@ -25,65 +24,62 @@ from engine.losses.feature import FeatureLoss
 from engine.teacher_import import TORCHSCRIPT, check_fits, checkpoint_format, load_torchscript
 from engine.trainer import Teacher, accuracy, fit, predict
 from tasks import tracking
-from tasks.catalog import MODELS, Catalog
-from tasks.config import ModelConfig, PipelineConfig
+from tasks.catalog import Catalog
+from tasks.config import PipelineConfig
 from tasks.context import Workspace, read_meta
-from tasks.stage import run_once, stage_key
+from tasks.stage import StageRun
 
 log = logging.getLogger("kd")
 
 
-def model_config(cfg: PipelineConfig, name: str) -> ModelConfig:
-    return getattr(cfg, MODELS[name][0])
+@dataclass(frozen=True)
+class PipelineModel:
+    """A model one pipeline run trains (the stage table, tasks/stages.py, says which stage trains it)."""
+
+    name: str  # its folder under data/models, e.g. student-takd-s1
+    role: str  # teacher | assistant | student: picks the config section
+    method: str  # NOKD, KD, BLKD, TAKD, FT
+    seed: int  # the role's seed, or this student's
+    source: "PipelineModel | None" = None  # the model whose soft targets it learns from
+    init: "PipelineModel | None" = None  # the model it starts from (fine-tuning)
 
 
-def hop_kd(cfg: PipelineConfig, name: str) -> KDConfig:
-    """The distillation settings of the hop into `name`: its own, or the top-level kd."""
-    return model_config(cfg, name).kd or cfg.kd
+def hop_kd(cfg: PipelineConfig, m: PipelineModel) -> KDConfig:
+    """The distillation settings of the hop into `m`: its own, or the top-level kd."""
+    return getattr(cfg, m.role).kd or cfg.kd
 
 
-def train_config(cfg: PipelineConfig, name: str) -> TrainConfig:
-    base = model_config(cfg, name).train
-    if name == "teacher" and cfg.teacher.checkpoint:
+def train_config(cfg: PipelineConfig, m: PipelineModel) -> TrainConfig:
+    base = getattr(cfg, m.role).train
+    if m.role == "teacher" and cfg.teacher.checkpoint:
         return base.model_copy(update={"epochs": max(cfg.teacher.finetune_epochs, 1)})
-    if MODELS[name][1] == "FT":
+    if m.init:
         return base.model_copy(update={"epochs": max(cfg.finetune.epochs, 1), "lr": base.lr * cfg.finetune.lr_scale})
     return base
 
 
-def describe(cfg: PipelineConfig, name: str) -> str:
-    """A run name that says what it is, e.g. 'distill student plain-2 from assistant plain-4'."""
-    role, method, source, init = MODELS[name]
-    arch = model_config(cfg, name).arch
-    if source:
-        loss = hop_kd(cfg, name).loss
-        how = method if loss == "kd" else f"{method}, {loss}"
-        return f"distill {role} {arch} from {source} {model_config(cfg, source).arch} ({how})"
-    if init:
-        return f"fine-tune {role} {arch} ({method})"
-    if role == "teacher" and cfg.teacher.checkpoint:
+def _arch(cfg: PipelineConfig, m: PipelineModel) -> str:
+    return getattr(cfg, m.role).arch
+
+
+def describe(cfg: PipelineConfig, m: PipelineModel) -> str:
+    """A run name that says what it is, e.g. 'distill student plain-2 s1 from assistant plain-4 (TAKD)'."""
+    who = f"{m.role} {_arch(cfg, m)}" + (f" s{m.seed}" if m.role == "student" else "")
+    if m.source:
+        loss = hop_kd(cfg, m).loss
+        how = m.method if loss == "kd" else f"{m.method}, {loss}"
+        return f"distill {who} from {m.source.role} {_arch(cfg, m.source)} ({how})"
+    if m.init:
+        return f"fine-tune {who} ({m.method})"
+    if m.role == "teacher" and cfg.teacher.checkpoint:
         tuned = f", fine-tuned {cfg.teacher.finetune_epochs} epochs" if cfg.teacher.finetune_epochs else ""
-        return f"import teacher {arch}{tuned}"
-    return f"train {role} {arch} from labels ({method})"
-
-
-def stage_inputs(cfg: PipelineConfig, cat: Catalog, name: str) -> dict:
-    role, method, source, init = MODELS[name]
-    inputs = {"name": name, "data": stage_key(cat.prepared, "the prepared data set"),
-              "model": model_config(cfg, name).model_dump(), "train": train_config(cfg, name).model_dump()}
-    if source:
-        inputs |= {"kd": hop_kd(cfg, name).model_dump(), "cache": cfg.cache.model_dump(exclude={"batch_size"}),
-                   "teacher": stage_key(cat.soft_targets(source), f"the soft targets of {source}")}
-    if init:
-        inputs |= {"init": stage_key(cat.model(init), init), "finetune": cfg.finetune.model_dump()}
-    if role == "teacher" and cfg.teacher.checkpoint:
-        inputs["checkpoint_sha256"] = hashlib.sha256(Path(cfg.teacher.checkpoint).read_bytes()).hexdigest()
-    return inputs
+        return f"import teacher {_arch(cfg, m)}{tuned}"
+    return f"train {who} from labels ({m.method})"
 
 
 @dataclass(frozen=True)
 class Training:
-    """One model to train, whoever asks: a pipeline stage (catalog.MODELS) or an experiment's job."""
+    """One model to train, whoever asks: a pipeline stage (tasks/stages.py) or an experiment's job."""
 
     name: str  # its work folder and MLflow 'model' tag
     role: str
@@ -254,22 +250,19 @@ def fit_training(cfg: PipelineConfig, cat: Catalog, t: Training, key: str, out_d
             "model_fingerprint": meta["model_fingerprint"], "mlflow_run_id": run.run_id}
 
 
-def training(cfg: PipelineConfig, cat: Catalog, name: str) -> Training:
-    """A pipeline model (catalog.MODELS) as a Training."""
-    role, method, source, init = MODELS[name]
-    mcfg = model_config(cfg, name)
-    return Training(name=name, role=role, method=method, arch=mcfg.arch, seed=mcfg.seed, train=train_config(cfg, name),
-                    run_name=describe(cfg, name),
-                    guides=((cat.model(source), cat.soft_targets(source)),) if source else (),
-                    init=cat.model(init) if init else None,
-                    checkpoint=cfg.teacher.checkpoint if role == "teacher" else None,
-                    skip_training=(bool(init) and cfg.finetune.epochs == 0) or (
-                        role == "teacher" and bool(cfg.teacher.checkpoint) and cfg.teacher.finetune_epochs == 0),
-                    parent_model=source or init or "",
-                    loss=loss_name(hop_kd(cfg, name), bool(source)) if source else "ce", kd=hop_kd(cfg, name))
+def training(cfg: PipelineConfig, cat: Catalog, m: PipelineModel) -> Training:
+    """A pipeline model as a Training."""
+    return Training(name=m.name, role=m.role, method=m.method, arch=_arch(cfg, m), seed=m.seed,
+                    train=train_config(cfg, m), run_name=describe(cfg, m),
+                    guides=((cat.model(m.source.name), cat.soft_targets(m.source.name)),) if m.source else (),
+                    init=cat.model(m.init.name) if m.init else None,
+                    checkpoint=cfg.teacher.checkpoint if m.role == "teacher" else None,
+                    skip_training=(bool(m.init) and cfg.finetune.epochs == 0) or (
+                        m.role == "teacher" and bool(cfg.teacher.checkpoint) and cfg.teacher.finetune_epochs == 0),
+                    parent_model=(m.source or m.init).name if (m.source or m.init) else "",
+                    loss=loss_name(hop_kd(cfg, m), True) if m.source else "ce", kd=hop_kd(cfg, m))
 
 
-def train_model(cfg: PipelineConfig, cat: Catalog, name: str, force: bool = False) -> dict:
-    t = training(cfg, cat, name)
-    return run_once(cat, f"train-{name}", "train", cat.model(name), stage_inputs(cfg, cat, name),
-                    lambda key, out_dir: fit_training(cfg, cat, t, key, out_dir), force)
+def train(run: StageRun, m: PipelineModel) -> dict:
+    """The work of the stage that trains pipeline model `m`."""
+    return fit_training(run.cfg, run.cat, training(run.cfg, run.cat, m), run.key, run.out)

@@ -40,12 +40,21 @@ def test_micro_suites_write_json_and_markdown(tmp_path, fashion_dir):
             (t,), (b,) = row["trainer_runs_s"], row["bare_runs_s"]
             assert (b - 5e-4) / (t + 5e-4) <= row["ratio"] <= (b + 5e-4) / max(t - 5e-4, 1e-9)
     assert {r["workers"] for r in results["original"]["rows"]} == {0, 2}
-    for row in results["cache"]["rows"]:
-        assert row["expected_by_flops"] > 1 and row["expected_by_time"] > 1 and row["online_epoch_s"] > 0
+    for row in results["cache"]["rows"]:  # the expectations are what the two models' FLOPs and times say
+        teacher, student = (build_model(row[k], 1, 10, 28) for k in ("teacher", "student"))
+        by_flops = 1 + flops_per_image(teacher, (1, 28, 28)) / train_flops_per_image(student, (1, 28, 28))
+        assert row["expected_by_flops"] == pytest.approx(by_flops)
+        assert row["expected_by_time"] == pytest.approx(1 + row["teacher_forward_s"] / row["cached_epoch_s"])
+        assert row["measured_ratio"] == pytest.approx(row["online_epoch_s"] / row["cached_epoch_s"])
     assert [r["model"] for r in results["gpu"]["rows"]] == ["plain-10", "resnet-20", "resnet-110"]
     data_rows = [r for r in results["scaling"]["rows"] if r["sweep"] == "data"]
     assert [r["train_images"] for r in data_rows] == sorted(r["train_images"] for r in data_rows)
-    assert results["scaling"]["summary"]["linear_fit_r2"] <= 1
+    from scipy.stats import linregress  # the summary's fit, recomputed independently from its rows
+
+    fit, summary = linregress([r["train_images"] for r in data_rows], [r["epoch_s"] for r in data_rows]), \
+        results["scaling"]["summary"]
+    assert summary["linear_fit_us_per_image"] == pytest.approx(fit.slope * 1e6)
+    assert summary["linear_fit_r2"] == pytest.approx(fit.rvalue ** 2)
     assert results["overhead"]["machine"]["device"] == "cpu"
 
 

@@ -69,21 +69,22 @@ def test_missing_file_is_named(fashion_dir, tmp_path):
     shutil.copytree(fashion_dir, d)
     os.remove(d / "t10k-images-idx3-ubyte.gz")
     (tmp_path / "raw" / "FashionMNIST" / "raw").mkdir(parents=True)  # present, so no download is tried
-    with pytest.raises(DataError, match="t10k-images-idx3-ubyte: not found"):
+    with pytest.raises(DataError, match="missing/t10k-images-idx3-ubyte: file not found"):
         load_splits(DataConfig(source_dir=str(d), root=str(tmp_path / "raw")))
 
 
-def test_bad_input_writes_nothing(fashion_dir, tmp_path, monkeypatch):
+def test_bad_input_writes_nothing_and_leaves_no_staging(fashion_dir, tmp_path, monkeypatch):
     from tasks.catalog import Catalog
     from tasks.config import load_config
-    from tasks.prepare_data import prepare_data
+    from tasks.stages import run_stage
 
     bad = _corrupt(fashion_dir, tmp_path, "train-images-idx3-ubyte.gz", b"not gzip at all")
     cfg = load_config(None, {"data.source_dir": bad.source_dir, "data.root": bad.root})
     with pytest.raises(DataError):
-        prepare_data(cfg, Catalog(tmp_path))
+        run_stage("prepare-data", cfg, Catalog(tmp_path))
     assert not (tmp_path / "data" / "prepared" / "dataset.pt").exists()
     assert not (tmp_path / "data" / "prepared" / "stage.json").exists()
+    assert not (tmp_path / "data" / "prepared.partial").exists()  # the failed stage removed its staging folder
 
 
 @pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])

@@ -67,7 +67,7 @@ def cfg(fashion_dir, tmp_path):
     from tests.conftest import tiny_overrides
 
     return load_config(None, tiny_overrides(fashion_dir, tmp_path) | {
-        "teacher.arch": "plain-6", "assistant.arch": "plain-4", "experiments.seeds": [0, 1],
+        "teacher.arch": "plain-6", "assistant.arch": "plain-4", "student.seeds": [0, 1],
         "experiments.ta_sizes": ["plain-4"], "experiments.path_sizes": ["plain-4", "plain-2"],
         "experiments.teacher_sizes": ["plain-4", "plain-6"], "experiments.student_sizes": ["plain-2", "plain-4"],
         "experiments.equal_epochs": 2, "experiments.generations": 1, "data.train_subset": 200})
@@ -138,14 +138,14 @@ def test_concurrent_runners_give_the_sequential_models(cfg, tmp_path, prefect_se
     from flows.experiment import FLOWS, task_runner
     from tasks.catalog import Catalog
 
-    cfg = cfg.model_copy(update={"experiments": cfg.experiments.model_copy(update={"seeds": [0]})})
+    cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"seeds": [0]})})
     roots = {name: tmp_path / name for name in ("sequential", "threads", "dask")}
     run_rows(build_plan("comparison", cfg), cfg, Catalog(roots["sequential"]))
     expected = _fingerprints(roots["sequential"])
     assert len(expected) == 5  # teacher, TA, and three students
-    for name, runner in (("threads", task_runner(workers=2)), ("dask", task_runner(dask_workers=2))):
+    for name, runner in (("threads", task_runner()), ("dask", task_runner(dask_workers=2))):
         monkeypatch.setenv("KD_PROJECT_ROOT", str(roots[name]))
-        result = FLOWS["comparison"].with_options(task_runner=runner)(cfg)
+        result = FLOWS["comparison"].with_options(task_runner=runner)(cfg, workers=2)
         assert len(result["trained"]) == 5 and result["report"]
         assert _fingerprints(roots[name]) == expected, name
 
@@ -158,7 +158,7 @@ def test_experiment_flow_logs_table_and_plot_to_mlflow(cfg, tmp_path, prefect_se
     monkeypatch.setenv("KD_PROJECT_ROOT", str(tmp_path))
     monkeypatch.setenv("KD_TRACKING", "1")
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"log_models": False}),
-                                 "experiments": cfg.experiments.model_copy(update={"seeds": [0]})})
+                                 "student": cfg.student.model_copy(update={"seeds": [0]})})
     FLOWS["comparison"](cfg)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
@@ -200,11 +200,13 @@ def test_cli_names_what_is_wrong(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("KD_PROJECT_ROOT", str(tmp_path))
     params = tmp_path / "p.yaml"
-    params.write_text("experiments: {seeds: [0, 1]}\n")
+    params.write_text("student: {seeds: [0, 1]}\n")
     assert main(["job", "comparison", "--params", str(params), "--variant", "bkld"]) == 2
     err = capsys.readouterr().err
     assert "no rows match --variant 'bkld'" in err and "nokd, blkd, takd" in err and "[0, 1]" in err
-    assert main(["run", "ta-sweep", "--params", str(params), "--experiments.ta_sizes", "[plain-3]"]) == 2
+    from takd.cli import main as takd_main
+
+    assert takd_main(["experiments", "run", "ta-sweep", "--params", str(params), "--experiments.ta_sizes", "[plain-3]"]) == 2
     assert "experiments.ta_sizes" in capsys.readouterr().err
     listing = main(["list", "--params", str(params)])
     assert listing == 0 and '"comparison"' in capsys.readouterr().out

@@ -1,119 +1,243 @@
-"""Prefect and DVC agree: a flow run leaves `dvc status` clean, a `dvc repro` leaves the
-flow nothing to do, and a student parameter reruns only the student's stages."""
+"""One notion of done, whoever runs the pipeline: the CLI, the Prefect flow and `dvc repro` rerun exactly
+the stages whose inputs changed (a user's image folder or CSV, an imported teacher file, a parameter),
+and a run by one leaves nothing to do for the others."""
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 
 from tasks.config import load_config, to_yaml
 from tests.conftest import tiny_overrides
+from tests.fakes import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDENT_STAGES = {"train-student-nokd", "distill-student-blkd", "distill-student-takd", "fine-tune-student",
-                  "evaluate", "report", "export"}
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
 
 
-def sh(args, cwd, **kw):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "KD_TRACKING": "0"}
+def sh(args, cwd, ok=True):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "KD_TRACKING": "0"}
     env.pop("KD_PROJECT_ROOT", None)
-    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, **kw)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    return out.stdout
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert (out.returncode == 0) == ok, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout + out.stderr
 
 
-def make_repo(dest: Path, fashion_dir: Path, **overrides) -> Path:
-    for item in ("engine", "models", "tasks", "flows", "experiments", "dvc.yaml", ".dvcignore", "prefect.yaml",
+def make_repo(dest: Path, overrides: dict, setup=None) -> Path:
+    """A git + DVC project with this checkout's code, `overrides` as params.yaml and dvc.yaml generated for it."""
+    dest.mkdir(parents=True)
+    for item in ("engine", "models", "tasks", "flows", "experiments", "takd", "profiles", ".dvcignore", "prefect.yaml",
                  ".gitignore"):
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / item)
     for cache in dest.rglob("__pycache__"):
         shutil.rmtree(cache)
-    (dest / "params.yaml").write_text(to_yaml(load_config(None, tiny_overrides(fashion_dir, dest) | overrides)))
+    if setup:
+        setup(dest)
+    write_params(dest, overrides)
     sh(["git", "init", "-q"], dest)
-    sh([str(Path(sys.executable).parent / "dvc"), "init", "-q"], dest)
+    sh([BIN / "dvc", "init", "-q"], dest)
     sh(["git", "add", "-A"], dest)
     sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], dest)
     return dest
 
 
-def dvc(repo, *args):
-    return sh([str(Path(sys.executable).parent / "dvc"), *args], repo)
+def write_params(repo: Path, overrides: dict) -> None:
+    (repo / "params.yaml").write_text(to_yaml(load_config(None, overrides)))
+    sh([sys.executable, "-m", "tasks", "dvc-yaml"], repo)
 
 
-def stale_stages(repo) -> set[str]:
-    import json
+def edit_params(repo: Path, **dotted) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for key, value in dotted.items():
+        node = params
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
+
+def dvc(repo, *args, ok=True):
+    return sh([BIN / "dvc", *args], repo, ok)
+
+
+def stale(repo) -> set[str]:
     return set(json.loads(dvc(repo, "status", "--json", "dvc.yaml") or "{}"))
 
 
-def test_dvc_repro_then_flow_reuses_everything(tmp_path, fashion_dir, prefect_server, monkeypatch):
-    repo = make_repo(tmp_path / "repo", fashion_dir)
-    out = dvc(repo, "repro")
-    assert "Running stage 'report'" in out
-    again = dvc(repo, "repro")
-    assert "didn't change, skipping" in again or "up to date" in again
-    assert stale_stages(repo) == set()
-    metrics = dvc(repo, "metrics", "show")
-    for col in ("nokd.test_acc", "blkd.test_acc", "takd.test_acc"):
-        assert col in metrics
-    dvc(repo, "plots", "show", "-o", str(tmp_path / "plots"))
-    assert (tmp_path / "plots" / "index.html").exists()
+# ---------------------------------------------------------------- the three entry points
 
-    monkeypatch.setenv("KD_PROJECT_ROOT", str(repo))
-    from flows.pipeline import takd_pipeline
+def keys(repo: Path) -> dict[str, str]:
+    """Every finished stage's key, by instance id."""
+    from tasks.catalog import Catalog
+    from tasks.stages import instances
 
-    result = takd_pipeline(load_config(repo / "params.yaml"))
-    assert len(result["reused"]) == 12
-
-    # A student parameter alone: only the student stages are stale, teacher and caches are not.
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["student"]["seed"] = 1
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stale_stages(repo) == STUDENT_STAGES - {"evaluate", "report", "export"}  # those follow from their deps
-    sh(["git", "checkout", "params.yaml"], repo)
-
-    # ...and `dvc exp run -S` with it reruns exactly those stages.
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline"], repo)
-    out = dvc(repo, "exp", "run", "-S", "student.seed=1")
-    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == STUDENT_STAGES
+    cat = Catalog(repo)
+    out = {}
+    for inst in instances(load_config(repo / "params.yaml")):
+        path = inst.out(cat) / "stage.json"
+        out[inst.id] = json.loads(path.read_text())["key"] if path.exists() else None
+    return out
 
 
-def test_flow_run_leaves_dvc_status_clean(tmp_path, fashion_dir, prefect_server, monkeypatch):
-    repo = make_repo(tmp_path / "repo", fashion_dir)
-    monkeypatch.setenv("KD_PROJECT_ROOT", str(repo))
-    from flows.pipeline import takd_pipeline
-
-    result = takd_pipeline(load_config(repo / "params.yaml"))
-    assert result["reused"] == [] and set(result["test_acc"]) >= {"nokd", "blkd", "takd"}
-    assert stale_stages(repo) == set()
-    assert "Data and pipelines are up to date" in dvc(repo, "repro")
-
-
-def test_dvc_yaml_lists_the_code_each_stage_hashes():
-    from tasks.catalog import CODE_DEPS
+def run_cli(repo: Path, monkeypatch) -> None:
+    from tasks.cli import main
     from tasks.stages import STAGES
 
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert list(stages) == list(STAGES)
-    kind = {"prepare-data": "prepare-data", "evaluate": "evaluate", "report": "report", "export": "export"}
-    for name, stage in stages.items():
-        k = kind.get(name, "cache" if name.startswith("cache-") else "train")
-        code = [d for d in stage["deps"] if not d.startswith("data/")]
-        assert code == CODE_DEPS[k], name
-        assert stage["cmd"] == f"python -m tasks {name}"
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("KD_PROJECT_ROOT", str(repo))
+    for name in STAGES:
+        assert main([name]) == 0
+
+
+def run_flow(repo: Path, monkeypatch) -> None:
+    from flows.pipeline import takd_pipeline
+
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("KD_PROJECT_ROOT", str(repo))
+    takd_pipeline(load_config(repo / "params.yaml"), workers=2)
+    assert stale(repo) == set()  # the flow recorded its outputs in dvc.lock: `dvc status` is clean
+
+
+def run_dvc(repo: Path, monkeypatch) -> set[str]:
+    out = dvc(repo, "repro")
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+
+
+ENTRY = {"cli": run_cli, "flow": run_flow, "dvc": run_dvc}
+
+
+def rerun(entry: str, repo: Path, monkeypatch) -> set[str]:
+    """Run the whole pipeline through `entry`; the instances that did work (their key changed)."""
+    before = keys(repo)
+    dvc_ran = ENTRY[entry](repo, monkeypatch)
+    after = keys(repo)
+    ran = {i for i in after if after[i] != before.get(i)}
+    if entry == "dvc":  # DVC's notion of stale and the stage keys agree
+        assert dvc_ran == ran
+    return ran
+
+
+# ---------------------------------------------------------------- a user's image folder and teacher file
+
+def own_inputs(repo: Path) -> None:
+    write_image_folder(repo / "own" / "images", classes=3, per_class=14, size=20)
+    torch.manual_seed(0)
+    from models import build_model
+
+    torch.save(build_model("plain-4", 3, 3, 16).state_dict(), repo / "own" / "teacher.pt")
+
+
+OWN = {"data.name": "imagefolder:own/images", "data.image_size": 16, "data.channels": 3,
+       "teacher.arch": "plain-4", "teacher.checkpoint": "own/teacher.pt", "assistant.arch": "plain-2",
+       "student.arch": "plain-2", "student.seeds": [0], "assistant.train.epochs": 1, "student.train.epochs": 1,
+       "assistant.train.batch_size": 16, "student.train.batch_size": 16, "evaluate.speed_repeats": 0,
+       "export.check_images": 8}
+STUDENTS = {"train-student-nokd@0", "distill-student-blkd@0", "distill-student-takd@0", "fine-tune-student@0"}
+TEACHER_ON = {"train-teacher", "cache-teacher", "distill-assistant", "cache-assistant", "distill-student-blkd@0",
+              "distill-student-takd@0", "fine-tune-student@0"}
+AFTER = {"evaluate", "report", "export"}
+EVERYTHING = {"prepare-data", "train-teacher", "cache-teacher", "distill-assistant", "cache-assistant"} | STUDENTS | AFTER
+
+
+@pytest.mark.parametrize("entry", ["cli", "flow", "dvc"])
+def test_changed_inputs_rerun_exactly_the_stages_that_read_them(entry, tmp_path, prefect_server, monkeypatch):
+    repo = make_repo(tmp_path / "repo", OWN, own_inputs)
+    # DVC starts from the flow's outputs (a process per stage makes a DVC run slow): it finds nothing to do.
+    assert rerun("flow" if entry == "dvc" else entry, repo, monkeypatch) == EVERYTHING
+    assert rerun(entry, repo, monkeypatch) == set()
+
+    edit_params(repo, **{"student.train.lr": 0.02})  # a student parameter: the students and what follows
+    assert rerun(entry, repo, monkeypatch) == STUDENTS | AFTER
+
+    torch.manual_seed(1)  # the teacher file replaced in place: the teacher's chain, not the data or NOKD
+    from models import build_model
+
+    torch.save(build_model("plain-4", 3, 3, 16).state_dict(), repo / "own" / "teacher.pt")
+    assert rerun(entry, repo, monkeypatch) == TEACHER_ON | AFTER
+
+    victim = sorted((repo / "own" / "images" / "class_1").iterdir())[0]
+    victim.unlink()  # an image deleted from the user's folder: the data set and everything after it
+    assert rerun(entry, repo, monkeypatch) == EVERYTHING
+    prepared = json.loads((repo / "data" / "prepared" / "stage.json").read_text())["result"]["sizes"]
+    assert sum(prepared.values()) == 3 * 14 - 1
+
+    if entry == "dvc":  # and the flow, after `dvc repro`, finds everything done again
+        from flows.pipeline import takd_pipeline
+
+        monkeypatch.chdir(repo)
+        monkeypatch.setenv("KD_PROJECT_ROOT", str(repo))
+        assert len(takd_pipeline(load_config(repo / "params.yaml"))["reused"]) == len(EVERYTHING)
+        metrics = dvc(repo, "metrics", "show")
+        for col in ("nokd.test_acc_mean", "takd_minus_blkd.mean", "teacher.test_acc"):
+            assert col in metrics
+        dvc(repo, "plots", "show", "-o", str(tmp_path / "plots"))
+        assert (tmp_path / "plots" / "index.html").exists()
+
+
+def csv_inputs(repo: Path) -> None:
+    write_image_folder(repo / "own" / "images", classes=2, per_class=12, size=12)
+    rows = [f"images/class_{c}/{i}.png,{'ab'[c]}" for c in range(2) for i in range(12)]
+    (repo / "own" / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+
+
+@pytest.mark.parametrize("entry", ["cli", "dvc"])
+def test_a_changed_csv_or_an_image_it_lists_reruns_prepare_data(entry, tmp_path, monkeypatch):
+    repo = make_repo(tmp_path / "repo", {**OWN, "data.name": "csv:own/labels.csv", "data.image_size": 12,
+                                         "teacher.checkpoint": None, "teacher.arch": "plain-2",
+                                         "teacher.train.epochs": 1}, csv_inputs)
+    deps = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["prepare-data"]["deps"]
+    assert {"own/labels.csv", "own/images"} <= set(deps)
+
+    def prepare() -> bool:
+        before = keys(repo)["prepare-data"]
+        if entry == "cli":
+            monkeypatch.chdir(repo)
+            monkeypatch.setenv("KD_PROJECT_ROOT", str(repo))
+            from tasks.cli import main
+
+            assert main(["prepare-data"]) == 0
+        else:
+            dvc(repo, "repro", "prepare-data")
+        return keys(repo)["prepare-data"] != before
+
+    assert prepare() and not prepare()
+    csv = repo / "own" / "labels.csv"
+    csv.write_text("\n".join(csv.read_text().splitlines()[:-1]) + "\n")  # one row fewer
+    assert prepare() and not prepare()
+    image = repo / "own" / "images" / "class_0" / "3.png"
+    image.write_bytes((repo / "own" / "images" / "class_1" / "3.png").read_bytes())  # an image's content changed
+    assert prepare() and not prepare()
+
+
+def test_dvc_refuses_a_stage_whose_dvc_yaml_does_not_list_what_it_reads(tmp_path):
+    repo = make_repo(tmp_path / "repo", OWN, own_inputs)
+    shutil.copytree(repo / "own" / "images", repo / "own" / "other")
+    edit_params(repo, **{"data.name": "imagefolder:own/other"})  # params.yaml changed, dvc.yaml not regenerated
+    out = dvc(repo, "repro", "prepare-data", ok=False)
+    assert "stage prepare-data does not match params.yaml (its deps lack own/other); run " \
+           "`python -m tasks dvc-yaml`" in out
+    sh([sys.executable, "-m", "tasks", "dvc-yaml"], repo)
+    dvc(repo, "repro", "prepare-data")
+
+
+def test_the_committed_dvc_yaml_is_generated_from_the_stage_table():
+    from tasks.dvc_yaml import generate
+
+    assert (ROOT / "dvc.yaml").read_text() == generate(ROOT), "run `python -m tasks dvc-yaml` and commit dvc.yaml"
 
 
 def test_experiment_as_dvc_matrix_stages(tmp_path, fashion_dir):
     """`dvc repro` of one experiment's report: one matrix stage per (method, seed), then the
     table; a rerun does nothing, and the metrics and plots are DVC's."""
-    import json
-
-    repo = make_repo(tmp_path / "repo", fashion_dir, **{"experiments.seeds": [0]})
+    repo = make_repo(tmp_path / "repo", tiny_overrides(fashion_dir, tmp_path / "repo") | {"student.seeds": [0]})
     out = dvc(repo, "repro", "experiments/dvc.yaml:report@comparison")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"prepare-data", "experiments/dvc.yaml:report@comparison"} | {

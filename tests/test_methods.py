@@ -268,7 +268,7 @@ def methods_cfg(project):
     cfg, cat = project
     from tasks.config import load_config
 
-    over = {"experiments.seeds": [0], "experiments.ensemble_teachers": ["plain-4", "resnet-8"],
+    over = {"student.seeds": [0], "experiments.ensemble_teachers": ["plain-4", "resnet-8"],
             "experiments.dml_peers": ["plain-2"], "kd.fitnets.hint_epochs": 1, "kd.dkd.warmup_epochs": 2,
             "student.train.epochs": 2}
     return load_config(None, {**_flat(cfg.model_dump()), **over}), cat
@@ -320,11 +320,11 @@ def test_features_cached_or_online_give_the_same_student(methods_cfg):
     trains the same student, up to the cache's rounding; the choice is recorded."""
     import json
 
-    from tasks.prepare_data import prepare_data
+    from tasks.stages import run_stage
     from tasks.train_job import Job, job_id, train_job
 
     cfg, cat = methods_cfg
-    prepare_data(cfg, cat)
+    run_stage("prepare-data", cfg, cat)
     accs, modes = [], []
     for mode in ("cached", "online"):
         c = cfg.model_copy(update={"cache": cfg.cache.model_copy(update={"features": mode})})
@@ -341,24 +341,26 @@ def test_features_cached_or_online_give_the_same_student(methods_cfg):
 def test_any_loss_at_each_hop_of_the_pipeline_chain(project):
     """assistant.kd and student.kd pick each hop's loss; unset keys inherit from the top-level kd."""
     from tasks.config import load_config
+    from tasks.stages import models
     from tasks.train_model import hop_kd, training
 
     cfg, cat = project
     over = {"kd.temperature": 5.0, "assistant.kd.loss": "dkd", "student.kd.loss": "fitnets"}
     cfg2 = load_config(None, {**_flat(cfg.model_dump(exclude={"assistant": {"kd"}, "student": {"kd"}})), **over})
-    assert hop_kd(cfg2, "assistant").loss == "dkd" and hop_kd(cfg2, "assistant").temperature == 5.0
-    assert training(cfg2, cat, "student-takd").loss == "fitnets"
-    assert training(cfg2, cat, "student-nokd").loss == "ce"
-    assert training(cfg2, cat, "teacher").loss == "ce"
+    m = models(cfg2)
+    assert hop_kd(cfg2, m["assistant"]).loss == "dkd" and hop_kd(cfg2, m["assistant"]).temperature == 5.0
+    assert training(cfg2, cat, m["student-takd-s1"]).loss == "fitnets"
+    assert training(cfg2, cat, m["student-nokd-s0"]).loss == "ce"
+    assert training(cfg2, cat, m["teacher"]).loss == "ce"
 
 
 def test_a_bad_layer_name_is_one_clear_error(project):
     from engine.errors import KDError
-    from tasks.prepare_data import prepare_data
+    from tasks.stages import run_stage
     from tasks.train_job import Job, train_job
 
     cfg, cat = project
-    prepare_data(cfg, cat)
+    run_stage("prepare-data", cfg, cat)
     kd = cfg.kd.model_copy(update={"loss": "fitnets", "student_layers": ["features.9"], "teacher_layers": ["features.0"]})
     job = Job(role="student", arch="plain-2", epochs=1, kd=kd, guides=[Job(role="teacher", arch="plain-4")])
     with pytest.raises(KDError, match=r"kd.student_layers: no stage named \['features.9'\]; the model has"):

@@ -4,22 +4,30 @@ import json
 import numpy as np
 import pytest
 
-from tasks.stages import STAGES
+from tasks.stages import instances, models, run_instance
 
-EXPECTED = {"teacher": ("teacher", "NOKD"), "assistant": ("assistant", "KD"), "student-nokd": ("student", "NOKD"),
-            "student-blkd": ("student", "BLKD"), "student-takd": ("student", "TAKD"), "student-takd-ft": ("student", "FT")}
+METHODS = {"teacher": ("teacher", "NOKD"), "assistant": ("assistant", "KD"), "student-nokd": ("student", "NOKD"),
+           "student-blkd": ("student", "BLKD"), "student-takd": ("student", "TAKD"), "student-takd-ft": ("student", "FT")}
 
 
-@pytest.fixture
-def tracked(project, tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("KD_TRACKING", "1")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("KD_MLFLOW_PARENT_RUN", raising=False)
-    cfg, cat = project
-    for fn in STAGES.values():  # stage by stage, as `dvc repro` runs them
-        fn(cfg, cat, False)
-    return cfg, cat, uri
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory, fashion_dir):
+    """One tracked pipeline, stage by stage as `dvc repro` runs them, shared by this module's tests."""
+    from tasks.catalog import Catalog
+    from tasks.config import load_config
+    from tests.conftest import tiny_overrides
+
+    root = tmp_path_factory.mktemp("tracked")
+    uri = f"sqlite:///{root}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KD_PROJECT_ROOT", str(root))
+        mp.setenv("KD_TRACKING", "1")
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("KD_MLFLOW_PARENT_RUN", raising=False)
+        cfg, cat = load_config(None, tiny_overrides(fashion_dir, root)), Catalog(root)
+        for inst in instances(cfg):
+            run_instance(inst, cfg, cat)
+        yield cfg, cat, uri
 
 
 def test_runs_metrics_models_and_registry(tracked):
@@ -29,24 +37,32 @@ def test_runs_metrics_models_and_registry(tracked):
     cfg, cat, uri = tracked
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs, not GenAI
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("kind") == "pipeline"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     children = {r.data.tags["model"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == set(EXPECTED)
-    for name, (role, method) in EXPECTED.items():
+    assert set(children) == set(models(cfg))
+    for name, m in models(cfg).items():
         run = children[name]
-        assert (run.data.tags["role"], run.data.tags["method"]) == (role, method)
-        assert run.data.params["arch"] == getattr(cfg, role).arch and "seed" in run.data.params
+        base = name.removesuffix(f"-s{m.seed}") if m.role == "student" else name
+        assert (run.data.tags["role"], run.data.tags["method"]) == METHODS[base]
+        assert run.data.tags["seed"] == str(m.seed) == run.data.params["seed"]  # MLflow groups by method and seed
+        assert run.data.params["arch"] == getattr(cfg, m.role).arch
         assert {"test_acc", "params", "size_bytes", "flops", "latency_ms_b1", "teacher_agreement"} <= set(run.data.metrics)
         assert run.data.tags["model_uri"].startswith("models:/")
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
         assert steps == [1]
-    assert children["student-takd"].data.params["parent_model"] == "assistant"
-    assert children["student-takd"].data.params["lam"] == str(cfg.kd.lam)
-    assert children["student-blkd"].data.params["teacher_mode"] == "cached"
-    assert {"nokd_test_acc", "blkd_test_acc", "takd_test_acc"} <= set(parent.data.metrics)
+    assert {children[f"student-takd-s{s}"].data.tags["seed"] for s in cfg.student.seeds} == {"0", "1"}
+    assert children["student-takd-s1"].data.params["parent_model"] == "assistant"
+    assert children["student-takd-s1"].data.params["lam"] == str(cfg.kd.lam)
+    assert children["student-blkd-s0"].data.params["teacher_mode"] == "cached"
+    # The parent holds the comparison over seeds: means, spreads and the paired differences.
+    assert {"nokd_test_acc_mean", "takd_test_acc_std", "takd_minus_blkd_mean", "takd_minus_blkd_low",
+            "blkd_minus_nokd_high", "teacher_test_acc"} <= set(parent.data.metrics)
+    nokd = [children[f"student-nokd-s{s}"].data.metrics["test_acc"] for s in cfg.student.seeds]
+    assert parent.data.metrics["nokd_test_acc_mean"] == pytest.approx(np.mean(nokd))
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.png", "comparison.md", "curves.png", "config.json"} <= artifacts
 
@@ -59,10 +75,28 @@ def test_runs_metrics_models_and_registry(tracked):
     import torch
 
     exported = json.loads((cat.export / "stage.json").read_text())["result"]
-    registered = json.loads((cat.reports / "stage.json").read_text())["result"]["registered"]
-    assert registered["model"] == exported["model"]
+    assert version.run_id == children[exported["model"]].info.run_id
     scripted = torch.jit.load(str(cat.export / "model.ts"))
     assert np.abs(scripted(torch.from_numpy(batch)).detach().numpy() - predicted).max() < 1e-4
+
+
+def test_registration_does_not_depend_on_reuse(tracked, monkeypatch):
+    """With the registered model gone, a rerun that reuses every stage registers the exported student again,
+    once: what is registered follows the export, not whether a stage happened to run."""
+    from mlflow import MlflowClient
+
+    cfg, cat, uri = tracked
+    for key, value in (("KD_PROJECT_ROOT", str(cat.root)), ("KD_TRACKING", "1"), ("MLFLOW_TRACKING_URI", uri)):
+        monkeypatch.setenv(key, value)
+    client = MlflowClient(uri)
+    client.delete_registered_model(cfg.tracking.registered_model)
+    for _ in range(2):
+        results = {i.id: run_instance(i, cfg, cat) for i in instances(cfg)}
+        assert all(r["reused"] for r in results.values())
+    versions = client.search_model_versions(f"name='{cfg.tracking.registered_model}'")
+    exported = results["export"]["model"]
+    assert len(versions) == 1 and results["export"]["registered"]["model"] == exported
+    assert versions[0].run_id == json.loads((cat.model(exported) / "stage.json").read_text())["result"]["mlflow_run_id"]
 
 
 def test_tracking_uri_is_not_logged(tracked):

@@ -15,7 +15,7 @@ from engine.data import load_splits
 from engine.errors import CheckpointError, DataError
 from models import build_model
 from tasks.config import load_config
-from tasks.stages import STAGES
+from tasks.stages import instances, run_instance, run_stage
 from tests.conftest import tiny_overrides
 from tests.fakes import write_image_folder
 
@@ -62,7 +62,7 @@ def test_normalisation_from_config(data_cfg):
 @pytest.fixture
 def prepared(project):
     cfg, cat = project
-    STAGES["prepare-data"](cfg, cat, False)
+    run_stage("prepare-data", cfg, cat)
     return cfg, cat
 
 
@@ -78,13 +78,13 @@ def test_torchscript_teacher_distils_and_its_class_mapping_is_saved(prepared, tm
     path = tmp_path / "teacher.ts"
     torch.jit.save(torch.jit.trace(teacher, torch.zeros(2, 1, 28, 28)), str(path))
     imported = _with(cfg, cat, **{"teacher.checkpoint": str(path)})
-    STAGES["train-teacher"](imported, cat, False)
+    run_stage("train-teacher", imported, cat)
     meta = json.loads((cat.model("teacher") / "model.json").read_text())
     assert meta["arch"] == "torchscript" and meta["class_to_idx"]["Trouser"] == 1
-    STAGES["cache-teacher"](imported, cat, False)
-    result = STAGES["distill-student-blkd"](imported, cat, False)
+    run_stage("cache-teacher", imported, cat)
+    result = run_stage("distill-student-blkd", imported, cat, seed=0)
     assert result["best_val_acc"] > 0.2
-    student_meta = json.loads((cat.model("student-blkd") / "model.json").read_text())
+    student_meta = json.loads((cat.model("student-blkd-s0") / "model.json").read_text())
     assert student_meta["classes"][0] == "T-shirt/top"  # the mapping travels with every model
 
 
@@ -94,7 +94,7 @@ def test_state_dict_teacher_fine_tuned_on_the_users_data(prepared, tmp_path):
     path = tmp_path / "teacher.pt"
     torch.save(build_model("plain-4", 1, 10, 28).state_dict(), path)
     tuned = _with(cfg, cat, **{"teacher.checkpoint": str(path), "teacher.finetune_epochs": 1})
-    STAGES["train-teacher"](tuned, cat, False)
+    run_stage("train-teacher", tuned, cat)
     meta = json.loads((cat.model("teacher") / "model.json").read_text())
     assert meta["best_epoch"] == 1 and meta["best_val_acc"] > 0.2
     weights = torch.load(cat.model("teacher") / "model.pt", weights_only=True)
@@ -107,22 +107,22 @@ def test_teacher_mismatches_and_pickled_code_are_explained(prepared, tmp_path):
     wrong_classes = tmp_path / "seven.ts"
     torch.jit.save(torch.jit.trace(build_model("plain-2", 1, 7, 28).eval(), torch.zeros(2, 1, 28, 28)), str(wrong_classes))
     with pytest.raises(CheckpointError, match=r"outputs \(7,\) per image, but the data set has 10 classes \(T-shirt/top"):
-        STAGES["train-teacher"](_with(cfg, cat, **{"teacher.checkpoint": str(wrong_classes)}), cat, False)
+        run_stage("train-teacher", _with(cfg, cat, **{"teacher.checkpoint": str(wrong_classes)}), cat)
     rgb = tmp_path / "rgb.ts"
     torch.jit.save(torch.jit.trace(build_model("plain-2", 3, 10, 28).eval(), torch.zeros(2, 3, 28, 28)), str(rgb))
     with pytest.raises(CheckpointError, match=r"does not accept the data set's 1x28x28 images"):
-        STAGES["train-teacher"](_with(cfg, cat, **{"teacher.checkpoint": str(rgb)}), cat, False)
+        run_stage("train-teacher", _with(cfg, cat, **{"teacher.checkpoint": str(rgb)}), cat)
     pickled = tmp_path / "pickled.pt"
     torch.save({"model": build_model("plain-2", 1, 10, 28)}, pickled)  # a whole module: needs pickled code
     with pytest.raises(CheckpointError, match="refused or unreadable as a weights-only checkpoint"):
-        STAGES["train-teacher"](_with(cfg, cat, **{"teacher.checkpoint": str(pickled),
-                                                   "teacher.arch": "plain-2"}), cat, False)
+        run_stage("train-teacher", _with(cfg, cat, **{"teacher.checkpoint": str(pickled), "teacher.arch": "plain-2"}),
+                  cat)
 
 
 def test_exported_student_matches_pytorch_and_has_a_model_card(project):
     cfg, cat = project
-    for fn in STAGES.values():
-        fn(cfg, cat, False)
+    for inst in instances(cfg):
+        run_instance(inst, cfg, cat)
     result = json.loads((cat.export / "stage.json").read_text())["result"]
     assert result["torchscript_max_abs_diff"] < 1e-4 and result["onnx_max_abs_diff"] < 1e-4
     labels = json.loads((cat.export / "labels.json").read_text())
@@ -168,8 +168,8 @@ def test_worked_example_end_to_end(fashion_dir, tmp_path, monkeypatch):
     cfg = load_config(None, {**over, "data.name": f"imagefolder:{images}", "data.channels": 1, "data.image_size": 28,
                              "data.mean": [0.5], "data.std": [0.5], "teacher.checkpoint": str(tmp_path / "teacher.ts")})
     cat = Catalog(root)
-    for fn in STAGES.values():
-        fn(cfg, cat, False)
+    for inst in instances(cfg):
+        run_instance(inst, cfg, cat)
     pngs = sorted(str(p) for p in (images / "test").rglob("*.png"))[:6]
     uri = f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
     answers = {engine: predict(pngs, cat.export, engine, uri) for engine in ("onnx", "torchscript", "mlflow")}
@@ -192,14 +192,14 @@ def test_torchvision_architecture_with_a_weights_file(prepared, tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(net.state_dict(), path)
     imported = _with(cfg, cat, **{"teacher.checkpoint": str(path), "teacher.arch": "tv:resnet18"})
-    STAGES["train-teacher"](imported, cat, False)
+    run_stage("train-teacher", imported, cat)
     assert json.loads((cat.model("teacher") / "model.json").read_text())["arch"] == "tv:resnet18"
     # Its stages are found by spatial size, so feature and relation losses pair with them.
     assert build_model("tv:resnet18", 1, 10, 28).feature_names == ["relu", "layer1", "layer2", "layer3", "avgpool"]
-    STAGES["cache-teacher"](imported, cat, False)
+    run_stage("cache-teacher", imported, cat)
     for loss in ("at", "rkd"):
         over = {"teacher.checkpoint": str(path), "teacher.arch": "tv:resnet18", "kd.loss": loss, "kd.lam": 0.0}
-        assert STAGES["distill-student-blkd"](_with(cfg, cat, **over), cat, True)["best_val_acc"] > 0.2
+        assert run_stage("distill-student-blkd", _with(cfg, cat, **over), cat, seed=0, force=True)["best_val_acc"] > 0.2
     with pytest.raises(CheckpointError, match="does not fit tv:resnet34"):
-        STAGES["train-teacher"](_with(cfg, cat, **{"teacher.checkpoint": str(path), "teacher.arch": "tv:resnet34"}),
-                                cat, False)
+        run_stage("train-teacher", _with(cfg, cat, **{"teacher.checkpoint": str(path), "teacher.arch": "tv:resnet34"}),
+                  cat)

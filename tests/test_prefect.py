@@ -1,20 +1,23 @@
 from pathlib import Path
 
+import pytest
 import yaml
 
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _deployments() -> list[dict]:
+    return yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+
+
 def test_deployments_load_and_build():
-    from prefect.client.schemas.schedules import construct_schedule  # noqa: F401
     from prefect.flows import load_flow_from_entrypoint
     from prefect.utilities.schema_tools import validate
 
-    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     names = []
-    for d in spec["deployments"]:
+    for d in _deployments():
         assert set(d) <= {"name", "description", "entrypoint", "work_pool", "parameters", "schedules", "tags"}
         assert set(d["work_pool"]) <= {"name", "job_variables"}
         flow = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
@@ -22,12 +25,23 @@ def test_deployments_load_and_build():
                                  work_pool_name=d["work_pool"]["name"], description=d.get("description"))
         validate(d.get("parameters", {}), dep._parameter_openapi_schema.model_dump(), raise_on_error=True,
                  ignore_required=True)
-        if "config" in d.get("parameters", {}):
-            PipelineConfig.model_validate(d["parameters"]["config"])
         assert dep.flow_name == ("takd-pipeline" if "pipeline" in d["entrypoint"] else f"takd-{d['name'].removesuffix('-dask')}")
         names.append(dep.name)
     assert names == ["default", "nightly", "paper", "comparison", "ta-sweep", "teacher-sweep", "student-sweep", "paths",
                      "equal-compute", "methods", "ta-sweep-dask"]
+
+
+@pytest.mark.parametrize("name,profile", [("default", "params.yaml"), ("paper", "profiles/paper.yaml")])
+def test_a_deployment_runs_the_profile_it_names(name, profile):
+    """The parameters Prefect hands the flow, once validated, are the profile's config: `paper` is
+    defined once, in profiles/paper.yaml, and the deployment only names it."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    d = next(d for d in _deployments() if d["name"] == name)
+    assert "profile" in str(d.get("parameters")) or not d.get("parameters")  # named, never copied
+    flow = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
+    config = flow.validate_parameters(d.get("parameters", {})).get("config", PipelineConfig())
+    assert config.model_dump(exclude={"profile"}) == load_config(ROOT / profile).model_dump(exclude={"profile"})
 
 
 def test_flow_parameters_are_the_config_schema():
@@ -36,10 +50,23 @@ def test_flow_parameters_are_the_config_schema():
     from flows.pipeline import takd_pipeline
 
     schema = parameter_schema(takd_pipeline).model_dump()
-    assert "config" in schema["properties"]
+    assert {"config", "workers"} <= set(schema["properties"])
     defs = schema["definitions"]
     assert {"PipelineConfig", "TrainConfig", "KDConfig", "DataConfig"} <= set(defs)
     assert defs["KDConfig"]["properties"]["lam"]["maximum"] == 1
+    assert "profile" in defs["PipelineConfig"]["properties"]
+
+
+def test_the_gpu_tag_goes_only_on_stages_that_run_on_a_gpu(monkeypatch):
+    import flows.pipeline as fp
+    from tasks.stages import instances
+
+    cfg = PipelineConfig()
+    assert not any(fp.tags(i, cfg) for i in instances(cfg))  # this machine: a CPU
+    monkeypatch.setattr(fp, "resolve_device", lambda name: __import__("torch").device("cuda"))
+    tagged = {i.stage.name for i in instances(cfg) if fp.tags(i, cfg) == [fp.GPU_TAG]}
+    assert tagged == {s for s in fp.STAGES if fp.STAGES[s].accelerator}
+    assert "prepare-data" not in tagged and "report" not in tagged and "train-teacher" in tagged
 
 
 def test_failed_stage_retries_and_resumes_from_its_last_epoch(project, prefect_server, monkeypatch, tmp_path_factory):
@@ -48,6 +75,7 @@ def test_failed_stage_retries_and_resumes_from_its_last_epoch(project, prefect_s
     import tasks.train_model as tm
     from flows.pipeline import run_stage
     from tasks.catalog import Catalog
+    from tasks.stages import run_stage as run_direct
 
     cfg, cat = project
     cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={
@@ -68,8 +96,9 @@ def test_failed_stage_retries_and_resumes_from_its_last_epoch(project, prefect_s
 
     @flow
     def two_stages():
-        run_stage.with_options(retry_delay_seconds=0)("prepare-data", cfg)
-        return run_stage.with_options(retry_delay_seconds=0)("train-teacher", cfg)
+        args = (str(cat.root), None, torch.get_num_threads(), 1)
+        run_stage.with_options(retry_delay_seconds=0)("prepare-data", None, cfg, *args)
+        return run_stage.with_options(retry_delay_seconds=0)("train-teacher", None, cfg, *args)
 
     two_stages()
     assert len(calls) == 2
@@ -78,11 +107,40 @@ def test_failed_stage_retries_and_resumes_from_its_last_epoch(project, prefect_s
 
     monkeypatch.setattr(tm, "fit", real_fit)
     clean = Catalog(tmp_path_factory.mktemp("clean"))
-    tm.train_model(cfg, clean, "teacher") if (clean.prepared).exists() else None
-    from tasks.prepare_data import prepare_data
-
-    prepare_data(cfg, clean)
-    tm.train_model(cfg, clean, "teacher")
+    run_direct("prepare-data", cfg, clean)
+    run_direct("train-teacher", cfg, clean)
     a = torch.load(cat.model("teacher") / "model.pt", weights_only=True)
     b = torch.load(clean.model("teacher") / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_flow_is_a_dag_nokd_students_train_while_the_teacher_trains(project, prefect_server):
+    """Read from Prefect's API: each NOKD student's task run overlaps the teacher's, and every task run
+    starts only after the task runs it needs have ended."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import takd_pipeline
+    from tasks.stages import instances, upstream
+
+    cfg, cat = project
+    cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={
+        "arch": "plain-8", "train": cfg.teacher.train.model_copy(update={"epochs": 3})})})
+    state = takd_pipeline(cfg, workers=4, return_state=True)
+    assert state.is_completed()
+
+    async def task_runs():
+        async with get_client() as client:
+            return [r for r in await client.read_task_runs() if r.flow_run_id == state.state_details.flow_run_id]
+
+    runs = {r.name: r for r in asyncio.run(task_runs())}
+    by_id = {i.id: runs[i.title(cfg)] for i in instances(cfg)}
+    teacher = by_id["train-teacher"]
+    for seed in cfg.student.seeds:
+        nokd = by_id[f"train-student-nokd@{seed}"]
+        assert nokd.start_time < teacher.end_time and teacher.start_time < nokd.end_time
+    for inst in instances(cfg):
+        for up in upstream(inst, cfg):
+            assert by_id[up.id].end_time <= by_id[inst.id].start_time, (up.id, inst.id)
+    assert not any(r.tags for r in runs.values())  # a CPU run: no stage holds the gpu concurrency slot

@@ -94,8 +94,8 @@ def test_step_schedule_and_adamw_run(data_cfg):
     seen = []
     train(data_cfg, epochs=3, lr_schedule="step", milestones=[1, 2], lr=0.1, callback=seen.append)
     assert [round(m["lr"], 6) for m in seen] == [0.01, 0.001, 0.001]
-    _, r = train(data_cfg, epochs=1, optimizer="adamw", lr=1e-3)
-    assert r.best_val_acc >= 0
+    _, r = train(data_cfg, epochs=1, optimizer="adamw", lr=1e-2)
+    assert r.best_val_acc > 0.3  # it learns: chance is 0.1 on the patch-coded classes
 
 
 def test_checkpoint_with_pickled_code_is_refused(tmp_path):

@@ -1,0 +1,5 @@
+import sys
+
+from takd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,76 @@
+"""`takd`: every stage of the pipeline, the pipeline as a Prefect flow, and the experiments.
+
+  takd <stage> | params | dvc-yaml | predict     as `python -m tasks` (tasks/cli.py)
+  takd pipeline [--workers N | --dask-workers N | --dask-address tcp://...]
+  takd experiments list | run NAME | job NAME | report NAME
+
+Every field of the config schema is a flag (`--student.arch plain-4`); `--profile paper` starts
+from a profile. Errors print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+
+from experiments import cli as experiments_cli
+from flows.runners import DEFAULT_WORKERS
+from tasks import cli as tasks_cli
+
+
+def _runner_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="stages or trainings that work at once "
+                                                                        "(default: KD_WORKERS or 2)")
+    p.add_argument("--dask-workers", type=int, default=0, help="start a local Dask cluster of N processes")
+    p.add_argument("--dask-address", default=None, help="join this Dask scheduler, e.g. tcp://10.0.0.5:8786")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="takd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tasks_cli.add_commands(sub)
+    p = sub.add_parser("pipeline", help="run every stage through the Prefect flow", description="run every stage "
+                       "through the Prefect flow: independent stages at once, finished ones reused")
+    p.add_argument("--force", action="store_true", help="redo every stage even if its outputs are up to date")
+    _runner_flags(p)
+    tasks_cli.add_params_flags(p)
+    exp = sub.add_parser("experiments", help="the experiments over seeds (list, run, job, report)")
+    exp_sub = exp.add_subparsers(dest="experiments_command", required=True)
+    experiments_cli.add_commands(exp_sub)
+    p = exp_sub.add_parser("run", help="run an experiment as a Prefect flow")
+    experiments_cli.add_plan_args(p, selection=True)
+    _runner_flags(p)
+    tasks_cli.add_params_flags(p)
+    return parser
+
+
+def _runner(args: argparse.Namespace):
+    from flows.runners import task_runner
+
+    return task_runner(args.dask_address, args.dask_workers)
+
+
+def _pipeline(args: argparse.Namespace):
+    from flows.pipeline import takd_pipeline
+
+    return takd_pipeline.with_options(task_runner=_runner(args))(tasks_cli.config_from(args), force=args.force,
+                                                                 workers=args.workers)
+
+
+def _experiment(args: argparse.Namespace):
+    cfg = tasks_cli.config_from(args)
+    experiments_cli.selected_plan(args, cfg)
+    from flows.experiment import FLOWS
+
+    return FLOWS[args.name].with_options(task_runner=_runner(args))(cfg, args.variant, args.seed, args.workers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    tasks_cli.prepare_process()
+    args = build_parser().parse_args(argv)
+    if args.command == "pipeline":
+        return tasks_cli.guarded(lambda: _pipeline(args))
+    if args.command == "experiments":
+        args.command = args.experiments_command
+        if args.command == "run":
+            return tasks_cli.guarded(lambda: _experiment(args))
+        return tasks_cli.guarded(lambda: experiments_cli.run_command(args))
+    return tasks_cli.dispatch(args)
