@@ -40,11 +40,12 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> tuple[float, str]:
     return seconds, done.stdout
 
 
-def _clone(ctx: Context, name: str) -> Path:
+def _clone(ctx: Context, name: str, env: dict) -> Path:
     dest = ctx.workdir / name
     subprocess.run(["git", "clone", "--quiet", str(REPO), str(dest)], check=True)
-    if ctx.extra.get("params_yaml"):  # the tests' tiny configuration
+    if ctx.extra.get("params_yaml"):  # the tests' tiny configuration, and the dvc.yaml that lists what it reads
         (dest / "params.yaml").write_text(ctx.extra["params_yaml"])
+        _run([sys.executable, "-m", "tasks", "dvc-yaml"], dest, env)
     return dest
 
 
@@ -64,14 +65,16 @@ def _test_acc(root: Path) -> dict[str, float]:
 
 def run(ctx: Context) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dvc_root = _clone(ctx, "e2e-dvc")
+    dvc_root = ctx.workdir / "e2e-dvc"
     env = _env(ctx, dvc_root)
+    _clone(ctx, "e2e-dvc", env)
     repro_s, _ = _run(["dvc", "repro"], dvc_root, env)
     ctx.log(f"  dvc repro from scratch: {repro_s:.0f} s")
     noop = [_run(["dvc", "repro"], dvc_root, env)[0] for _ in range(ctx.repeats)]
 
-    flow_root = _clone(ctx, "e2e-prefect")
+    flow_root = ctx.workdir / "e2e-prefect"
     env = _env(ctx, flow_root)
+    _clone(ctx, "e2e-prefect", env)
     process_s, out = _run([sys.executable, "-m", "bench.flow_timer"], flow_root, env)
     flow = json.loads(out.strip().splitlines()[-1])
     ctx.log(f"  Prefect flow: {process_s:.0f} s with server start, {flow['flow_s']:.0f} s flow run")

@@ -77,6 +77,7 @@ def add_commands(sub) -> None:
     from tasks.stages import STAGES
 
     sub.add_parser("params", help="print the default params.yaml")
+    add_params_flags(sub.add_parser("stages", help="print the stage table (Markdown)"))
     p = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage table and params.yaml")
     p.add_argument("--check", action="store_true", help="only compare; exit 1 when dvc.yaml is out of date")
     pred = sub.add_parser("predict", help="classify image files with the exported student")
@@ -164,6 +165,10 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "dvc-yaml":
         return guarded(lambda: _dvc_yaml(args.check), quiet=True)
+    if args.command == "stages":
+        from tasks.stages import markdown
+
+        return guarded(lambda: sys.stdout.write(markdown(config_from(args))) and 0, quiet=True)
     return guarded(lambda: run_command(args))
 
 

@@ -121,7 +121,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           needs=("prepare-data", *ALL_MODELS), params=("evaluate",), code=("tasks/evaluate.py",), accelerator=True,
           title=lambda cfg: "evaluate every model on the test split"),
     Stage("report", lambda run: report.work(run, models(run.cfg)), out=lambda cat, _: cat.reports,
-          needs=("evaluate", *ALL_MODELS), params=("tracking", "experiments.confidence"), code=("tasks/report.py",),
+          needs=("evaluate", *ALL_MODELS), params=("tracking", "experiments.confidence"),
+          code=("tasks/report.py", "tasks/figures.py"),
           after=report.after, metrics=report.METRICS, plots=report.PLOTS,
           title=lambda cfg: f"report NOKD / BLKD / TAKD over {len(cfg.student.seeds)} seeds"),
     Stage("export", lambda run: export.work(run, models(run.cfg)), out=lambda cat, _: cat.export,
@@ -257,3 +258,16 @@ def run_stage(name: str, cfg: PipelineConfig, cat: Catalog, seed: int | None = N
         raise KDError(f"{name}: seed {seed} is not in student.seeds {cfg.student.seeds}")
     results = {i.id: run_instance(i, cfg, cat, force) for i in chosen}
     return results[chosen[0].id] if len(chosen) == 1 else results
+
+
+def markdown(cfg: PipelineConfig) -> str:
+    """The stage table as the README shows it (`python -m tasks stages`)."""
+    cat, rows = Catalog(Path(".")), []
+    for stage in STAGES.values():
+        inst = Instance(stage, "<seed>" if stage.per_seed else None)
+        reads = ", ".join(f"`{p}`" for p in stage.reads(cfg)) or "—"
+        rows.append(f"| `{stage.name}`{' (per seed)' if stage.per_seed else ''} | {', '.join(stage.needs) or '—'} | "
+                    f"{reads} | {', '.join(f'`{p}`' for p in stage.params)} | {', '.join(stage.code)} | "
+                    f"`{inst.out(cat)}` | {'yes' if stage.accelerator else 'no'} |")
+    head = ["| stage | needs | reads (here) | config fields | code | writes | accelerator |", "|---|---|---|---|---|---|---|"]
+    return "\n".join(head + rows) + "\n"

@@ -160,7 +160,7 @@ def test_two_pipelines_at_once_share_one_mlflow_store_safely(tmp_path, fashion_d
     """Two processes run every stage, as a flow and a `dvc repro` would, into one project."""
     import sqlite3
 
-    write_params(tmp_path, fashion_dir)
+    write_params(tmp_path, fashion_dir, **{"student.seeds": [0]})
     from tasks.stages import STAGES
 
     stages = list(STAGES)
@@ -176,9 +176,9 @@ def test_two_pipelines_at_once_share_one_mlflow_store_safely(tmp_path, fashion_d
     db = sqlite3.connect(tmp_path / "mlflow.db")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finished = db.execute("SELECT COUNT(*) FROM runs WHERE status = 'FINISHED'").fetchone()[0]
-    assert finished >= 11  # ten models (two seeds) and at least one parent
+    assert finished >= 7  # six models (one seed) and at least one parent
     assert db.execute("SELECT COUNT(*) FROM runs WHERE status = 'RUNNING'").fetchone()[0] == 0
-    for name in ("teacher", "student-takd"):  # one complete, consistent set of outputs per stage
+    for name in ("teacher", "student-takd-s0"):  # one complete, consistent set of outputs per stage
         stage = json.loads((Catalog(tmp_path).model(name) / "stage.json").read_text())
         meta = json.loads((Catalog(tmp_path).model(name) / "model.json").read_text())
         assert stage["result"]["model_fingerprint"] == meta["model_fingerprint"]
