@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from engine.atomic import atomic_path
+from models.registry import TRACE_LOCK
 
 
 class Deployable(nn.Module):
@@ -25,7 +26,7 @@ class Deployable(nn.Module):
 
 
 def to_torchscript(model: nn.Module, example: torch.Tensor, path) -> None:
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), TRACE_LOCK:
         warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export; the format still ships
         traced = torch.jit.trace(model.eval(), example)
         with atomic_path(path) as tmp:
@@ -35,7 +36,7 @@ def to_torchscript(model: nn.Module, example: torch.Tensor, path) -> None:
 def to_onnx(model: nn.Module, example: torch.Tensor, path) -> None:
     """torch.onnx (the torch.export-based exporter), with a dynamic batch dimension."""
     batch = torch.export.Dim("batch", min=1, max=65_536)
-    with warnings.catch_warnings(), atomic_path(path) as tmp:
+    with warnings.catch_warnings(), atomic_path(path) as tmp, TRACE_LOCK:
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model.eval(), (example,), input_names=["image"], output_names=["logits"],
                                     dynamic_shapes={"image": {0: batch}}, dynamo=True, verbose=False)

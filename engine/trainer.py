@@ -168,7 +168,7 @@ def _train_epoch(forward, train: DeviceSet, cfg: TrainConfig, loss_fn: DistillLo
         # The loss runs in fp32: relation losses subtract near-equal Gram entries, which bf16 would round away.
         feats = {k: v.float() for k, v in feats.items()}
         epoch = where[1] - 1 + step / steps
-        parts = loss_fn(Batch(logits.float(), y, t.logits, feats, t.features, epoch, t.weights), lam)
+        parts = loss_fn(Batch(logits.float(), y, t.logits, feats, t.features, epoch, t.weights, cfg.label_smoothing), lam)
         if (step + 1) % check_every == 0 and not torch.isfinite(parts["total"]):
             raise DivergedError(f"{where[0]}: loss is {parts['total'].item()} at epoch {where[1]}, step {step + 1}")
         opt.zero_grad(set_to_none=True)
@@ -186,10 +186,12 @@ def _train_epoch(forward, train: DeviceSet, cfg: TrainConfig, loss_fn: DistillLo
 def fit(model: nn.Module, train: DeviceSet, val: DeviceSet, cfg: TrainConfig, loss_fn: DistillLoss,
         generator: torch.Generator, spec: AugmentConfig, *, kd: KDConfig | None = None,
         teacher: Teacher | None = None, workdir: Path | None = None, run_key: str = "",
-        callback: Callback | None = None, desc: str = "train", progress: bool | None = None) -> FitResult:
+        callback: Callback | None = None, desc: str = "train", progress: bool | None = None,
+        test: DeviceSet | None = None) -> FitResult:
     """Train `model`; leave it holding the weights that were best on validation.
 
-    `progress`: None shows a bar only on a terminal; True or False forces it."""
+    `test`: also record each epoch's test accuracy, for comparison with papers that keep the best test
+    epoch; it never selects anything. `progress`: None shows a bar only on a terminal; True or False forces it."""
     device, n = train.x.device, len(train)
     # What the optimiser trains: the model as the loss wraps it (feature taps, peers, exits)
     # plus the loss's own parameters (a regressor). Only `model` is evaluated and kept.
@@ -219,6 +221,8 @@ def fit(model: nn.Module, train: DeviceSet, val: DeviceSet, cfg: TrainConfig, lo
             metrics = {"epoch": epoch + 1, **{f"loss_{k}": (v / n).item() for k, v in out["sums"].items()},
                        "train_acc": (out["correct"] / n).item(), "val_acc": val_acc, "lr": opt.param_groups[0]["lr"],
                        "lam": lam, "epoch_seconds": seconds, "images_per_second": n / seconds}
+            if test is not None:
+                metrics["epoch_test_acc"] = accuracy(predict(model, test, cfg.eval_batch_size), test.y)
             result.history.append(metrics)
             best_file = None
             if val_acc > result.best_val_acc:

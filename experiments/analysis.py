@@ -31,19 +31,30 @@ def _variants(rows: list[Row]) -> list[str]:
     return list(dict.fromkeys(r.variant for r in rows))
 
 
-def analyse(plan: Plan, cfg: PipelineConfig, results: Results) -> dict:
-    accs = {v: {r.seed: results[job_id(cfg, r.job)]["test_acc"] for r in plan.rows if r.variant == v}
+def _accs(plan: Plan, cfg: PipelineConfig, results: Results, key: str) -> dict[str, dict[int, float]]:
+    return {v: {r.seed: results[job_id(cfg, r.job)][key] for r in plan.rows if r.variant == v}
             for v in _variants(plan.rows)}
-    table = seed_table(accs, {v: plan.label(v) for v in accs}, plan.contrasts, cfg.experiments.confidence)
+
+
+def analyse(plan: Plan, cfg: PipelineConfig, results: Results) -> dict:
+    """Both model-selection protocols: the epoch best on validation (ours), and the best test epoch (what the
+    TAKD and mdistiller code report), each as mean ± std with paired contrasts."""
+    labels = {v: plan.label(v) for v in _variants(plan.rows)}
+    table = seed_table(_accs(plan, cfg, results, "test_acc"), labels, plan.contrasts, cfg.experiments.confidence)
+    best = seed_table(_accs(plan, cfg, results, "test_acc_best_epoch"), labels, plan.contrasts,
+                      cfg.experiments.confidence)
     rows = []
-    for row in table["rows"]:
+    for row, by_test in zip(table["rows"], best["rows"]):
         first = next(r for r in plan.rows if r.variant == row["variant"])
         res = results[job_id(cfg, first.job)]
         rows.append({**row, "x": first.x, "params": res["params"], "flops": res["flops"],
-                     "chain_gflops_per_image": chain_gflops(cfg, first.job, results)})
+                     "chain_gflops_per_image": chain_gflops(cfg, first.job, results),
+                     "best_epoch": {k: by_test[k] for k in ("mean", "std", "per_seed")}})
     refs = [{"variant": r.variant, "label": r.label, "x": r.x, "test_acc": results[job_id(cfg, r.job)]["test_acc"],
+             "test_acc_best_epoch": results[job_id(cfg, r.job)]["test_acc_best_epoch"],
              "params": results[job_id(cfg, r.job)]["params"]} for r in plan.references]
-    contrasts = table["contrasts"]
+    contrasts = [{**c, "best_epoch": {k: b[k] for k in ("mean", "low", "high", "beyond_noise")}}
+                 for c, b in zip(table["contrasts"], best["contrasts"])]
     out = {"experiment": plan.name, "title": plan.title, "seeds": cfg.student.seeds,
            "confidence": cfg.experiments.confidence, "rows": rows, "references": refs, "contrasts": contrasts}
     if plan.name == "ta-sweep":

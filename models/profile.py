@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from models.registry import TRACE_LOCK
+
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -23,7 +25,7 @@ def flops_per_image(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    with FlopCounterMode(display=False) as counter:
+    with TRACE_LOCK, FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, *input_shape, device=device))
     model.train(was_training)
     return int(counter.get_total_flops())
@@ -34,7 +36,7 @@ def train_flops_per_image(model: nn.Module, input_shape: tuple[int, int, int], b
     Counted on a copy: a training-mode forward would move the model's BatchNorm statistics."""
     copy = deepcopy(model).train()
     device = next(copy.parameters()).device
-    with FlopCounterMode(display=False) as counter:
+    with TRACE_LOCK, FlopCounterMode(display=False) as counter:
         copy(torch.randn(batch, *input_shape, device=device)).sum().backward()
     return int(counter.get_total_flops()) // batch
 

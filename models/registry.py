@@ -41,6 +41,10 @@ def check_name(name: str) -> None:
 # threads (an experiment's task runner) must not draw from it in between one another's seeding
 # and building: every build, and every global seeding (engine.device), holds this lock.
 GLOBAL_RNG_LOCK = threading.RLock()
+# Counting FLOPs, torch.export (MLflow's pt2 format, the ONNX exporter) and tracing keep Python-level state
+# that is global to the process (seen: "_EXPORT_MODULE_HIERARCHY must not be None" when two threads export):
+# trainings that run side by side in threads take turns at these, and only at these.
+TRACE_LOCK = threading.RLock()
 
 
 def build_model(name: str, in_channels: int, num_classes: int, image_size: int, seed: int | None = None) -> nn.Module:

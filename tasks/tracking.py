@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from engine.atomic import save_json
+from models.registry import TRACE_LOCK
 from tasks.catalog import Catalog
 from tasks.config import PipelineConfig
 
@@ -169,7 +170,7 @@ class ModelRun:
         # As shipped (engine.export): images in [0, 1], normalised inside, so pyfunc callers and
         # `mlflow models serve` need no statistics. pt2 export bakes the eval mode into the graph.
         example = (ws.val.x[:4].float() / 255).cpu().numpy().astype(np.float32)
-        with self.mlflow.start_run(run_id=self.run_id):
+        with TRACE_LOCK, self.mlflow.start_run(run_id=self.run_id):
             info = self.mlflow.pytorch.log_model(Deployable(model, ws.mean, ws.std), name="model",
                                                  input_example=example, pip_requirements=["torch", "torchvision"])
         self.client.set_tag(self.run_id, "model_uri", info.model_uri)

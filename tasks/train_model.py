@@ -220,8 +220,11 @@ def _fit(cfg: PipelineConfig, ws: Workspace, t: Training, key: str, generator, m
     kd = t.kd or cfg.kd
     result = fit(model, ws.train, ws.val, t.train, loss, generator, ws.splits.augment,
                  kd=kd if teacher else None, teacher=teacher, workdir=ws.cat.work(t.name), run_key=key,
-                 callback=callback, desc=t.name)
-    return result.history, {"best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc}
+                 callback=callback, desc=t.name, test=ws.test if t.test else None)
+    best = {"best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc}
+    if t.test:  # the protocol of the TAKD and mdistiller code, reported beside ours, never used to select
+        best["test_acc_best_epoch"] = max(h["epoch_test_acc"] for h in result.history)
+    return result.history, best
 
 
 def fit_training(cfg: PipelineConfig, cat: Catalog, t: Training, key: str, out_dir: Path) -> dict:

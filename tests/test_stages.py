@@ -98,3 +98,13 @@ def tiny_overrides_from(cfg):
     from pathlib import Path
 
     return tiny_overrides(Path(cfg.data.source_dir), Path(cfg.data.root).parent)
+
+
+def test_the_readme_shows_the_stage_table_as_the_code_declares_it():
+    from pathlib import Path
+
+    from tasks.stages import markdown
+
+    root = Path(__file__).resolve().parents[1]
+    assert markdown(load_config(root / "params.yaml")) in (root / "README.md").read_text(), \
+        "paste `python -m tasks stages` into the README's Architecture section"

@@ -34,6 +34,12 @@ class Batch:
     teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
     epoch: float = 0.0  # 0-based, fractional within an epoch: for losses with their own warm-up or stages
     teacher_weights: torch.Tensor | None = None  # [G]: how much each guide counts
+    label_smoothing: float = 0.0  # of every hard-label term (TrainConfig.label_smoothing)
+
+    def ce(self, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy with the labels, of the student's logits unless others are given."""
+        return F.cross_entropy(self.student_logits if logits is None else logits, self.labels,
+                               label_smoothing=self.label_smoothing)
 
 
 @dataclass
@@ -105,7 +111,7 @@ class CrossEntropy(DistillLoss):
         super().__init__()
 
     def forward(self, batch: Batch, lam: float) -> dict[str, torch.Tensor]:
-        ce = F.cross_entropy(batch.student_logits, batch.labels)
+        ce = batch.ce()
         return {"total": ce, "ce": ce}
 
 

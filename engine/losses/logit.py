@@ -43,7 +43,7 @@ class HintonKD(DistillLoss):
         return kd * temp**2
 
     def forward(self, batch: Batch, lam: float) -> dict[str, torch.Tensor]:
-        ce = F.cross_entropy(batch.student_logits, batch.labels)
+        ce = batch.ce()
         kd = self.soft_term(batch)
         return {"total": (1 - lam) * ce + lam * kd, "ce": ce, "kd": kd}
 
@@ -77,7 +77,7 @@ class DKD(DistillLoss):
         # Masking the target with a large negative logit leaves a softmax over the other classes.
         nckd = F.kl_div(F.log_softmax(s / temp - 1000.0 * target, dim=1), F.softmax(t / temp - 1000.0 * target, dim=1),
                         reduction="batchmean") * temp**2
-        ce = F.cross_entropy(s, y)
+        ce = batch.ce(s)
         warm = min(batch.epoch / self.cfg.warmup_epochs, 1.0)
         soft = self.cfg.alpha * tckd + self.cfg.beta * nckd
         return {"total": ce + warm * soft, "ce": ce, "tckd": tckd, "nckd": nckd}

@@ -3,7 +3,6 @@ student and its peers train together, each learning from the labels and from the
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.config import KDConfig
@@ -45,8 +44,8 @@ class DeepMutualLearning(DistillLoss):
 
     def forward(self, batch: Batch, lam: float) -> dict[str, torch.Tensor]:
         logits = batch.student_features["cohort"].float()
-        y, temp, n = batch.labels, self.cfg.temperature, logits.shape[0]
-        ces = [F.cross_entropy(m, y) for m in logits]
+        temp, n = self.cfg.temperature, logits.shape[0]
+        ces = [batch.ce(m) for m in logits]
         kls = [torch.stack([kl_soft(logits[i], logits[j].detach(), temp) for j in range(n) if j != i]).mean() * temp**2
                for i in range(n)]
         total = sum(ce + self.cfg.weight * kl for ce, kl in zip(ces, kls))

@@ -4,7 +4,6 @@ training ends; what they leave is a better-trained network."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.config import KDConfig
@@ -68,10 +67,10 @@ class SelfDistillation(DistillLoss):
         return WithExits(model, self.stages, self.heads)
 
     def forward(self, batch: Batch, lam: float) -> dict[str, torch.Tensor]:
-        last, exits, y = batch.student_logits, batch.student_features["exits"].float(), batch.labels
+        last, exits = batch.student_logits, batch.student_features["exits"].float()
         a, temp = self.cfg.alpha, self.cfg.temperature
-        ce = F.cross_entropy(last, y)
-        exit_ce = torch.stack([F.cross_entropy(e, y) for e in exits])
+        ce = batch.ce(last)
+        exit_ce = torch.stack([batch.ce(e) for e in exits])
         exit_kl = torch.stack([kl_soft(e, last.detach(), temp) for e in exits]) * temp**2
         total = ce + ((1 - a) * exit_ce + a * exit_kl).sum()
         return {"total": total, "ce": ce, "exit_ce": exit_ce.mean(), "kd": exit_kl.mean()}
