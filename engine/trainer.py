@@ -56,11 +56,13 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
                               nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = cfg.epochs * steps_per_epoch
+    total, warm = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
 
-    def factor(step: int) -> float:  # stepped every iteration
+    def factor(step: int) -> float:  # stepped every iteration: a linear warm-up, then the schedule over the rest
+        if step < warm:
+            return (step + 1) / warm
         if cfg.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+            return 0.5 * (1 + math.cos(math.pi * min(step - warm, total - warm) / max(1, total - warm)))
         if cfg.lr_schedule == "step":
             return cfg.gamma ** sum(step >= m * steps_per_epoch for m in cfg.milestones)
         return 1.0

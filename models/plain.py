@@ -23,6 +23,20 @@ _WIDE = {  # CIFAR-100 widths
 }
 
 
+# Narrower students for the student-size sweep: plain-2 with its widths scaled so its first conv has k channels.
+NARROWER = {f"plain-2-w{k}": ("plain-2", k) for k in (2, 4, 8)}
+
+
+def _layout(name: str, wide: bool) -> tuple[list, list[int]]:
+    family = _WIDE if wide else _NARROW
+    if name not in NARROWER:
+        return family[name]
+    base, k = NARROWER[name]
+    layers, hidden = family[base]
+    scale = k / layers[0]
+    return [x if x == "P" else max(1, round(x * scale)) for x in layers], [max(1, round(h * scale)) for h in hidden]
+
+
 class PlainCNN(nn.Module):
     def __init__(self, layers: list, hidden: list[int], in_channels: int, num_classes: int, image_size: int):
         super().__init__()
@@ -51,9 +65,9 @@ class PlainCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-@register(*_NARROW)
+@register(*_NARROW, *NARROWER)
 def plain_cnn(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    layers, hidden = (_WIDE if num_classes >= 100 else _NARROW)[name]
+    layers, hidden = _layout(name, wide=num_classes >= 100)
     if image_size >> layers.count("P") < 1:
         raise ValueError(f"model {name!r} pools {layers.count('P')} times; image size {image_size} is too small")
     return PlainCNN(layers, hidden, in_channels, num_classes, image_size)

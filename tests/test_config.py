@@ -81,7 +81,7 @@ def test_cli_flags_come_from_the_schema_and_override_the_file(tmp_path):
                                       "--teacher.train.milestones", "[3, 6]"])
     cfg = load_config(ROOT / "params.yaml", overrides(args))
     assert cfg.student.arch == "plain-4" and cfg.kd.lam == 0.25 and cfg.teacher.train.milestones == [3, 6]
-    assert cfg.teacher.arch == "plain-10"  # untouched keys keep params.yaml's values
+    assert cfg.teacher.arch == "air-32"  # untouched keys keep params.yaml's values
 
 
 def test_cli_reports_errors_in_one_line(capsys, tmp_path, monkeypatch):

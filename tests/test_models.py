@@ -14,11 +14,22 @@ def test_parameter_counts_match_the_paper(name, expected):
     assert abs(n - expected) / expected < 0.05
 
 
-@pytest.mark.parametrize("name", ["plain-2", "plain-4", "plain-6", "plain-8", "plain-10", "resnet-8", "resnet-14",
-                                  "resnet-26", "resnet-32", "resnet-44", "resnet-56"])
+@pytest.mark.parametrize("name", ["plain-2", "plain-4", "plain-6", "plain-8", "plain-10", "air-32", "air-48", "resnet-8",
+                                  "resnet-14", "resnet-26", "resnet-32", "resnet-44", "resnet-56"])
 def test_every_registered_model_runs_on_fashion_mnist(name):
     m = build_model(name, 1, 10, 28)
     assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 10) and m.arch == name
+
+
+def test_narrower_students_keep_plain_2s_layout_at_a_fraction_of_its_width():
+    sizes = {}
+    for name in ("plain-2-w2", "plain-2-w4", "plain-2-w8", "plain-2"):
+        m = build_model(name, 1, 10, 28)
+        assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+        sizes[name] = profile(m, (1, 28, 28))["params"]
+    assert [c.out_channels for c in build_model("plain-2-w4", 1, 10, 28).modules()
+            if isinstance(c, torch.nn.Conv2d)] == [4, 4]
+    assert sizes["plain-2-w2"] < sizes["plain-2-w4"] < sizes["plain-2-w8"] < sizes["plain-2"]
 
 
 def test_cifar100_plain_cnns_are_wider():

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -155,3 +157,21 @@ def test_the_loss_runs_in_fp32_outside_mixed_precision(data_cfg, monkeypatch):
         s.augment, progress=False)
     assert set(forward_dtypes) == {torch.bfloat16}  # the forward pass did run in mixed precision
     assert set(loss_sees) == {(False, torch.float32, torch.float32)}
+
+
+def test_warmup_ramps_linearly_then_the_cosine_runs_over_the_rest():
+    from torch import nn
+
+    from engine.config import TrainConfig
+    from engine.trainer import make_optimizer
+
+    cfg = TrainConfig(epochs=3, lr=0.1, warmup_epochs=0.5, lr_schedule="cosine")
+    opt, sched = make_optimizer(nn.Linear(2, 2), cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(30):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])  # 5 warm-up steps
+    assert lrs[5] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.05 * (1 + math.cos(math.pi * 24 / 25)))
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
