@@ -170,5 +170,5 @@ class TrainConfig(Strict):
     gamma: float = Field(0.1, gt=0, le=1)
     warmup_epochs: float = Field(0.0, ge=0, description="linear learning-rate warm-up from 0 over this many epochs")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="of the hard-label cross-entropy (0.1 helps a teacher)")
-    eval_batch_size: int = Field(1024, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
     compile: bool = Field(False, description="torch.compile the model for training (pays off on GPUs)")

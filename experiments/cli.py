@@ -59,7 +59,9 @@ def record_path(cat: Catalog, name: str, variant: str, seed: int | None) -> str:
 
 
 def run_command(args: argparse.Namespace):
-    cfg = config_from(args)
+    from tasks import tracking
+
+    cfg = tracking.for_experiments(config_from(args))
     cat = Catalog.default()
     if args.command == "list":
         return {name: {"rows": len(p.rows), "trainings": len(all_jobs(cfg, [r.job for r in p.rows + p.references])),
@@ -75,11 +77,10 @@ def run_command(args: argparse.Namespace):
         save_json(record, record_path(cat, args.name, args.variant, args.seed))
         return record
     from experiments.report import report_experiment
-    from tasks import tracking
 
     plan = build_plan(args.name, cfg)
     result = report_experiment(plan, cfg, cat, run_rows(plan, cfg, cat))
-    tracking.end_file_parent(cat)  # DVC's stages shared one parent run; the report closes it
+    tracking.end_file_parent(cfg, cat)  # DVC's stages shared one parent run; the report closes it
     return result
 
 

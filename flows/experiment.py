@@ -82,7 +82,7 @@ def submit_plan(plan: Plan, cfg: PipelineConfig, root: str, parent: str | None, 
 def run_experiment(name: str, config: PipelineConfig, variant: str = "*", seed: Optional[int] = None,
                    workers: int = DEFAULT_WORKERS) -> dict:
     """The body every experiment flow shares: plan, trainings, then the report when the whole plan ran."""
-    cat = Catalog.default()
+    cat, config = Catalog.default(), tracking.for_experiments(config)
     plan = build_plan(name, config)
     os.environ[tracking.ENV_FLOW_RUN] = str(flow_run.get_id() or "")
     parent = tracking.start_parent(config, cat, "prefect", f"experiment {name} ({config.data.name})", "experiment")

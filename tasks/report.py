@@ -167,5 +167,5 @@ def work(run: StageRun, models: dict[str, PipelineModel]) -> dict:
 
 def after(cfg: PipelineConfig, cat: Catalog, result: dict) -> dict:
     """Close the MLflow parent that stages run one by one (DVC, the CLI) shared; a flow closes its own."""
-    tracking.end_file_parent(cat)
+    tracking.end_file_parent(cfg, cat)
     return {}

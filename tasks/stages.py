@@ -91,7 +91,8 @@ def _teacher_file(cfg: PipelineConfig) -> list[Path]:
 
 TRAINER = {"teacher": "train-teacher", "assistant": "distill-assistant"}  # the stages making the models cached
 TRAINING = (
-    _train("train-teacher", Trains("teacher", "teacher", "NOKD"), (), ("teacher",), reads=_teacher_file),
+    # Methods are what MLflow groups runs by: the teacher gets its own, so NOKD holds students only.
+    _train("train-teacher", Trains("teacher", "teacher", "teacher"), (), ("teacher",), reads=_teacher_file),
     _train("distill-assistant", Trains("assistant", "assistant", "KD", source="train-teacher"),
            ("train-teacher", "cache-teacher"), ("assistant", *HOP)),
     _train("train-student-nokd", Trains("student-nokd", "student", "NOKD"), (), STUDENT, per_seed=True),

@@ -3,7 +3,7 @@
 The store defaults to SQLite in the project (mlflow.db); MLFLOW_TRACKING_URI overrides it.
 A pipeline started by Prefect or the CLI sets the parent in KD_MLFLOW_PARENT_RUN. Stages
 run alone (each `dvc repro` stage is its own process) share the parent recorded in
-.kd/parent_run.json, which the report stage closes. KD_TRACKING=0 turns tracking off.
+.kd/parent_run-<experiment>.json, which the report stage closes. KD_TRACKING=0 turns tracking off.
 The tracking URI is never logged: it may carry credentials.
 """
 from __future__ import annotations
@@ -21,7 +21,6 @@ from tasks.catalog import Catalog
 from tasks.config import PipelineConfig
 
 ENV_PARENT, ENV_FLOW_RUN = "KD_MLFLOW_PARENT_RUN", "KD_PREFECT_FLOW_RUN_ID"
-PARENT_FILE = "parent_run.json"
 log = logging.getLogger("kd")
 
 
@@ -93,6 +92,13 @@ def _common_tags(cat: Catalog) -> dict[str, str]:
     return tags
 
 
+def for_experiments(cfg: PipelineConfig) -> PipelineConfig:
+    """The experiments log into their own MLflow experiment (`<tracking.experiment>-experiments`), so that
+    grouping the pipeline's runs by method in the UI aggregates the pipeline's students only."""
+    return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
+        update={"experiment": f"{cfg.tracking.experiment}-experiments"})})
+
+
 def pipeline_name(cfg: PipelineConfig) -> str:
     return f"pipeline {cfg.data.name}: {cfg.teacher.arch} -> {cfg.assistant.arch} -> {cfg.student.arch}"
 
@@ -115,12 +121,17 @@ def start_parent(cfg: PipelineConfig, cat: Catalog, source: str, run_name: str |
     return os.environ[ENV_PARENT]
 
 
+def _parent_file(cfg: PipelineConfig, cat: Catalog):
+    """Where stages run one process at a time find their shared parent: one per MLflow experiment."""
+    return cat.state / f"parent_run-{cfg.tracking.experiment}.json"
+
+
 def parent_id(cfg: PipelineConfig, cat: Catalog) -> str | None:
     if not enabled():
         return None
     if os.environ.get(ENV_PARENT):
         return os.environ[ENV_PARENT]
-    path = cat.state / PARENT_FILE
+    path = _parent_file(cfg, cat)
     if path.exists():
         run_id = json.loads(path.read_text())["run_id"]
         _, client = _client(cat)
@@ -254,9 +265,9 @@ def log_report(cfg: PipelineConfig, cat: Catalog, metrics: dict, files: list) ->
         client.log_artifact(run_id, str(f))
 
 
-def end_file_parent(cat: Catalog) -> None:
+def end_file_parent(cfg: PipelineConfig, cat: Catalog) -> None:
     """Close the parent that stages opened on their own (DVC, single CLI stages); a flow closes its own."""
-    path = cat.state / PARENT_FILE
+    path = _parent_file(cfg, cat)
     if not os.environ.get(ENV_PARENT) and path.exists():
         run_id = json.loads(path.read_text())["run_id"]
         path.unlink()

@@ -67,10 +67,10 @@ def job_id(cfg: PipelineConfig, job: Job) -> str:
 
 
 def method(cfg: PipelineConfig, job: Job) -> str:
-    """'NOKD', 'KD', 'DGKD', 'ensemble KD', or the loss by name ('DKD', 'FitNets via one guide')."""
+    """'teacher', 'NOKD', 'KD', 'DGKD', 'ensemble KD', or the loss by name ('DKD', 'FitNets via one guide')."""
     loss = job_loss(cfg, job)
     if loss == "ce":
-        return "NOKD"
+        return "teacher" if job.role == "teacher" else "NOKD"
     if loss == "kd":
         return "KD" if len(job.guides) == 1 else "DGKD" if job.survival < 1 else "ensemble KD"
     return {"fitnets": "FitNets", "self": "self-distillation"}.get(loss, loss.upper())

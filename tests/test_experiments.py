@@ -161,7 +161,8 @@ def test_experiment_flow_logs_table_and_plot_to_mlflow(cfg, tmp_path, prefect_se
                                  "student": cfg.student.model_copy(update={"seeds": [0]})})
     FLOWS["comparison"](cfg)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp = client.get_experiment_by_name(f"{cfg.tracking.experiment}-experiments")  # apart from the pipeline's runs
+    assert client.get_experiment_by_name(cfg.tracking.experiment) is None
     runs = client.search_runs([exp.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("kind") == "experiment")
     assert parent.info.run_name == "experiment comparison (fashion-mnist)" and parent.info.status == "FINISHED"
@@ -187,7 +188,9 @@ def test_every_dvc_matrix_stage_names_rows_of_its_plan():
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "params.yaml")
     stages = [s for s in Repo(str(root)).index.stages if "experiments job" in (s.cmd or "")]
-    assert len(stages) == 3 * 3 + 3 * 3 + 4 * 3 + 4 * 2 * 3 + 3 + 3 + 21 * 3
+    x, seeds = cfg.experiments, len(cfg.student.seeds)
+    per_seed = 3 + len(x.ta_sizes) + len(x.teacher_sizes) + 2 * len(x.student_sizes) + 1 + 1 + 21
+    assert len(stages) == per_seed * seeds
     for stage in stages:
         args = build_parser().parse_args(shlex.split(stage.cmd)[3:])
         assert build_plan(args.name, cfg).select(args.variant, args.seed), stage.cmd

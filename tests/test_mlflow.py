@@ -6,7 +6,7 @@ import pytest
 
 from tasks.stages import instances, models, run_instance
 
-METHODS = {"teacher": ("teacher", "NOKD"), "assistant": ("assistant", "KD"), "student-nokd": ("student", "NOKD"),
+METHODS = {"teacher": ("teacher", "teacher"), "assistant": ("assistant", "KD"), "student-nokd": ("student", "NOKD"),
            "student-blkd": ("student", "BLKD"), "student-takd": ("student", "TAKD"), "student-takd-ft": ("student", "FT")}
 
 
