@@ -16,8 +16,19 @@ from engine.errors import KDError
 from models import check_name
 
 
+# One recipe at CPU scale (docs/experiments.md: "A teacher worth distilling"): SGD + Nesterov at lr 0.1 with a
+# half-epoch warm-up and a cosine to 0; the teacher adds label smoothing. The epochs fit 2 CPU cores.
+def _recipe(epochs: int, label_smoothing: float = 0.0):
+    return lambda: TrainConfig(epochs=epochs, lr=0.1, warmup_epochs=0.5, label_smoothing=label_smoothing)
+
+
+ARCH = "model by name: plain-N, plain-2-wK, resnet-N, air-N or tv:<torchvision name>"
+
+
 class ModelConfig(Strict):
-    arch: str = Field(description="model by name: plain-N, resnet-N or tv:<torchvision name>")
+    """Every field has a default, so a partial section (the Prefect form's, say) is complete."""
+
+    arch: str = Field(description=ARCH)
     train: TrainConfig = Field(default_factory=TrainConfig)
     kd: Optional[KDConfig] = Field(None, description="distillation settings of the hop into this model (any loss at "
                                                      "each hop); unset keys inherit from the top-level kd")
@@ -29,14 +40,30 @@ class ModelConfig(Strict):
         return v
 
 
-class SeededModelConfig(ModelConfig):
+class TeacherConfig(ModelConfig):
+    arch: str = Field("air-32", description=ARCH)
     seed: int = Field(0, ge=0, description="fixes initialisation, batch order and augmentation")
+    train: TrainConfig = Field(default_factory=_recipe(10, label_smoothing=0.1))
+    checkpoint: Optional[SafePath] = Field(None, description="import this teacher instead of training one: a state_dict "
+                                                             "for `arch` (weights-only) or a TorchScript file")
+    format: Literal["auto", "state_dict", "torchscript"] = Field("auto", description="the checkpoint's kind; auto "
+                                                                                     "recognises TorchScript archives")
+    finetune_epochs: int = Field(0, ge=0, le=10_000, description="fine-tune the imported teacher on this data first, "
+                                                                 "with teacher.train's settings (0: as is)")
+
+
+class AssistantConfig(ModelConfig):
+    arch: str = Field("plain-4", description=ARCH)
+    seed: int = Field(0, ge=0, description="fixes initialisation, batch order and augmentation")
+    train: TrainConfig = Field(default_factory=_recipe(5))
 
 
 class StudentConfig(ModelConfig):
+    arch: str = Field("plain-2", description=ARCH)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
                              description="every student (NOKD, BLKD, TAKD, fine-tuned) trains once per seed, from "
                                          "one teacher and one TA; the report pairs the methods by seed")
+    train: TrainConfig = Field(default_factory=_recipe(5))
 
     @field_validator("seeds")
     @classmethod
@@ -44,15 +71,6 @@ class StudentConfig(ModelConfig):
         if len(set(v)) != len(v) or min(v) < 0:
             raise ValueError("seeds must be distinct and >= 0")
         return v
-
-
-class TeacherConfig(SeededModelConfig):
-    checkpoint: Optional[SafePath] = Field(None, description="import this teacher instead of training one: a state_dict "
-                                                             "for `arch` (weights-only) or a TorchScript file")
-    format: Literal["auto", "state_dict", "torchscript"] = Field("auto", description="the checkpoint's kind; auto "
-                                                                                     "recognises TorchScript archives")
-    finetune_epochs: int = Field(0, ge=0, le=10_000, description="fine-tune the imported teacher on this data first, "
-                                                                 "with teacher.train's settings (0: as is)")
 
 
 class CacheConfig(Strict):
@@ -128,24 +146,6 @@ class ExperimentsConfig(Strict):
         return _archs(v)
 
 
-# One recipe at CPU scale (docs/experiments.md: "A teacher worth distilling"): SGD + Nesterov at lr 0.1 with a
-# half-epoch warm-up and a cosine to 0; the teacher adds label smoothing. The epochs fit 2 CPU cores.
-def _recipe(epochs: int, label_smoothing: float = 0.0) -> TrainConfig:
-    return TrainConfig(epochs=epochs, lr=0.1, warmup_epochs=0.5, label_smoothing=label_smoothing)
-
-
-def _teacher() -> TeacherConfig:
-    return TeacherConfig(arch="air-32", train=_recipe(10, label_smoothing=0.1))
-
-
-def _assistant() -> SeededModelConfig:
-    return SeededModelConfig(arch="plain-4", train=_recipe(5))
-
-
-def _student() -> StudentConfig:
-    return StudentConfig(arch="plain-2", train=_recipe(5))
-
-
 class PipelineConfig(Strict):
     """The whole configuration. However it arrives (params.yaml, a profile, CLI flags, the Prefect
     form or API, a Python dict), a partial one is completed by one rule: the schema's defaults,
@@ -155,9 +155,9 @@ class PipelineConfig(Strict):
                                                           "YAML file; the keys given here override it")
     device: str = Field("auto", description="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
     data: DataConfig = Field(default_factory=DataConfig)
-    teacher: TeacherConfig = Field(default_factory=_teacher)
-    assistant: SeededModelConfig = Field(default_factory=_assistant)
-    student: StudentConfig = Field(default_factory=_student)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    assistant: AssistantConfig = Field(default_factory=AssistantConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
     kd: KDConfig = Field(default_factory=KDConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)

@@ -12,36 +12,52 @@ def _deployments() -> list[dict]:
     return yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
 
 
-def test_deployments_load_and_build():
+def test_deployments_load_and_build(monkeypatch):
     from prefect.flows import load_flow_from_entrypoint
     from prefect.utilities.schema_tools import validate
 
+    monkeypatch.chdir(ROOT)
     names = []
     for d in _deployments():
-        assert set(d) <= {"name", "description", "entrypoint", "work_pool", "parameters", "schedules", "tags"}
+        assert set(d) <= {"name", "description", "entrypoint", "work_pool", "parameters", "schedules", "tags", "build"}
         assert set(d["work_pool"]) <= {"name", "job_variables"}
         flow = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
-        dep = flow.to_deployment(name=d["name"], parameters=d.get("parameters", {}), tags=d.get("tags"),
+        params = _deployed_parameters(d)
+        dep = flow.to_deployment(name=d["name"], parameters=params, tags=d.get("tags"),
                                  work_pool_name=d["work_pool"]["name"], description=d.get("description"))
-        validate(d.get("parameters", {}), dep._parameter_openapi_schema.model_dump(), raise_on_error=True,
-                 ignore_required=True)
+        validate(params, dep._parameter_openapi_schema.model_dump(), raise_on_error=True, ignore_required=True)
         assert dep.flow_name == ("takd-pipeline" if "pipeline" in d["entrypoint"] else f"takd-{d['name'].removesuffix('-dask')}")
         names.append(dep.name)
     assert names == ["default", "nightly", "paper", "comparison", "ta-sweep", "teacher-sweep", "student-sweep", "paths",
                      "equal-compute", "methods", "ta-sweep-dask"]
 
 
-@pytest.mark.parametrize("name,profile", [("default", "params.yaml"), ("paper", "profiles/paper.yaml")])
-def test_a_deployment_runs_the_profile_it_names(name, profile):
-    """The parameters Prefect hands the flow, once validated, are the profile's config: `paper` is
-    defined once, in profiles/paper.yaml, and the deployment only names it."""
+def _deployed_parameters(d: dict) -> dict:
+    """What `prefect deploy` stores: the deployment's build steps run, their outputs templated in."""
+    import asyncio
+
+    from prefect.deployments.steps.core import run_steps
+    from prefect.utilities.templating import apply_values
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    outputs = asyncio.run(run_steps(d.get("build", spec.get("build")) or [], {}, print_function=lambda *a: None))
+    return apply_values(d.get("parameters", {}), outputs)
+
+
+@pytest.mark.parametrize("name,profile", [("default", "params.yaml"), ("nightly", "params.yaml"),
+                                          ("paper", "profiles/paper.yaml"), ("comparison", "params.yaml")])
+def test_a_deployment_runs_the_profile_it_names(name, profile, monkeypatch):
+    """prefect.yaml names each deployment's profile, never copies it; `prefect deploy` resolves it, so the
+    parameters Prefect hands the flow (and the run form shows) are the profile's whole config."""
     from prefect.flows import load_flow_from_entrypoint
 
+    monkeypatch.chdir(ROOT)
     d = next(d for d in _deployments() if d["name"] == name)
-    assert "profile" in str(d.get("parameters")) or not d.get("parameters")  # named, never copied
+    assert "{{" in str(d["parameters"])  # named through a build step, not spelled out
     flow = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
-    config = flow.validate_parameters(d.get("parameters", {})).get("config", PipelineConfig())
+    config = flow.validate_parameters(_deployed_parameters(d))["config"]
     assert config.model_dump(exclude={"profile"}) == load_config(ROOT / profile).model_dump(exclude={"profile"})
+    assert config.profile == (None if profile == "params.yaml" else "paper")
 
 
 def test_flow_parameters_are_the_config_schema():
