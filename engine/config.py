@@ -33,7 +33,8 @@ class DataConfig(Strict):
     name: str = Field("fashion-mnist", description="fashion-mnist | cifar10 | cifar100 | imagefolder:<folder> | "
                                                    "csv:<file with path,label[,split] columns>")
     root: SafePath = Field("data/raw", description="where downloaded or unpacked files live")
-    source_dir: SafePath = Field("/usr/share/datasets/fashion-mnist", description="Debian's Fashion-MNIST files, used when present")
+    source_dir: SafePath = Field("/usr/share/datasets/fashion-mnist", description="Debian's Fashion-MNIST files: "
+                                                                               "copied into data.root when present")
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of train carved out for validation")
     split_seed: int = Field(0, ge=0)
     train_subset: Optional[int] = Field(None, ge=20, description="use only this many training images (quick runs)")

@@ -11,7 +11,9 @@ import csv
 import gzip
 import hashlib
 import io
+import os
 import pickle
+import shutil
 import struct
 import zlib
 from dataclasses import dataclass
@@ -121,11 +123,8 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
 
 
 def fashion_dir(cfg: DataConfig) -> Path:
-    """Where Fashion-MNIST is read from: Debian's files in data.source_dir, else torchvision's
-    download in data.root."""
-    source = Path(cfg.source_dir)
-    if any((source / (FASHION_FILES["train"][0] + ext)).exists() for ext in (".gz", "")):
-        return source
+    """Where Fashion-MNIST is read from: the project's own copy in data.root, which `fetch` makes from
+    Debian's files in data.source_dir or downloads. One path on every machine, so dvc.yaml can list it."""
     return Path(cfg.root) / "FashionMNIST" / "raw"
 
 
@@ -133,21 +132,41 @@ def _find_idx(stem: str, folder: Path) -> Path:
     for name in (stem + ".gz", stem):
         if (folder / name).exists():
             return folder / name
-    raise DataError(f"{folder / stem}: file not found (.gz or unpacked)")
+    raise DataError(f"{folder / stem}: file not found (.gz or unpacked); run `python -m tasks fetch-data`")
+
+
+def _mirror(source: Path, dest: Path, names: list[str]) -> None:
+    """Copy the files whose size or mtime differ, each written whole before it replaces the old one."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        src, dst = source / name, dest / name
+        if dst.exists() and (dst.stat().st_size, dst.stat().st_mtime_ns) == (src.stat().st_size, src.stat().st_mtime_ns):
+            continue
+        tmp = dst.with_name(f".{name}.tmp")
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
 
 
 def fetch(cfg: DataConfig) -> None:
-    """Download a named data set with torchvision when no local copy exists (never a user's own)."""
-    import torchvision
+    """Make a named data set's files exist in data.root: Fashion-MNIST copied from data.source_dir (Debian's
+    package) when it is there, else downloaded with torchvision, as CIFAR is. A user's own data is left alone."""
+    if cfg.name == "fashion-mnist":
+        names = [stem + ".gz" for split in FASHION_FILES.values() for stem in split]
+        present = [n for n in names if (Path(cfg.source_dir) / n).exists()]
+        if present:  # one missing is then named by the loader, rather than fetched from elsewhere
+            _mirror(Path(cfg.source_dir), fashion_dir(cfg), present)
+            for gone in set(names) - set(present):
+                (fashion_dir(cfg) / gone).unlink(missing_ok=True)
+        elif not all((fashion_dir(cfg) / n).exists() for n in names):
+            import torchvision
 
-    if cfg.name == "fashion-mnist" and not fashion_dir(cfg).exists():
-        torchvision.datasets.FashionMNIST(cfg.root, train=True, download=True)
+            torchvision.datasets.FashionMNIST(cfg.root, train=True, download=True)
     elif cfg.name in ("cifar10", "cifar100") and not cifar_dir(cfg).exists():
-        (torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100)(
-            cfg.root, train=True, download=True)
+        _cifar(cfg)(cfg.root, train=True, download=True)
 
 
 def load_fashion_mnist(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+    fetch(cfg)
     folder = fashion_dir(cfg)
     sets = []
     for split in ("train", "test"):
@@ -200,6 +219,7 @@ def cifar_dir(cfg: DataConfig) -> Path:
 
 
 def load_cifar(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str]]:
+    fetch(cfg)
     tv, folder = _cifar(cfg), cifar_dir(cfg)
     label_key = "labels" if cfg.name == "cifar10" else "fine_labels"
     sets = []
@@ -314,16 +334,14 @@ def _csv_path(cfg: DataConfig) -> Path:
 
 
 def csv_sources(path: Path) -> list[Path]:
-    """The CSV and the top-level entries beside it that its rows point into (a folder of images
-    counts once), so that a changed image is a changed input."""
+    """The CSV and the deepest folder holding every image it lists, so that a changed image is a changed input."""
     try:
         with path.open(newline="") as f:
-            rows = [r.get("path", "") or "" for r in csv.DictReader(f)]
+            rows = [(r.get("path") or "").strip() for r in csv.DictReader(f)]
     except (OSError, UnicodeDecodeError, csv.Error):
         return [path]  # the loader names what is wrong
-    tops = {Path(r.strip()).parts[0] for r in rows if r.strip() and not Path(r.strip()).is_absolute()}
-    absolute = {Path(r.strip()) for r in rows if r.strip() and Path(r.strip()).is_absolute()}
-    return [path, *sorted(path.parent / t for t in tops), *sorted(absolute)]
+    images = [os.path.abspath(path.parent / r) for r in rows if r]
+    return [path, Path(os.path.commonpath([os.path.dirname(p) for p in images]))] if images else [path]
 
 
 def sources(cfg: DataConfig) -> list[Path]:

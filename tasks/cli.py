@@ -78,6 +78,8 @@ def add_commands(sub) -> None:
 
     sub.add_parser("params", help="print the default params.yaml")
     add_params_flags(sub.add_parser("stages", help="print the stage table (Markdown)"))
+    add_params_flags(sub.add_parser("fetch-data", help="copy or download a named data set into data.root, so that "
+                                                        "dvc.yaml's first dep exists (a no-op when it does)"))
     p = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage table and params.yaml")
     p.add_argument("--check", action="store_true", help="only compare; exit 1 when dvc.yaml is out of date")
     pred = sub.add_parser("predict", help="classify image files with the exported student")
@@ -154,6 +156,13 @@ def run_command(args: argparse.Namespace) -> Any:
     cfg = config_from(args)
     if args.command == "predict":
         return _predict(cfg, args)
+    if args.command == "fetch-data":
+        from engine.data import fetch, sources
+        from tasks.stage import stage_lock
+
+        with stage_lock(Catalog.default(), "prepare-data-fetch"):
+            fetch(cfg.data)
+        return {"sources": [str(p) for p in sources(cfg.data)]}
     from tasks.stages import run_stage
 
     return run_stage(args.command, cfg, Catalog.default(), getattr(args, "seed", None), args.force)

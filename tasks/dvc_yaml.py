@@ -18,7 +18,7 @@ from engine.errors import KDError
 from tasks.catalog import Catalog
 from tasks.config import PipelineConfig, profile_path, read_yaml, validate
 from tasks.stage import SHARED_CODE
-from tasks.stages import STAGES, Instance, Stage
+from tasks.stages import STAGES, Instance, Stage, reads
 
 HEADER = """\
 # Generated from the stage table (tasks/stages.py) and params.yaml by `python -m tasks dvc-yaml`; do not edit.
@@ -30,7 +30,8 @@ PARAMS_FILE = "params.yaml"
 
 
 def _rel(path: Path, root: Path) -> str:
-    path = Path(os.path.abspath(root / path))
+    """Config paths are relative to the current folder, as the stages read them; dvc.yaml's are relative to the root."""
+    path = Path(os.path.abspath(path))
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
@@ -61,7 +62,7 @@ def _without_nested(paths: list[str]) -> list[str]:
 
 def stage_entry(stage: Stage, cfg: PipelineConfig, raw: dict, root: Path) -> dict:
     cat = Catalog(Path("."))
-    deps = [*SHARED_CODE, *stage.code, *(_rel(p, root) for p in stage.reads(cfg))]
+    deps = [*SHARED_CODE, *stage.code, *(_rel(p, root) for p in reads(stage, cfg, Catalog(root)))]
     if cfg.profile:
         deps.append(_rel(profile_path(cfg.profile), root))
     deps += [str(p) for p in _upstream_paths(stage, cat)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 from engine.atomic import atomic_path, save_json
@@ -22,6 +23,9 @@ COLUMNS = ["model", "method", "seed", "arch", "test_acc", "test_top5", "best_val
            "size_bytes", "flops", "latency_ms_b1", "throughput_b256"]
 METRICS_FILE, PLOT_FILE, CURVES = "data/metrics/comparison.json", "data/metrics/comparison_plot.json", "data/metrics/curves"
 METRICS, PLOTS = (METRICS_FILE,), (CURVES, PLOT_FILE)
+# What `after` publishes from the report folder (DVC's metrics and plots cannot lie inside another output).
+PUBLISHED = {METRICS_FILE: "metrics.json", PLOT_FILE: "comparison_plot.json", CURVES: "curves"}
+REPORT_FILES = ("comparison.md", "comparison.csv", "comparison.json", "comparison.png", "curves.png")
 # Each reads "a - b", paired by seed: what KD adds, what the TA adds on top, what fine-tuning adds.
 CONTRASTS = [("blkd", "nokd"), ("takd", "blkd"), ("takd", "nokd"), ("takd_ft", "takd")]
 LABELS = {"NOKD": "NOKD", "BLKD": "BLKD", "TAKD": "TAKD", "FT": "TAKD + fine-tuning"}
@@ -54,17 +58,19 @@ def comparison(cfg: PipelineConfig, models: dict[str, PipelineModel], evals: dic
 
 
 def metrics(table: dict, evals: dict[str, dict], models: dict[str, PipelineModel]) -> dict:
-    """For `dvc metrics show` (one column each) and the MLflow parent run."""
+    """For `dvc metrics show` (one column each) and the MLflow parent run. Size and speed are the first seed's."""
     cost = ("params", "flops", "latency_ms_b1")
-    first = {variant(m): evals[name] for name, m in reversed(list(models.items()))}  # each variant's first seed
-    out = {r["variant"]: {"test_acc": r["test_acc"], **{k: evals[r["variant"]].get(k) for k in cost}}
-           for r in table["references"]}
+    first: dict[str, dict] = {}
+    for name, m in models.items():
+        first.setdefault(variant(m), evals[name])
+    out = {}
+    for r in table["references"]:
+        out[r["variant"]] = {"test_acc": r["test_acc"], **{k: first[r["variant"]].get(k) for k in cost}}
     for r in table["rows"]:
         out[r["variant"]] = {"test_acc_mean": r["mean"], "test_acc_std": r["std"], "n": r["n"],
                              **{k: first[r["variant"]].get(k) for k in cost}}
     for c in table["contrasts"]:
-        out[f"{c['a']}_minus_{c['b']}"] = {"mean": c["mean"], "low": c["low"], "high": c["high"],
-                                           "beyond_noise": c["beyond_noise"]}
+        out[f"{c['a']}_minus_{c['b']}"] = {k: c[k] for k in ("mean", "low", "high", "beyond_noise")}
     return out
 
 
@@ -146,26 +152,42 @@ def _csv(rows: list[dict]) -> str:
 
 
 def work(run: StageRun, models: dict[str, PipelineModel]) -> dict:
+    """Everything into the staging folder; `after` publishes it (data/metrics, the MLflow parent)."""
     cfg, cat, out = run.cfg, run.cat, run.out
     evals = _evaluations(cat, models)
     rows = [{"model": name, **{c: evals[name].get(c) for c in COLUMNS[1:]}} for name in models]
     table = comparison(cfg, models, evals)
-    numbers = metrics(table, evals, models)
     histories = {name: json.loads((cat.model(name) / HISTORY_FILE).read_text()) for name in models}
-    save_json(numbers, cat.root / METRICS_FILE)
-    save_json([{"method": r["label"], "test_acc": r["mean"]} for r in table["rows"]], cat.root / PLOT_FILE)
+    save_json(table, out / "comparison.json")
+    save_json(metrics(table, evals, models), out / PUBLISHED[METRICS_FILE])
+    save_json([{"method": r["label"], "test_acc": r["mean"]} for r in table["rows"]], out / PUBLISHED[PLOT_FILE])
     for name, hist in histories.items():  # one file per model, so `dvc plots` draws one line each
         save_json([{"epoch": h["epoch"], "val_acc": h["val_acc"], "train_acc": h["train_acc"]} for h in hist],
-                  cat.root / CURVES / f"{name}.json")
-    save_json(table, out / "comparison.json")
-    files = [_write_text(out / "comparison.md", markdown(table, rows)), _write_text(out / "comparison.csv", _csv(rows)),
-             out / "comparison.json", _comparison_png(table, out), _curves_png(histories, out)]
-    tracking.log_report(cfg, cat, numbers, files)
+                  out / PUBLISHED[CURVES] / f"{name}.json")
+    _write_text(out / "comparison.md", markdown(table, rows))
+    _write_text(out / "comparison.csv", _csv(rows))
+    _comparison_png(table, out)
+    _curves_png(histories, out)
     return {"means": {r["variant"]: r["mean"] for r in table["rows"]},
             "contrasts": {f"{c['a']} - {c['b']}": [c["mean"], c["low"], c["high"]] for c in table["contrasts"]}}
 
 
 def after(cfg: PipelineConfig, cat: Catalog, result: dict) -> dict:
-    """Close the MLflow parent that stages run one by one (DVC, the CLI) shared; a flow closes its own."""
+    """Publish the report, whether it ran now or was reused: its metrics and plot data where `dvc metrics` and
+    `dvc plots` read them (the curves folder replaced whole, so a dropped seed's curve goes), and its table and
+    plots on the MLflow parent run of this invocation, which is then closed if stages opened it one by one."""
+    for target, name in PUBLISHED.items():
+        source, dest = cat.reports / name, cat.root / target
+        if source.is_dir():
+            staging = dest.with_name(dest.name + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(source, staging)
+            shutil.rmtree(dest, ignore_errors=True)
+            staging.rename(dest)
+        else:
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(source, tmp)
+    numbers = json.loads((cat.reports / PUBLISHED[METRICS_FILE]).read_text())
+    tracking.log_report(cfg, cat, numbers, [cat.reports / f for f in REPORT_FILES])
     tracking.end_file_parent(cfg, cat)
     return {}

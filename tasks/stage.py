@@ -28,8 +28,8 @@ from tasks.content import code_hash
 STAGE_FILE = "stage.json"
 CODE_ROOT = Path(__file__).resolve().parents[1]
 # The code every stage runs; a stage's own module comes on top (the stage table names it).
-SHARED_CODE = ("engine", "models", "tasks/config.py", "tasks/catalog.py", "tasks/stage.py", "tasks/context.py",
-               "tasks/content.py")
+SHARED_CODE = ("engine", "models", "tasks/config.py", "tasks/catalog.py", "tasks/stage.py", "tasks/stages.py",
+               "tasks/context.py", "tasks/content.py")
 log = logging.getLogger("kd")
 
 

@@ -7,7 +7,7 @@ runs on an accelerator. Everything else is derived from this table:
 - the CLI subcommands (`python -m tasks <stage>`, tasks/cli.py);
 - dvc.yaml (`python -m tasks dvc-yaml`, tasks/dvc_yaml.py; a test keeps the committed file equal);
 - the Prefect flow's tasks, their names and their edges (flows/pipeline.py);
-- each stage's key (`run_stage` below): a hash of exactly what DVC tracks for it.
+- each stage's key (`key_inputs` below): a hash of what DVC tracks for it.
 
 Student stages run once per seed in `student.seeds` (`per_seed`); an instance is named like
 DVC names its foreach stages, `train-student-nokd@1`.
@@ -66,58 +66,60 @@ class Stage:
     plots: tuple[str, ...] = ()
 
 
-def _model_out(cat: Catalog, name: str) -> Path:
-    return cat.model(name)
-
-
-def _train(name: str, trains: Trains, needs: tuple[str, ...], params: tuple[str, ...], **kw) -> Stage:
-    def work(run: StageRun) -> dict:
-        return train_model.train(run, models(run.cfg)[model_name(STAGES[name], run.seed)])
-
-    return Stage(name, work, out=_model_out, needs=("prepare-data", *needs), params=params,
-                 code=("tasks/train_model.py",), accelerator=True, trains=trains, **kw)
-
-
-def _cache(source: str) -> Stage:
-    return Stage(f"cache-{source}", work=cache_stage(source), out=lambda cat, _: cat.soft_targets(source),
-                 needs=("prepare-data", TRAINER[source]), params=CACHE_MAKE, code=("tasks/cache_soft_targets.py",),
-                 accelerator=True,
-                 title=lambda cfg: f"cache soft targets of {source} {getattr(cfg, source).arch} (K={cfg.cache.views})")
-
-
 def _teacher_file(cfg: PipelineConfig) -> list[Path]:
     return [Path(cfg.teacher.checkpoint)] if cfg.teacher.checkpoint else []
 
 
-TRAINER = {"teacher": "train-teacher", "assistant": "distill-assistant"}  # the stages making the models cached
-TRAINING = (
+def _trainings(*spec: tuple) -> tuple[Stage, ...]:
+    """Each (name, Trains, config fields, options) as its stage, plus a cache stage after every model that a later
+    one learns from. What a training needs follows from what it learns from: its source's model and cache, or
+    its init's model."""
+    out: list[Stage] = []
+    cached = {t.source for _, t, _, _ in spec if t.source}
+    for name, t, params, kw in spec:
+        needs = ["prepare-data", *([t.source, _cache_name(t.source, spec)] if t.source else []),
+                 *([t.init] if t.init else [])]
+
+        def work(run: StageRun, name=name) -> dict:
+            return train_model.train(run, models(run.cfg)[model_name(STAGES[name], run.seed)])
+
+        out.append(Stage(name, work, out=lambda cat, model: cat.model(model), needs=tuple(needs), params=params,
+                         code=("tasks/train_model.py",), accelerator=True, trains=t, **kw))
+        if name in cached:
+            out.append(_cache(name, t.model))
+    return tuple(out)
+
+
+def _cache_name(trainer: str, spec: tuple) -> str:
+    return "cache-" + next(t.model for name, t, _, _ in spec if name == trainer)
+
+
+def _cache(trainer: str, model: str) -> Stage:
+    return Stage(f"cache-{model}", work=cache_stage(model), out=lambda cat, _: cat.soft_targets(model),
+                 needs=("prepare-data", trainer), params=CACHE_MAKE, code=("tasks/cache_soft_targets.py",),
+                 accelerator=True,
+                 title=lambda cfg: f"cache soft targets of {model} {getattr(cfg, model).arch} (K={cfg.cache.views})")
+
+
+TRAINING = _trainings(
     # Methods are what MLflow groups runs by: the teacher gets its own, so NOKD holds students only.
-    _train("train-teacher", Trains("teacher", "teacher", "teacher"), (), ("teacher",), reads=_teacher_file),
-    _train("distill-assistant", Trains("assistant", "assistant", "KD", source="train-teacher"),
-           ("train-teacher", "cache-teacher"), ("assistant", *HOP)),
-    _train("train-student-nokd", Trains("student-nokd", "student", "NOKD"), (), STUDENT, per_seed=True),
-    _train("distill-student-blkd", Trains("student-blkd", "student", "BLKD", source="train-teacher"),
-           ("train-teacher", "cache-teacher"), (*STUDENT, "student.kd", *HOP), per_seed=True),
-    _train("distill-student-takd", Trains("student-takd", "student", "TAKD", source="distill-assistant"),
-           ("distill-assistant", "cache-assistant"), (*STUDENT, "student.kd", *HOP), per_seed=True),
-    _train("fine-tune-student", Trains("student-takd-ft", "student", "FT", init="distill-student-takd"),
-           ("distill-student-takd",), ("student.train", "finetune"), per_seed=True),
+    ("train-teacher", Trains("teacher", "teacher", "teacher"), ("teacher",), {"reads": _teacher_file}),
+    ("distill-assistant", Trains("assistant", "assistant", "KD", source="train-teacher"), ("assistant", *HOP), {}),
+    ("train-student-nokd", Trains("student-nokd", "student", "NOKD"), STUDENT, {"per_seed": True}),
+    ("distill-student-blkd", Trains("student-blkd", "student", "BLKD", source="train-teacher"),
+     (*STUDENT, "student.kd", *HOP), {"per_seed": True}),
+    ("distill-student-takd", Trains("student-takd", "student", "TAKD", source="distill-assistant"),
+     (*STUDENT, "student.kd", *HOP), {"per_seed": True}),
+    ("fine-tune-student", Trains("student-takd-ft", "student", "FT", init="distill-student-takd"),
+     ("student.train", "finetune"), {"per_seed": True}),
 )
-ALL_MODELS = tuple(s.name for s in TRAINING)
-_T = dict(zip(ALL_MODELS, TRAINING))
+ALL_MODELS = tuple(s.name for s in TRAINING if s.trains)
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prepare-data", prepare_data.work, out=lambda cat, _: cat.prepared, params=("data",),
           code=("tasks/prepare_data.py",), reads=lambda cfg: sources(cfg.data), fetch=lambda cfg: fetch(cfg.data),
           title=lambda cfg: f"prepare data {cfg.data.name}"),
-    _T["train-teacher"],
-    _cache("teacher"),
-    _T["distill-assistant"],
-    _cache("assistant"),
-    _T["train-student-nokd"],
-    _T["distill-student-blkd"],
-    _T["distill-student-takd"],
-    _T["fine-tune-student"],
+    *TRAINING,
     Stage("evaluate", lambda run: evaluate.work(run, models(run.cfg)), out=lambda cat, _: cat.eval_dir,
           needs=("prepare-data", *ALL_MODELS), params=("evaluate",), code=("tasks/evaluate.py",), accelerator=True,
           title=lambda cfg: "evaluate every model on the test split"),
@@ -128,7 +130,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           title=lambda cfg: f"report NOKD / BLKD / TAKD over {len(cfg.student.seeds)} seeds"),
     Stage("export", lambda run: export.work(run, models(run.cfg)), out=lambda cat, _: cat.export,
           needs=("prepare-data", "evaluate", *ALL_MODELS), params=("export",),
-          code=("tasks/export.py", "tasks/model_card.py"),
+          code=("tasks/export.py", "tasks/model_card.py", "tasks/train_model.py"),
           after=lambda cfg, cat, result: export.register(cfg, cat, result),
           title=lambda cfg: "export the best student (TorchScript, ONNX, model card), register it in MLflow"),
 )}
@@ -204,10 +206,6 @@ def models(cfg: PipelineConfig) -> dict[str, PipelineModel]:
     return out
 
 
-def students(cfg: PipelineConfig) -> list[str]:
-    return [name for name, m in models(cfg).items() if m.role == "student"]
-
-
 # ---------------------------------------------------------------- running one instance
 
 def dotted(cfg: PipelineConfig, key: str):
@@ -215,6 +213,18 @@ def dotted(cfg: PipelineConfig, key: str):
     for part in key.split("."):
         value = value[part]
     return value
+
+
+def reads(stage: Stage, cfg: PipelineConfig, cat: Catalog) -> list[Path]:
+    """What the stage reads outside the project's outputs; an input that holds or lies in an output cannot be one."""
+    found = stage.reads(cfg)
+    outs = [i.out(cat).resolve() for i in instances(cfg)] + [cat.metrics.resolve(), cat.state.resolve()]
+    for p in found:
+        clash = next((o for o in outs if o.is_relative_to(p.resolve()) or p.resolve().is_relative_to(o)), None)
+        if clash:
+            raise KDError(f"{p}: {stage.name} would read this as an input, but it overlaps the pipeline's output "
+                          f"{clash}; keep your images, CSV and teacher file in a folder of their own")
+    return found
 
 
 def key_inputs(inst: Instance, cfg: PipelineConfig, cat: Catalog) -> dict:
@@ -226,7 +236,7 @@ def key_inputs(inst: Instance, cfg: PipelineConfig, cat: Catalog) -> dict:
             raise KDError(f"{u.out(cat)}: {inst.id} reads the output of {u.id}, which has not been produced yet "
                           "(no stage.json); run that stage first")
     return {"params": {p: dotted(cfg, p) for p in inst.stage.params}, "seed": inst.seed,
-            "reads": {str(p): content_hash(p, cat.state) for p in inst.stage.reads(cfg)},
+            "reads": {str(p): content_hash(p, cat.state) for p in reads(inst.stage, cfg, cat)},
             "upstream": {u.id: content_hash(u.out(cat), cat.state) for u in ups}}
 
 
@@ -238,8 +248,9 @@ def run_instance(inst: Instance, cfg: PipelineConfig, cat: Catalog, force: bool 
         from tasks.dvc_yaml import check_in_step
 
         check_in_step(cfg, cat, stage)
-    if stage.fetch:
-        stage.fetch(cfg)
+    if stage.fetch:  # before the key, which hashes what it fetched; one fetch at a time
+        with stage_lock(cat, f"{inst.id}-fetch"):
+            stage.fetch(cfg)
     result = run_once(cat, inst.id, inst.out(cat), key_inputs(inst, cfg, cat), stage.code,
                       lambda key, out: stage.work(StageRun(cfg, cat, inst.seed, out, key)), force)
     if stage.after:

@@ -69,7 +69,7 @@ def test_missing_file_is_named(fashion_dir, tmp_path):
     shutil.copytree(fashion_dir, d)
     os.remove(d / "t10k-images-idx3-ubyte.gz")
     (tmp_path / "raw" / "FashionMNIST" / "raw").mkdir(parents=True)  # present, so no download is tried
-    with pytest.raises(DataError, match="missing/t10k-images-idx3-ubyte: file not found"):
+    with pytest.raises(DataError, match="raw/FashionMNIST/raw/t10k-images-idx3-ubyte: file not found"):
         load_splits(DataConfig(source_dir=str(d), root=str(tmp_path / "raw")))
 
 

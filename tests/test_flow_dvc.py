@@ -188,13 +188,13 @@ def csv_inputs(repo: Path) -> None:
     (repo / "own" / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
 
 
-@pytest.mark.parametrize("entry", ["cli", "dvc"])
-def test_a_changed_csv_or_an_image_it_lists_reruns_prepare_data(entry, tmp_path, monkeypatch):
+@pytest.mark.parametrize("entry", ["cli", "flow", "dvc"])
+def test_a_changed_csv_or_an_image_it_lists_reruns_prepare_data(entry, tmp_path, prefect_server, monkeypatch):
     repo = make_repo(tmp_path / "repo", {**OWN, "data.name": "csv:own/labels.csv", "data.image_size": 12,
                                          "teacher.checkpoint": None, "teacher.arch": "plain-2",
                                          "teacher.train.epochs": 1}, csv_inputs)
     deps = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["prepare-data"]["deps"]
-    assert {"own/labels.csv", "own/images"} <= set(deps)
+    assert {"own/labels.csv", "own/images"} <= set(deps)  # the CSV, and the folder holding every image it lists
 
     def prepare() -> bool:
         before = keys(repo)["prepare-data"]
@@ -204,6 +204,8 @@ def test_a_changed_csv_or_an_image_it_lists_reruns_prepare_data(entry, tmp_path,
             from tasks.cli import main
 
             assert main(["prepare-data"]) == 0
+        elif entry == "flow":
+            run_flow(repo, monkeypatch)
         else:
             dvc(repo, "repro", "prepare-data")
         return keys(repo)["prepare-data"] != before

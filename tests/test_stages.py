@@ -30,7 +30,11 @@ def test_pipeline_outputs_and_reuse(project):
             "latency_ms_b1", "throughput_b256", "teacher_agreement"} <= set(ev) and ev["seed"] == 1
     assert sum(map(sum, ev["confusion"])) == ev["num_test"]
     assert not cat.work("teacher").exists()  # epoch checkpoints are cleaned up after success
+    (cat.metrics / "comparison.json").unlink()  # published again by a reused report
+    (cat.metrics / "curves" / "gone-s9.json").write_text("[]")  # a curve no model has any more
     assert all(r["reused"] for r in run_all(cfg, cat).values())
+    assert json.loads((cat.metrics / "comparison.json").read_text()) == metrics
+    assert not (cat.metrics / "curves" / "gone-s9.json").exists()
 
 
 def test_same_config_same_results(project, tmp_path_factory, fashion_dir):
@@ -85,6 +89,22 @@ def test_import_a_pretrained_teacher(project, tmp_path):
     torch.save(build_model("plain-4", 1, 7, 28).state_dict(), ckpt)  # a 7-class teacher
     with pytest.raises(CheckpointError, match=r"does not fit plain-4 for 10 classes and 1x28x28 inputs: .*\(7, "):
         run_stage("train-teacher", imported, cat)
+
+
+def test_a_folder_holding_the_pipelines_outputs_cannot_be_an_input(project, tmp_path):
+    """A CSV listing images here and in the project's data/ makes their common folder, the project itself, an
+    input: prepare-data would read its own outputs, and never be up to date."""
+    from engine.errors import KDError
+    from tests.fakes import write_image_folder
+
+    cfg, cat = project
+    write_image_folder(cat.root / "imgs", classes=2, per_class=3, size=12)
+    write_image_folder(cat.data / "more", classes=2, per_class=1, size=12)
+    rows = [f"imgs/class_{c}/{i}.png,{c}" for c in range(2) for i in range(3)] + ["data/more/class_0/0.png,0"]
+    (cat.root / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    bad = cfg.model_copy(update={"data": cfg.data.model_copy(update={"name": f"csv:{cat.root / 'labels.csv'}"})})
+    with pytest.raises(KDError, match=r"prepare-data would read this as an input, but it overlaps the pipeline's output"):
+        run_stage("prepare-data", bad, cat)
 
 
 def test_the_table_is_in_dependency_order():
