@@ -42,7 +42,7 @@ case "$cmd" in
     setup
     [ -d .git ] || { git init -q && git add -A && git -c user.email=takd@localhost -c user.name=takd commit -qm init; }
     python -m tasks fetch-data > /dev/null  # the data set into data/raw (copied from Debian's package, or downloaded)
-    python -m tasks dvc-yaml  # dvc.yaml lists what params.yaml makes each stage read (a no-op when it does)
+    python -m takd dvc-yaml  # dvc.yaml (and experiments/) list what params.yaml makes each stage read; a no-op when they do
     start=$(date +%s)
     dvc repro "$@"
     echo "== dvc repro took $(( $(date +%s) - start )) s"

@@ -11,10 +11,13 @@ Every config field is a flag, as for `python -m tasks` (`--student.seeds "[0,1,2
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import sys
 
 from engine.atomic import save_json
 from engine.errors import KDError
+from experiments import dvc_yaml
 from experiments.plans import PLANS, build_plan
 from tasks.catalog import Catalog
 from tasks.cli import add_params_flags, config_from, guarded, prepare_process
@@ -28,8 +31,10 @@ def build_parser(prog: str = "python -m experiments") -> argparse.ArgumentParser
 
 
 def add_commands(sub) -> None:
-    """list, job and report. `takd experiments run` (takd/cli.py) adds the Prefect flow."""
+    """list, job, report and dvc-yaml. `takd experiments run` (takd/cli.py) adds the Prefect flow."""
     add_params_flags(sub.add_parser("list", help="the experiments and how many trainings each needs"))
+    p = sub.add_parser("dvc-yaml", help="write experiments/dvc.yaml from the plans and params.yaml")
+    p.add_argument("--check", action="store_true", help="only compare; exit 1 when it is out of date")
     for name, help_text in (("job", "train part of a plan in this process and write its record (DVC)"),
                             ("report", "train what is missing, then write the tables and plots (DVC)")):
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -63,6 +68,8 @@ def run_command(args: argparse.Namespace):
 
     cfg = tracking.for_experiments(config_from(args))
     cat = Catalog.default()
+    if os.environ.get("DVC_STAGE", "").startswith(f"{dvc_yaml.PATH}:"):
+        dvc_yaml.check_in_step(cat.root)
     if args.command == "list":
         return {name: {"rows": len(p.rows), "trainings": len(all_jobs(cfg, [r.job for r in p.rows + p.references])),
                        "title": p.title} for name, p in ((n, build_plan(n, cfg)) for n in PLANS)}
@@ -84,7 +91,20 @@ def run_command(args: argparse.Namespace):
     return result
 
 
+def write_dvc_yaml(check: bool) -> int:
+    root = Catalog.default().root
+    if check:
+        if (root / dvc_yaml.PATH).exists() and (root / dvc_yaml.PATH).read_text() == dvc_yaml.generate(root):
+            return 0
+        print(f"error: {root / dvc_yaml.PATH} does not match params.yaml; run `takd dvc-yaml`", file=sys.stderr)
+        return 1
+    print(f"{dvc_yaml.PATH} " + ("written" if dvc_yaml.write(root) else "already up to date"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     prepare_process()
     args = build_parser().parse_args(argv)
+    if args.command == "dvc-yaml":
+        return guarded(lambda: write_dvc_yaml(args.check), quiet=True)
     return guarded(lambda: run_command(args))

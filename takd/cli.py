@@ -1,6 +1,7 @@
 """`takd`: every stage of the pipeline, the pipeline as a Prefect flow, and the experiments.
 
-  takd <stage> | params | dvc-yaml | predict     as `python -m tasks` (tasks/cli.py)
+  takd <stage> | params | stages | fetch-data | predict   as `python -m tasks` (tasks/cli.py)
+  takd dvc-yaml [--check]                      dvc.yaml and experiments/dvc.yaml, from the tables and params.yaml
   takd pipeline [--workers N | --dask-workers N | --dask-address tcp://...]
   takd experiments list | run NAME | job NAME | report NAME
 
@@ -68,8 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "pipeline":
         return tasks_cli.guarded(lambda: _pipeline(args))
+    if args.command == "dvc-yaml":  # the pipeline's and the experiments'
+        code = tasks_cli.dispatch(args)
+        return code or tasks_cli.guarded(lambda: experiments_cli.write_dvc_yaml(args.check), quiet=True)
     if args.command == "experiments":
         args.command = args.experiments_command
+        if args.command == "dvc-yaml":
+            return tasks_cli.guarded(lambda: experiments_cli.write_dvc_yaml(args.check), quiet=True)
         if args.command == "run":
             return tasks_cli.guarded(lambda: _experiment(args))
         return tasks_cli.guarded(lambda: experiments_cli.run_command(args))

@@ -95,8 +95,8 @@ class EvalConfig(Strict):
 
 
 class ExportConfig(Strict):
-    model: Optional[str] = Field(None, description="the pipeline model to ship (student-takd, ...); unset: the "
-                                                   "student best on validation, as the report registers")
+    model: Optional[str] = Field(None, description="the pipeline model to ship (student-takd-s0, ...); unset: the "
+                                                   "student best on validation, over every method and seed")
     check_images: int = Field(256, ge=1, description="test images each exported file is run on and compared with PyTorch")
     max_abs_diff: float = Field(1e-3, gt=0, description="refuse an export whose logits differ from PyTorch's by more")
 

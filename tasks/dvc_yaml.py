@@ -118,4 +118,4 @@ def check_in_step(cfg: PipelineConfig, cat: Catalog, stage: Stage) -> None:
         missing = [d for d in inner(want).get("deps", []) if d not in inner(have).get("deps", [])]
         detail = f"its deps lack {', '.join(missing)}" if missing else "it differs from the stage table"
         raise KDError(f"{path}: stage {stage.name} does not match params.yaml ({detail}); run "
-                      "`python -m tasks dvc-yaml` to regenerate it, then `dvc repro`")
+                      "`takd dvc-yaml` (or `python -m tasks dvc-yaml`) to regenerate it, then `dvc repro`")

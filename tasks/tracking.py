@@ -114,7 +114,7 @@ def _create_parent(cfg: PipelineConfig, cat: Catalog, source: str, run_name: str
 
 def start_parent(cfg: PipelineConfig, cat: Catalog, source: str, run_name: str | None = None,
                  kind: str = "pipeline") -> str | None:
-    """The parent run of a whole invocation (a Prefect flow, `python -m tasks pipeline`, an experiment)."""
+    """The parent run of a whole invocation (a Prefect flow, `takd pipeline`, an experiment)."""
     if not enabled():
         return None
     os.environ[ENV_PARENT] = _create_parent(cfg, cat, source, run_name, kind)

@@ -50,7 +50,7 @@ def make_repo(dest: Path, overrides: dict, setup=None) -> Path:
 
 def write_params(repo: Path, overrides: dict) -> None:
     (repo / "params.yaml").write_text(to_yaml(load_config(None, overrides)))
-    sh([sys.executable, "-m", "tasks", "dvc-yaml"], repo)
+    sh([sys.executable, "-m", "takd", "dvc-yaml"], repo)
 
 
 def edit_params(repo: Path, **dotted) -> None:
@@ -224,9 +224,8 @@ def test_dvc_refuses_a_stage_whose_dvc_yaml_does_not_list_what_it_reads(tmp_path
     shutil.copytree(repo / "own" / "images", repo / "own" / "other")
     edit_params(repo, **{"data.name": "imagefolder:own/other"})  # params.yaml changed, dvc.yaml not regenerated
     out = dvc(repo, "repro", "prepare-data", ok=False)
-    assert "stage prepare-data does not match params.yaml (its deps lack own/other); run " \
-           "`python -m tasks dvc-yaml`" in out
-    sh([sys.executable, "-m", "tasks", "dvc-yaml"], repo)
+    assert "stage prepare-data does not match params.yaml (its deps lack own/other); run `takd dvc-yaml`" in out
+    sh([sys.executable, "-m", "takd", "dvc-yaml"], repo)
     dvc(repo, "repro", "prepare-data")
 
 

@@ -77,8 +77,8 @@ def test_the_gpu_tag_goes_only_on_stages_that_run_on_a_gpu(monkeypatch):
     import flows.pipeline as fp
     from tasks.stages import instances
 
-    cfg = PipelineConfig()
-    assert not any(fp.tags(i, cfg) for i in instances(cfg))  # this machine: a CPU
+    cfg = PipelineConfig(device="cpu")
+    assert not any(fp.tags(i, cfg) for i in instances(cfg))
     monkeypatch.setattr(fp, "resolve_device", lambda name: __import__("torch").device("cuda"))
     tagged = {i.stage.name for i in instances(cfg) if fp.tags(i, cfg) == [fp.GPU_TAG]}
     assert tagged == {s for s in fp.STAGES if fp.STAGES[s].accelerator}
@@ -143,6 +143,7 @@ def test_the_flow_is_a_dag_nokd_students_train_while_the_teacher_trains(project,
     from tasks.stages import instances, upstream
 
     cfg, cat = project
+    cfg = cfg.model_copy(update={"device": "cpu"})
     monkeypatch.setenv("KD_TRACKING", "1")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{cat.root / 'mlflow.db'}")
     monkeypatch.delenv("KD_MLFLOW_PARENT_RUN", raising=False)
@@ -152,8 +153,11 @@ def test_the_flow_is_a_dag_nokd_students_train_while_the_teacher_trains(project,
     assert state.is_completed()
 
     async def task_runs():
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
         async with get_client() as client:
-            return [r for r in await client.read_task_runs() if r.flow_run_id == state.state_details.flow_run_id]
+            only = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            return await client.read_task_runs(flow_run_filter=only)
 
     runs = {r.name: r for r in asyncio.run(task_runs())}
     by_id = {i.id: runs[i.title(cfg)] for i in instances(cfg)}
@@ -164,7 +168,7 @@ def test_the_flow_is_a_dag_nokd_students_train_while_the_teacher_trains(project,
     for inst in instances(cfg):
         for up in upstream(inst, cfg):
             assert by_id[up.id].end_time <= by_id[inst.id].start_time, (up.id, inst.id)
-    assert not any(r.tags for r in runs.values())  # a CPU run: no stage holds the gpu concurrency slot
+    assert not any(r.tags for r in runs.values())  # device cpu: no stage holds the gpu concurrency slot
     assert [r.name for r in runs.values() if r.run_count != 1] == []
     client = MlflowClient(f"sqlite:///{cat.root / 'mlflow.db'}")
     statuses = [r.info.status for r in client.search_runs([client.get_experiment_by_name("takd").experiment_id])]
