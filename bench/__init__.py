@@ -24,4 +24,5 @@ SUITES = {
     "e2e": Suite("4. End to end: dvc repro and the Prefect flow", "bench.end_to_end"),
     "scaling": Suite("5. Scaling with data and model size", "bench.scaling"),
     "gpu": Suite("6. GPU path", "bench.gpu"),
+    "teacher": Suite("7. Time to accuracy of the default teacher", "bench.teacher"),
 }

@@ -58,6 +58,17 @@ def test_micro_suites_write_json_and_markdown(tmp_path, fashion_dir):
     assert results["overhead"]["machine"]["device"] == "cpu"
 
 
+def test_teacher_time_to_accuracy_records_each_epoch(tmp_path, fashion_dir):
+    params = tmp_path / "params.yaml"
+    params.write_text("teacher: {arch: plain-2, train: {epochs: 2, warmup_epochs: 0.5}}\n")
+    result = _run(tmp_path, fashion_dir, ["teacher"], extra={"params": str(params)})["teacher"]
+    rows, summary = result["rows"], result["summary"]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[0]["seconds"] <= rows[1]["seconds"]
+    first = next((r["seconds"] for r in rows if r["test_acc"] >= 0.92), None)
+    assert summary["seconds_to_92"] == first and summary["arch"] == "plain-2"
+    assert summary["test_acc_at_best_val"] == rows[summary["best_epoch"] - 1]["test_acc"]
+
+
 def test_reruns_merge_suites_into_one_report(tmp_path, fashion_dir):
     _run(tmp_path, fashion_dir, ["cache"])
     results = _run(tmp_path, fashion_dir, ["gpu"], extra={"compile_modes": ()})
