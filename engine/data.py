@@ -344,6 +344,11 @@ def csv_sources(path: Path) -> list[Path]:
     return [path, Path(os.path.commonpath([os.path.dirname(p) for p in images]))] if images else [path]
 
 
+def fetched(cfg: DataConfig) -> list[Path]:
+    """The folders `fetch` makes: a named data set's; none for a user's own data."""
+    return sources(cfg) if cfg.name in ("fashion-mnist", "cifar10", "cifar100") else []
+
+
 def sources(cfg: DataConfig) -> list[Path]:
     """Every file or folder `load_splits` reads: a stage's key hashes their content, and dvc.yaml
     lists them as the prepare-data stage's deps."""

@@ -157,12 +157,9 @@ def run_command(args: argparse.Namespace) -> Any:
     if args.command == "predict":
         return _predict(cfg, args)
     if args.command == "fetch-data":
-        from engine.data import fetch, sources
-        from tasks.stage import stage_lock
+        from tasks.stages import fetch_all
 
-        with stage_lock(Catalog.default(), "prepare-data-fetch"):
-            fetch(cfg.data)
-        return {"sources": [str(p) for p in sources(cfg.data)]}
+        return {"fetched": [str(p) for p in fetch_all(cfg, Catalog.default())]}
     from tasks.stages import run_stage
 
     return run_stage(args.command, cfg, Catalog.default(), getattr(args, "seed", None), args.force)

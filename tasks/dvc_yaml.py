@@ -18,7 +18,7 @@ from engine.errors import KDError
 from tasks.catalog import Catalog
 from tasks.config import PipelineConfig, profile_path, read_yaml, validate
 from tasks.stage import SHARED_CODE
-from tasks.stages import STAGES, Instance, Stage, reads
+from tasks.stages import FETCH_STAGE, STAGES, Instance, Stage, reads
 
 HEADER = """\
 # Generated from the stage table (tasks/stages.py) and params.yaml by `python -m tasks dvc-yaml`; do not edit.
@@ -44,6 +44,10 @@ def _present(raw: dict, key: str) -> bool:
     return True
 
 
+def _profile_dep(cfg: PipelineConfig, root: Path) -> list[str]:
+    return [_rel(profile_path(cfg.profile), root)] if cfg.profile else []
+
+
 def _upstream_paths(stage: Stage, cat: Catalog) -> list[Path]:
     out = []
     for name in stage.needs:
@@ -63,8 +67,7 @@ def _without_nested(paths: list[str]) -> list[str]:
 def stage_entry(stage: Stage, cfg: PipelineConfig, raw: dict, root: Path) -> dict:
     cat = Catalog(Path("."))
     deps = [*SHARED_CODE, *stage.code, *(_rel(p, root) for p in reads(stage, cfg, Catalog(root)))]
-    if cfg.profile:
-        deps.append(_rel(profile_path(cfg.profile), root))
+    deps += _profile_dep(cfg, root)
     deps += [str(p) for p in _upstream_paths(stage, cat)]
     entry = {"cmd": f"python -m tasks {stage.name}" + (f" --seed {ITEM}" if stage.per_seed else ""),
              "deps": _without_nested(deps),
@@ -80,6 +83,19 @@ def stage_entry(stage: Stage, cfg: PipelineConfig, raw: dict, root: Path) -> dic
     return {"foreach": seeds, "do": entry}
 
 
+def fetch_entry(cfg: PipelineConfig, raw: dict, root: Path) -> dict | None:
+    """The stage that copies or downloads a named data set into data.root, so that a fresh clone's `dvc repro`
+    has the files its first stage lists as deps. Its outs are not cached: they are a copy of public files."""
+    fetches = [s.fetch for s in STAGES.values() if s.fetch and s.fetch.makes(cfg)]
+    if not fetches:
+        return None
+    params = [p for f in fetches for p in (*f.params, "profile") if _present(raw, p)]
+    return {"cmd": f"python -m tasks {FETCH_STAGE}",
+            "deps": list(dict.fromkeys(c for f in fetches for c in f.code)) + _profile_dep(cfg, root),
+            **({"params": list(dict.fromkeys(params))} if params else {}),
+            "outs": [{_rel(p, root): {"cache": False, "persist": True}} for f in fetches for p in f.makes(cfg)]}
+
+
 PLOTS = [
     {"learning_curves": {"template": "linear", "x": "epoch", "y": {"data/metrics/curves": "val_acc"},
                          "title": "Validation accuracy per epoch (one line per model)"}},
@@ -93,7 +109,9 @@ PLOTS = [
 def generate(root: Path, params: str = PARAMS_FILE) -> str:
     raw = read_yaml(root / params) if (root / params).exists() else {}
     cfg = validate(raw, params)
-    doc = {"stages": {s.name: stage_entry(s, cfg, raw, root.resolve()) for s in STAGES.values()}, "plots": PLOTS}
+    fetch = fetch_entry(cfg, raw, root.resolve())
+    stages = {s.name: stage_entry(s, cfg, raw, root.resolve()) for s in STAGES.values()}
+    doc = {"stages": ({FETCH_STAGE: fetch} if fetch else {}) | stages, "plots": PLOTS}
     return HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from engine.data import fetch, sources
+from engine.data import fetch, fetched, sources
 from engine.errors import KDError
 from tasks import evaluate, export, prepare_data, report, train_model
 from tasks.cache_soft_targets import cache_stage
@@ -48,6 +48,20 @@ class Trains:
 
 
 @dataclass(frozen=True)
+class Fetch:
+    """Makes some of a stage's `reads` exist (a named data set's copy or download) before its key hashes them.
+    dvc.yaml runs it as its own stage (FETCH_STAGE), whose outs are what it makes."""
+
+    run: Callable[[PipelineConfig], None]
+    makes: Callable[[PipelineConfig], list[Path]]  # [] when there is nothing to fetch (a user's own data)
+    params: tuple[str, ...]
+    code: tuple[str, ...]
+
+
+FETCH_STAGE = "fetch-data"  # its subcommand too: `python -m tasks fetch-data`
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     work: Callable[[StageRun], dict]  # writes the outputs into run.out; returns the summary
@@ -60,7 +74,7 @@ class Stage:
     per_seed: bool = False
     trains: Trains | None = None
     title: Callable[[PipelineConfig], str] = lambda cfg: ""
-    fetch: Callable[[PipelineConfig], None] | None = None  # makes `reads` exist (a named data set's download)
+    fetch: Fetch | None = None
     after: Callable[[PipelineConfig, Catalog, dict], dict] | None = None  # runs also when the outputs are reused
     metrics: tuple[str, ...] = ()  # small files outside `out` it writes, for dvc metrics / dvc plots
     plots: tuple[str, ...] = ()
@@ -117,7 +131,8 @@ ALL_MODELS = tuple(s.name for s in TRAINING if s.trains)
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prepare-data", prepare_data.work, out=lambda cat, _: cat.prepared, params=("data",),
-          code=("tasks/prepare_data.py",), reads=lambda cfg: sources(cfg.data), fetch=lambda cfg: fetch(cfg.data),
+          code=("tasks/prepare_data.py",), reads=lambda cfg: sources(cfg.data), fetch=Fetch(lambda cfg: fetch(cfg.data), lambda cfg: fetched(cfg.data),
+                      params=("data.name", "data.root", "data.source_dir"), code=("engine/data.py",)),
           title=lambda cfg: f"prepare data {cfg.data.name}"),
     *TRAINING,
     Stage("evaluate", lambda run: evaluate.work(run, models(run.cfg)), out=lambda cat, _: cat.eval_dir,
@@ -248,15 +263,26 @@ def run_instance(inst: Instance, cfg: PipelineConfig, cat: Catalog, force: bool 
         from tasks.dvc_yaml import check_in_step
 
         check_in_step(cfg, cat, stage)
-    if stage.fetch:  # before the key, which hashes what it fetched; one fetch at a time
-        with stage_lock(cat, f"{inst.id}-fetch"):
-            stage.fetch(cfg)
+    if stage.fetch:  # before the key, which hashes what it fetched
+        run_fetch(stage, cfg, cat)
     result = run_once(cat, inst.id, inst.out(cat), key_inputs(inst, cfg, cat), stage.code,
                       lambda key, out: stage.work(StageRun(cfg, cat, inst.seed, out, key)), force)
     if stage.after:
         with stage_lock(cat, f"{inst.id}-after"):  # two runs register one champion, not two
             result |= stage.after(cfg, cat, result)
     return result
+
+
+def run_fetch(stage: Stage, cfg: PipelineConfig, cat: Catalog) -> list[Path]:
+    """One fetch at a time: two stages, or the flow and `dvc repro`, never copy into one folder together."""
+    with stage_lock(cat, f"{stage.name}-fetch"):
+        stage.fetch.run(cfg)
+    return stage.fetch.makes(cfg)
+
+
+def fetch_all(cfg: PipelineConfig, cat: Catalog) -> list[Path]:
+    """`python -m tasks fetch-data`: every stage's fetch."""
+    return [p for s in STAGES.values() if s.fetch for p in run_fetch(s, cfg, cat)]
 
 
 def run_stage(name: str, cfg: PipelineConfig, cat: Catalog, seed: int | None = None, force: bool = False) -> dict:

@@ -241,7 +241,7 @@ def test_experiment_as_dvc_matrix_stages(tmp_path, fashion_dir):
     repo = make_repo(tmp_path / "repo", tiny_overrides(fashion_dir, tmp_path / "repo") | {"student.seeds": [0]})
     out = dvc(repo, "repro", "experiments/dvc.yaml:report@comparison")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"prepare-data", "experiments/dvc.yaml:report@comparison"} | {
+    assert ran == {"fetch-data", "prepare-data", "experiments/dvc.yaml:report@comparison"} | {
         f"experiments/dvc.yaml:comparison@{m}-0" for m in ("nokd", "blkd", "takd")}
     records = sorted((repo / "data/experiments/comparison/runs").glob("*.json"))
     assert [r.name for r in records] == ["blkd-s0.json", "nokd-s0.json", "takd-s0.json"]
