@@ -4,6 +4,7 @@
   takd dvc-yaml [--check]                      dvc.yaml and experiments/dvc.yaml, from the tables and params.yaml
   takd pipeline [--workers N | --dask-workers N | --dask-address tcp://...]
   takd experiments list | run NAME | job NAME | report NAME
+  takd mlflow-ui [--port 5000]                 the MLflow UI on 127.0.0.1, and the links to its runs pages
 
 Every field of the config schema is a flag (`--student.arch plain-4`); `--profile paper` starts
 from a profile. Errors print one line and exit 2.
@@ -11,6 +12,7 @@ from a profile. Errors print one line and exit 2.
 from __future__ import annotations
 
 import argparse
+import os
 
 from experiments import cli as experiments_cli
 from flows.runners import DEFAULT_WORKERS
@@ -32,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "through the Prefect flow: independent stages at once, finished ones reused")
     p.add_argument("--force", action="store_true", help="redo every stage even if its outputs are up to date")
     _runner_flags(p)
+    tasks_cli.add_params_flags(p)
+    p = sub.add_parser("mlflow-ui", help="start the MLflow UI on 127.0.0.1 and print the links to the runs",
+                       description="start `mlflow ui` on 127.0.0.1 over the project's store, after printing the "
+                                   "links that open the pipeline's and the experiments' runs (not the GenAI overview)")
+    p.add_argument("--port", type=int, default=5000)
     tasks_cli.add_params_flags(p)
     exp = sub.add_parser("experiments", help="the experiments over seeds (list, run, job, report)")
     exp_sub = exp.add_subparsers(dest="experiments_command", required=True)
@@ -64,6 +71,20 @@ def _experiment(args: argparse.Namespace):
     return FLOWS[args.name].with_options(task_runner=_runner(args))(cfg, args.variant, args.seed, args.workers)
 
 
+def _mlflow_ui(args: argparse.Namespace) -> None:
+    from tasks import tracking
+    from tasks.catalog import Catalog
+
+    cat = Catalog.default()
+    pages = tracking.runs_pages(tasks_cli.config_from(args), cat)
+    for name, page in pages.items():
+        print(f"{name}: http://127.0.0.1:{args.port}/{page}", flush=True)
+    if not pages:
+        print("no runs yet: run the pipeline first (./run.sh pipeline)", flush=True)
+    os.execvp("mlflow", ["mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port),
+                         "--backend-store-uri", tracking.store_uri(cat)])
+
+
 def main(argv: list[str] | None = None) -> int:
     tasks_cli.prepare_process()
     args = build_parser().parse_args(argv)
@@ -72,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "dvc-yaml":  # the pipeline's and the experiments'
         code = tasks_cli.dispatch(args)
         return code or tasks_cli.guarded(lambda: experiments_cli.write_dvc_yaml(args.check), quiet=True)
+    if args.command == "mlflow-ui":
+        return tasks_cli.guarded(lambda: _mlflow_ui(args) or 0, quiet=True)
     if args.command == "experiments":
         args.command = args.experiments_command
         if args.command == "dvc-yaml":

@@ -42,17 +42,25 @@ def use_store(uri: str):
     return mlflow
 
 
+def _users_store() -> str | None:
+    users = os.environ.get("MLFLOW_TRACKING_URI")
+    return users if users and users not in _OURS else None
+
+
+def store_uri(cat: Catalog) -> str:
+    """The user's MLFLOW_TRACKING_URI, else the project's own SQLite store."""
+    return _users_store() or f"sqlite:///{cat.root / 'mlflow.db'}"
+
+
 def _client(cat: Catalog):
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-    users = os.environ.get("MLFLOW_TRACKING_URI")
-    if users and users not in _OURS:
+    if users := _users_store():
         import mlflow
 
         mlflow.set_tracking_uri(users)
         return mlflow, mlflow.MlflowClient(users)
-    uri = f"sqlite:///{cat.root / 'mlflow.db'}"
-    mlflow = use_store(uri)
-    return mlflow, mlflow.MlflowClient(uri)
+    mlflow = use_store(store_uri(cat))
+    return mlflow, mlflow.MlflowClient(store_uri(cat))
 
 
 def connect(cat: Catalog):
@@ -73,6 +81,17 @@ def experiment_id(cfg: PipelineConfig, cat: Catalog) -> str:
     if exp.tags.get(KIND_TAG) != KIND:
         client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
     return exp.experiment_id
+
+
+def runs_pages(cfg: PipelineConfig, cat: Catalog) -> dict[str, str]:
+    """The UI's runs page of the pipeline's experiment and of the experiments', in model-training mode: MLflow 3's
+    UI otherwise opens an experiment on its GenAI overview, whatever the experiment's kind tag says."""
+    _, client = _client(cat)
+    pages = {}
+    for name in (cfg.tracking.experiment, for_experiments(cfg).tracking.experiment):
+        if exp := client.get_experiment_by_name(name):
+            pages[name] = f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+    return pages
 
 
 def git_revision(cat: Catalog) -> str | None:

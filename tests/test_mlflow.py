@@ -30,6 +30,25 @@ def tracked(tmp_path_factory, fashion_dir):
         yield cfg, cat, uri
 
 
+def test_mlflow_ui_listens_on_localhost_over_our_store_and_prints_the_runs_link(tracked, monkeypatch, capsys):
+    import takd.cli
+
+    cfg, cat, uri = tracked
+    started = []
+    monkeypatch.setattr(takd.cli.os, "execvp", lambda file, argv: started.append(argv))
+    monkeypatch.chdir(cat.root)
+    monkeypatch.setenv("KD_PROJECT_ROOT", str(cat.root))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert takd.cli.main(["mlflow-ui", "--port", "5123"]) == 0
+    (argv,) = started
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--backend-store-uri") + 1] == uri
+    from mlflow import MlflowClient
+
+    exp = MlflowClient(uri).get_experiment_by_name(cfg.tracking.experiment)
+    link = f"http://127.0.0.1:5123/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+    assert f"{cfg.tracking.experiment}: {link}" in capsys.readouterr().out
+
+
 def test_runs_metrics_models_and_registry(tracked):
     import mlflow
     from mlflow import MlflowClient
@@ -38,6 +57,10 @@ def test_runs_metrics_models_and_registry(tracked):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs, not GenAI
+    from tasks.tracking import runs_pages  # the links `takd mlflow-ui` prints: that experiment's runs, ML mode
+
+    assert runs_pages(cfg, cat) == {cfg.tracking.experiment:
+                                    f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"}
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("kind") == "pipeline"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
