@@ -131,7 +131,8 @@ ALL_MODELS = tuple(s.name for s in TRAINING if s.trains)
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prepare-data", prepare_data.work, out=lambda cat, _: cat.prepared, params=("data",),
-          code=("tasks/prepare_data.py",), reads=lambda cfg: sources(cfg.data), fetch=Fetch(lambda cfg: fetch(cfg.data), lambda cfg: fetched(cfg.data),
+          code=("tasks/prepare_data.py",), reads=lambda cfg: sources(cfg.data),
+          fetch=Fetch(lambda cfg: fetch(cfg.data), lambda cfg: fetched(cfg.data),
                       params=("data.name", "data.root", "data.source_dir"), code=("engine/data.py",)),
           title=lambda cfg: f"prepare data {cfg.data.name}"),
     *TRAINING,
