@@ -28,6 +28,7 @@ from engine.errors import DataError
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+NAMED_SETS = ("fashion-mnist", "cifar10", "cifar100")  # fetched into data.root; anything else is the user's own
 DEFAULT_AUGMENT = {"fashion-mnist": AugmentConfig(crop_padding=2, flip=True),
                    "cifar10": AugmentConfig(crop_padding=4, flip=True),
                    "cifar100": AugmentConfig(crop_padding=4, flip=True)}
@@ -346,7 +347,7 @@ def csv_sources(path: Path) -> list[Path]:
 
 def fetched(cfg: DataConfig) -> list[Path]:
     """The folders `fetch` makes: a named data set's; none for a user's own data."""
-    return sources(cfg) if cfg.name in ("fashion-mnist", "cifar10", "cifar100") else []
+    return sources(cfg) if cfg.name in NAMED_SETS else []
 
 
 def sources(cfg: DataConfig) -> list[Path]:

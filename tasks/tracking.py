@@ -59,8 +59,9 @@ def _client(cat: Catalog):
 
         mlflow.set_tracking_uri(users)
         return mlflow, mlflow.MlflowClient(users)
-    mlflow = use_store(store_uri(cat))
-    return mlflow, mlflow.MlflowClient(store_uri(cat))
+    uri = store_uri(cat)
+    mlflow = use_store(uri)
+    return mlflow, mlflow.MlflowClient(uri)
 
 
 def connect(cat: Catalog):
