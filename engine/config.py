@@ -95,6 +95,48 @@ class DKDConfig(Strict):
     warmup_epochs: float = Field(1.0, gt=0, description="the KD terms ramp in linearly, step by step, over this many epochs (paper: 20)")
 
 
+class DISTConfig(Strict):
+    beta: float = Field(2.0, ge=0, description="weight of the inter-class relation (each image's class scores)")
+    gamma: float = Field(2.0, ge=0, description="weight of the intra-class relation (each class over the batch)")
+    temperature: float = Field(4.0, gt=0, le=100)
+
+
+class CTKDConfig(Strict):
+    t_start: float = Field(1.0, gt=0, description="the lowest temperature the learnable one can take")
+    t_range: float = Field(20.0, gt=0, description="T = t_start + t_range * sigmoid(t), t learned")
+    lambda_max: float = Field(1.0, ge=0, description="the gradient reversal's weight at the end of the curriculum")
+    lambda_min: float = Field(0.0, ge=0, description="its weight at the start")
+    curriculum_epochs: float = Field(2.0, gt=0, description="lambda rises (cosine) from lambda_min to lambda_max "
+                                                             "over this many epochs (paper: 10 of 240)")
+
+
+class MLKDConfig(Strict):
+    temperatures: list[float] = Field(default_factory=lambda: [2.0, 3.0, 4.0, 5.0, 6.0], min_length=1,
+                                      description="every alignment is averaged over these temperatures")
+    weight: float = Field(1.0, ge=0, description="weight of instance + batch + class alignment, both views")
+    percentile: float = Field(50.0, ge=0, le=100, description="weak-view terms keep the images (and classes) whose "
+                                                               "teacher confidence is at most this percentile")
+    strong_shift: int = Field(4, ge=0, le=16, description="strong view: random shift of up to this many pixels")
+    strong_erase: float = Field(0.25, ge=0, lt=1, description="strong view: erase a random square of up to this "
+                                                               "fraction of the image's area")
+
+
+class CRDConfig(Strict):
+    beta: float = Field(0.8, ge=0, description="weight of the contrastive loss")
+    feat_dim: int = Field(128, ge=2, description="embedding size of both heads")
+    negatives: int = Field(4096, ge=1, description="negatives drawn from the memory bank per anchor (paper: 16384)")
+    nce_t: float = Field(0.07, gt=0, description="temperature of the NCE scores")
+    momentum: float = Field(0.5, ge=0, lt=1, description="memory bank update: m * old + (1 - m) * new")
+
+
+class ReviewKDConfig(Strict):
+    weight: float = Field(1.0, ge=0, description="weight of the hierarchical context loss")
+    mid_channels: int = Field(32, ge=1, description="channels of the attention-based fusion modules")
+    pool_sizes: list[int] = Field(default_factory=lambda: [4, 2, 1], min_length=1,
+                                  description="hierarchical context loss: the pooled sizes, each level weighted half the last")
+    warmup_epochs: float = Field(1.0, gt=0, description="the review loss ramps in linearly over this many epochs")
+
+
 class DMLConfig(Strict):
     peers: list[str] = Field(default_factory=lambda: ["plain-2"], min_length=1,
                              description="architectures trained together with the student, none pretrained")
@@ -137,6 +179,8 @@ class KDConfig(Strict):
     lam_start: Optional[float] = Field(None, ge=0, le=1, description="lam at epoch 0 when the schedule ramps")
     lam_schedule: Literal["constant", "linear", "cosine"] = "constant"
     temperature: float = Field(2.0, gt=0, le=100)
+    standardize: bool = Field(False, description="logit standardization (Sun et al. 2024): z-score teacher and "
+                                                 "student logits before the softmax (kd, dkd, ctkd, mlkd)")
     student_layers: Optional[list[str]] = Field(None, description="feature losses: student stages to match; "
                                                                   "unset: matched to the teacher's by spatial size")
     teacher_layers: Optional[list[str]] = Field(None, description="feature losses: the teacher stages, one per student layer")
@@ -145,6 +189,11 @@ class KDConfig(Strict):
     rkd: RKDConfig = Field(default_factory=RKDConfig)
     sp: SPConfig = Field(default_factory=SPConfig)
     dkd: DKDConfig = Field(default_factory=DKDConfig)
+    dist: DISTConfig = Field(default_factory=DISTConfig)
+    ctkd: CTKDConfig = Field(default_factory=CTKDConfig)
+    mlkd: MLKDConfig = Field(default_factory=MLKDConfig)
+    crd: CRDConfig = Field(default_factory=CRDConfig)
+    reviewkd: ReviewKDConfig = Field(default_factory=ReviewKDConfig)
     dml: DMLConfig = Field(default_factory=DMLConfig)
     self_distill: SelfDistillConfig = Field(default_factory=SelfDistillConfig)
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)

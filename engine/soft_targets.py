@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -51,21 +52,35 @@ class Targets:
 
 
 class SoftTargets:
-    """Teacher logits for (view k, image i), looked up per batch on the device."""
+    """Teacher logits for (view k, image i), looked up per batch on the device.
 
-    def __init__(self, values: torch.Tensor, indices: torch.Tensor | None, num_classes: int):
-        self.values, self.indices, self.num_classes = values, indices, num_classes
+    A top-k cache keeps each row's k largest logits and `rest`, the logsumexp of the others.
+    The dropped classes share that mass evenly: each gets the logit rest - log(C - k), so at
+    T = 1 the teacher's probability of the dropped set is exact, and the student is still
+    pulled toward it rather than to 0. Within the set, and at other temperatures, it is an
+    approximation (tests/test_soft_targets.py measures it against the full logits)."""
+
+    def __init__(self, values: torch.Tensor, indices: torch.Tensor | None, num_classes: int,
+                 rest: torch.Tensor | None = None):
+        if indices is not None and rest is None:
+            raise CacheMismatchError("a top-k soft-target cache needs each row's leftover mass (`rest`); this one was "
+                                     "written before it was kept: rerun the cache-soft-targets stage")
+        self.values, self.indices, self.num_classes, self.rest = values, indices, num_classes, rest
 
     def __call__(self, idx: torch.Tensor, view: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         vals = self.values[view, idx].float()
         if self.indices is None:
             return vals
-        dense = torch.full((len(idx), self.num_classes), float("-inf"), device=vals.device)
+        dropped = self.num_classes - vals.shape[1]
+        fill = self.rest[view, idx].float() - math.log(max(dropped, 1))
+        dense = fill[:, None].expand(len(idx), self.num_classes).clone()
         return dense.scatter_(1, self.indices[view, idx].long(), vals)
 
     def to(self, device: torch.device) -> "SoftTargets":
-        ind = None if self.indices is None else self.indices.to(device)
-        return SoftTargets(self.values.to(device), ind, self.num_classes)
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return SoftTargets(self.values.to(device), move(self.indices), self.num_classes, move(self.rest))
 
 
 class OnlineTeacher:
@@ -155,30 +170,37 @@ def compute_features(model: nn.Module, train: DeviceSet, spec: AugmentConfig, k_
     return {n: torch.stack([torch.cat(r) for r in per_view]) for n, per_view in rows.items()}
 
 
+def _top(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k largest logits per row, their classes, and the logsumexp of the rest (-inf when none)."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1)
+    rest = logits.scatter(1, top.indices, float("-inf")).logsumexp(1)
+    return top.values, top.indices, rest
+
+
 @torch.no_grad()
 def compute(model: nn.Module, train: DeviceSet, spec: AugmentConfig, k_views: int, seed: int,
             topk: int | None, batch_size: int = 1024, progress=None) -> SoftTargets:
     model.eval()
-    vals: list[list[torch.Tensor]] = [[] for _ in range(k_views)]
-    inds: list[list[torch.Tensor]] = [[] for _ in range(k_views)]
+    parts: dict[str, list[list[torch.Tensor]]] = {n: [[] for _ in range(k_views)] for n in ("values", "indices", "rest")}
     c = None
     for k, logits in _over_views(lambda x: model(x).float(), train, spec, k_views, seed, batch_size, progress):
         c = logits.shape[1]
         if topk:
-            top = logits.topk(min(topk, c), dim=1)
-            vals[k].append(top.values.half().cpu())
-            inds[k].append(top.indices.to(torch.int16).cpu())
+            values, indices, rest = _top(logits, topk)
+            parts["indices"][k].append(indices.to(torch.int16).cpu())
+            parts["rest"][k].append(rest.cpu())
         else:
-            vals[k].append(logits.half().cpu())
-    indices = torch.stack([torch.cat(r) for r in inds]) if topk else None
-    return SoftTargets(torch.stack([torch.cat(r) for r in vals]), indices, c)
+            values = logits
+        parts["values"][k].append(values.half().cpu())
+    stacked = {n: torch.stack([torch.cat(r) for r in per_view]) if per_view[0] else None for n, per_view in parts.items()}
+    return SoftTargets(stacked["values"], stacked["indices"], c, stacked["rest"])
 
 
 def save(directory: str | Path, targets: SoftTargets, key: CacheKey) -> None:
     directory = Path(directory)
     payload = {"values": targets.values}
     if targets.indices is not None:
-        payload["indices"] = targets.indices
+        payload |= {"indices": targets.indices, "rest": targets.rest}
     save_torch(payload, directory / LOGITS_FILE)
     digest = hashlib.sha256((directory / LOGITS_FILE).read_bytes()).hexdigest()
     manifest = {"key": asdict(key), "logits_sha256": digest, "bytes": (directory / LOGITS_FILE).stat().st_size,
@@ -204,4 +226,8 @@ def load(directory: str | Path, expected: CacheKey, device: torch.device | str =
     if digest != manifest["logits_sha256"]:
         raise CacheMismatchError(f"{directory / LOGITS_FILE}: contents do not match its manifest (sha256 differs)")
     payload = load_torch(directory / LOGITS_FILE)
-    return SoftTargets(payload["values"], payload.get("indices"), expected.num_classes).to(torch.device(device))
+    try:
+        targets = SoftTargets(payload["values"], payload.get("indices"), expected.num_classes, payload.get("rest"))
+    except CacheMismatchError as e:
+        raise CacheMismatchError(f"{directory / LOGITS_FILE}: {e}") from None
+    return targets.to(torch.device(device))

@@ -170,7 +170,8 @@ def _train_epoch(forward, train: DeviceSet, cfg: TrainConfig, loss_fn: DistillLo
         # The loss runs in fp32: relation losses subtract near-equal Gram entries, which bf16 would round away.
         feats = {k: v.float() for k, v in feats.items()}
         epoch = where[1] - 1 + step / steps
-        parts = loss_fn(Batch(logits.float(), y, t.logits, feats, t.features, epoch, t.weights, cfg.label_smoothing), lam)
+        batch = Batch(logits.float(), y, t.logits, feats, t.features, epoch, t.weights, cfg.label_smoothing, idx)
+        parts = loss_fn(batch, lam)
         if (step + 1) % check_every == 0 and not torch.isfinite(parts["total"]):
             raise DivergedError(f"{where[0]}: loss is {parts['total'].item()} at epoch {where[1]}, step {step + 1}")
         opt.zero_grad(set_to_none=True)

@@ -12,6 +12,7 @@ from itertools import combinations
 from typing import Callable
 
 from engine.config import KDConfig
+from engine.errors import KDError
 from models import build_model
 from tasks.config import PipelineConfig
 from tasks.train_job import Job
@@ -174,61 +175,104 @@ def _hop(cfg: PipelineConfig, loss: str, **settings) -> KDConfig:
                                                       else v for k, v in settings.items()}})
 
 
-def methods(cfg: PipelineConfig) -> Plan:
-    """Every method of engine.losses on the same teacher and student, beside NOKD, KD and TAKD.
-
-    Feature and relation losses run alone (lam = 0), as in their papers; FitNets stage-wise,
-    hint first and then KD (the paper), and jointly, KD plus the hint. DML trains the student
-    with `dml_peers` from scratch; born-again learns from the NOKD student of its seed; the
-    ensemble learns from `ensemble_teachers`."""
-    t, s, x = _teacher(cfg), cfg.student.arch, cfg.experiments
-    ta = _assistant(cfg, cfg.assistant.arch, [t])
+def _method_rows(cfg: PipelineConfig, seed: int, t: Job, ta: Job) -> list[tuple[str, Job, str]]:
+    """One seed's rows of the methods plan: (variant, job, label)."""
+    s, x = cfg.student.arch, cfg.experiments
     ta_dkd = ta.model_copy(update={"kd": _hop(cfg, "dkd")})
     # DKD's CIFAR-100 setting (beta 8) and DML collapsed a plain-2 student on Fashion-MNIST at lr 0.05:
     # rows at beta 2 and at x.low_lr tell the loss's setting from the step size.
     dkd2 = _hop(cfg, "dkd", dkd={"beta": 2.0, "warmup_epochs": 2.0})
     ta_dkd2 = ta.model_copy(update={"kd": dkd2})
+    ls = _hop(cfg, "kd", standardize=True)
     dml = _hop(cfg, "dml", dml={"peers": x.dml_peers})
     peers = " + ".join(x.dml_peers)
     ensemble = [t if a == t.arch else _teacher(cfg, a) for a in x.ensemble_teachers]
     names = " + ".join(a for a in x.ensemble_teachers)
-    rows, contrasts = [], []
-    for seed in cfg.student.seeds:
-        nokd = _student(cfg, seed)
-        spec = [("nokd", nokd, f"NOKD {s}"),
-                ("kd", _student(cfg, seed, [t]), f"KD {t.arch} -> {s}"),
-                ("takd", _student(cfg, seed, [ta]), f"TAKD {t.arch} -> {ta.arch} -> {s}"),
-                ("fitnets", _student(cfg, seed, [t], kd=_hop(cfg, "fitnets", fitnets={"stagewise": True})),
-                 "FitNets, stage-wise (hint, then KD)"),
-                ("fitnets-joint", _student(cfg, seed, [t], kd=_hop(cfg, "fitnets")), "FitNets, joint (KD + hint)"),
-                ("at", _student(cfg, seed, [t], kd=_hop(cfg, "at", lam=0.0)), "AT"),
-                ("rkd", _student(cfg, seed, [t], kd=_hop(cfg, "rkd", lam=0.0)), "RKD"),
-                ("sp", _student(cfg, seed, [t], kd=_hop(cfg, "sp", lam=0.0)), "SP"),
-                ("dkd", _student(cfg, seed, [t], kd=_hop(cfg, "dkd")), "DKD"),
-                ("takd-dkd", _student(cfg, seed, [ta_dkd], kd=_hop(cfg, "dkd")), "TAKD with DKD at both hops"),
-                ("dkd-b2", _student(cfg, seed, [t], kd=dkd2), "DKD, beta 2, warm-up 2 epochs"),
-                ("nokd-low-lr", _student(cfg, seed, lr=x.low_lr), f"NOKD {s}, lr {x.low_lr:g}"),
-                ("kd-low-lr", _student(cfg, seed, [t], lr=x.low_lr), f"KD {t.arch} -> {s}, lr {x.low_lr:g}"),
-                ("dkd-low-lr", _student(cfg, seed, [t], kd=_hop(cfg, "dkd"), lr=x.low_lr), f"DKD, lr {x.low_lr:g}"),
-                ("takd-dkd-b2", _student(cfg, seed, [ta_dkd2], kd=dkd2), "TAKD with DKD beta 2 at both hops"),
-                ("dml", _student(cfg, seed, kd=dml), f"DML with {peers}"),
-                ("dml-low-lr", _student(cfg, seed, kd=dml, lr=x.low_lr), f"DML with {peers}, lr {x.low_lr:g}"),
-                ("born-again", _student(cfg, seed + 1000, [nokd]), f"born-again {s} -> {s}"),
-                ("self", _student(cfg, seed, kd=_hop(cfg, "self")), "self-distillation, deep to shallow"),
-                ("ensemble", _student(cfg, seed, ensemble), f"ensemble {names}, mean KL"),
-                ("ensemble-weighted", _student(cfg, seed, ensemble,
-                                               kd=_hop(cfg, "kd", ensemble={"combine": "probs", "weighted": True})),
-                 f"ensemble {names}, mixture weighted by val. acc.")]
-        rows += [Row(v, seed, job, label) for v, job, label in spec]
+    nokd = _student(cfg, seed)
+
+    def alone(loss: str) -> KDConfig:  # a feature, relation or contrastive loss as its paper runs it: beside CE only
+        return _hop(cfg, loss, lam=0.0)
+
+    return [("nokd", nokd, f"NOKD {s}"),
+            ("kd", _student(cfg, seed, [t]), f"KD {t.arch} -> {s}"),
+            ("takd", _student(cfg, seed, [ta]), f"TAKD {t.arch} -> {ta.arch} -> {s}"),
+            ("kd-ls", _student(cfg, seed, [t], kd=ls), "KD with logit standardization"),
+            ("takd-ls", _student(cfg, seed, [ta.model_copy(update={"kd": ls})], kd=ls),
+             "TAKD with logit standardization at both hops"),
+            ("dkd-ls", _student(cfg, seed, [t], kd=dkd2.model_copy(update={"standardize": True})),
+             "DKD beta 2 with logit standardization"),
+            ("dist", _student(cfg, seed, [t], kd=_hop(cfg, "dist")), "DIST"),
+            ("ctkd", _student(cfg, seed, [t], kd=_hop(cfg, "ctkd")), "CTKD (KD, curriculum temperature)"),
+            ("mlkd", _student(cfg, seed, [t], kd=_hop(cfg, "mlkd")), "MLKD (weak + strong views)"),
+            ("crd", _student(cfg, seed, [t], kd=alone("crd")), "CRD"),
+            ("reviewkd", _student(cfg, seed, [t], kd=alone("reviewkd")), "ReviewKD"),
+            ("fitnets", _student(cfg, seed, [t], kd=_hop(cfg, "fitnets", fitnets={"stagewise": True})),
+             "FitNets, stage-wise (hint, then KD)"),
+            ("fitnets-joint", _student(cfg, seed, [t], kd=_hop(cfg, "fitnets")), "FitNets, joint (KD + hint)"),
+            ("at", _student(cfg, seed, [t], kd=alone("at")), "AT"),
+            ("rkd", _student(cfg, seed, [t], kd=alone("rkd")), "RKD"),
+            ("sp", _student(cfg, seed, [t], kd=alone("sp")), "SP"),
+            ("dkd", _student(cfg, seed, [t], kd=_hop(cfg, "dkd")), "DKD"),
+            ("takd-dkd", _student(cfg, seed, [ta_dkd], kd=_hop(cfg, "dkd")), "TAKD with DKD at both hops"),
+            ("dkd-b2", _student(cfg, seed, [t], kd=dkd2), "DKD, beta 2, warm-up 2 epochs"),
+            ("nokd-low-lr", _student(cfg, seed, lr=x.low_lr), f"NOKD {s}, lr {x.low_lr:g}"),
+            ("kd-low-lr", _student(cfg, seed, [t], lr=x.low_lr), f"KD {t.arch} -> {s}, lr {x.low_lr:g}"),
+            ("dkd-low-lr", _student(cfg, seed, [t], kd=_hop(cfg, "dkd"), lr=x.low_lr), f"DKD, lr {x.low_lr:g}"),
+            ("takd-dkd-b2", _student(cfg, seed, [ta_dkd2], kd=dkd2), "TAKD with DKD beta 2 at both hops"),
+            ("dml", _student(cfg, seed, kd=dml), f"DML with {peers}"),
+            ("dml-low-lr", _student(cfg, seed, kd=dml, lr=x.low_lr), f"DML with {peers}, lr {x.low_lr:g}"),
+            ("born-again", _student(cfg, seed + 1000, [nokd]), f"born-again {s} -> {s}"),
+            ("self", _student(cfg, seed, kd=_hop(cfg, "self")), "self-distillation, deep to shallow"),
+            ("ensemble", _student(cfg, seed, ensemble), f"ensemble {names}, mean KL"),
+            ("ensemble-weighted", _student(cfg, seed, ensemble,
+                                           kd=_hop(cfg, "kd", ensemble={"combine": "probs", "weighted": True})),
+             f"ensemble {names}, mixture weighted by val. acc.")]
+
+
+def methods(cfg: PipelineConfig) -> Plan:
+    """Every method of engine.losses on the same teacher and student, beside NOKD, KD and TAKD.
+
+    Feature, relation and contrastive losses run alone (lam = 0), as in their papers; FitNets
+    stage-wise, hint first and then KD (the paper), and jointly, KD plus the hint. DML trains the
+    student with `dml_peers` from scratch; born-again learns from the NOKD student of its seed; the
+    ensemble learns from `ensemble_teachers`. `experiments.methods` keeps only the variants it names."""
+    t = _teacher(cfg)
+    ta = _assistant(cfg, cfg.assistant.arch, [t])
+    rows = [Row(v, seed, job, label) for seed in cfg.student.seeds for v, job, label in _method_rows(cfg, seed, t, ta)]
+    wanted = cfg.experiments.methods
+    if wanted:
+        known = list(dict.fromkeys(r.variant for r in rows))
+        unknown = [v for v in wanted if v not in known]
+        if unknown:
+            raise KDError(f"experiments.methods: no variant {unknown}; the methods plan has {', '.join(known)}")
+        rows = [r for r in rows if r.variant in wanted]
     variants = list(dict.fromkeys(r.variant for r in rows))
     # Each row is read against KD at its own learning rate.
-    contrasts = [("kd", "nokd"), ("kd-low-lr", "nokd-low-lr")]
+    contrasts = [(a, b) for a, b in (("kd", "nokd"), ("kd-low-lr", "nokd-low-lr")) if {a, b} <= set(variants)]
     contrasts += [(v, "kd-low-lr" if v.endswith("-low-lr") else "kd") for v in variants
-                  if v not in ("nokd", "kd", "nokd-low-lr", "kd-low-lr")]
-    refs = [_ref("teacher", t), _ref("assistant", ta), _ref("assistant-dkd", ta_dkd, f"assistant {ta.arch} (DKD)"),
-            _ref("assistant-dkd-b2", ta_dkd2, f"assistant {ta.arch} (DKD beta 2)")]
-    refs += [_ref(f"teacher-{j.arch}", j) for j in ensemble if j is not t]
-    return Plan("methods", f"distillation methods, {t.arch} -> {s}", rows, refs, contrasts)
+                  if v not in ("nokd", "kd", "nokd-low-lr", "kd-low-lr")
+                  and ("kd-low-lr" if v.endswith("-low-lr") else "kd") in variants]
+    refs = [_ref("teacher", t)]
+    refs += [_ref(f"assistant{'-' + slug if slug else ''}", job, f"assistant {job.arch}{' (' + how + ')' if how else ''}")
+             for slug, job, how in _method_assistants(rows)]
+    refs += list({g.arch: _ref(f"teacher-{g.arch}", g) for r in rows for g in r.job.guides
+                  if g.role == "teacher" and g.arch != t.arch}.values())
+    return Plan("methods", f"distillation methods, {t.arch} -> {cfg.student.arch}", rows, refs, contrasts)
+
+
+def _method_assistants(rows: list[Row]) -> list[tuple[str, Job, str]]:
+    """The distinct TAs the rows learn through, named by their hop's loss: (slug, job, label suffix)."""
+    out: dict[str, tuple[str, Job, str]] = {}
+    for r in rows:
+        for g in r.job.guides:
+            if g.role != "assistant":
+                continue
+            kd = g.kd
+            slug = "" if kd is None else ("ls" if kd.loss == "kd" and kd.standardize else
+                                          f"{kd.loss}{'-b2' if kd.loss == 'dkd' and kd.dkd.beta == 2.0 else ''}")
+            how = {"": "", "ls": "KD with logit standardization", "dkd": "DKD", "dkd-b2": "DKD beta 2"}.get(slug, slug)
+            out.setdefault(slug, (slug, g, how))
+    return list(out.values())
 
 
 PLANS: dict[str, Callable[[PipelineConfig], Plan]] = {

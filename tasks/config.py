@@ -139,6 +139,8 @@ class ExperimentsConfig(Strict):
                                  description="methods: DML's peers, trained with the student from scratch")
     low_lr: float = Field(0.01, gt=0, le=10, description="methods: the learning rate of the DKD and DML rows that "
                                                          "repeat a collapsed setting at a lower one")
+    methods: Optional[list[str]] = Field(None, min_length=1, description="methods: only these variants (kd, kd-ls, "
+                                                                         "dist, ...) and what they learn from; unset: all")
 
     @field_validator("ta_sizes", "teacher_sizes", "student_sizes", "path_sizes", "ensemble_teachers", "dml_peers")
     @classmethod

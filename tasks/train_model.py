@@ -21,6 +21,7 @@ from engine.errors import KDError
 from engine.fingerprint import model_fingerprint
 from engine.losses import LOSSES, DistillLoss, LossContext, build_loss, loss_settings
 from engine.losses.feature import FeatureLoss
+from engine.losses.logit import HintonKD
 from engine.teacher_import import TORCHSCRIPT, check_fits, checkpoint_format, load_torchscript
 from engine.trainer import Teacher, accuracy, fit, predict
 from tasks import tracking
@@ -132,6 +133,17 @@ def _ensemble_weights(kd: KDConfig, t: Training) -> list[float] | None:
     return None
 
 
+def _check_topk(t: Training, kd: KDConfig, loss: DistillLoss, k: int) -> None:
+    """A top-k cache keeps k logits and the rest's total mass: refuse a loss that reads more."""
+    if not loss.serves_topk:
+        how = " with kd.standardize" if kd.standardize else ""
+        raise KDError(f"{t.name}: loss {t.loss!r}{how} reads every class's teacher logit, which a top-k soft-target "
+                      f"cache (cache.topk = {k}) does not keep; set cache.topk to null, or cache.online to true")
+    if getattr(loss, "temperature", 1.0) > 2:
+        log.warning("%s: cache.topk = %d at temperature %g: the dropped classes share their mass evenly, an "
+                    "approximation that grows with T (docs/methods.md)", t.name, k, loss.temperature)
+
+
 def _teacher(cfg: PipelineConfig, ws: Workspace, t: Training, models: list[nn.Module], loss: DistillLoss,
              generator) -> tuple[Teacher, dict]:
     """Where the soft targets (and the teacher's features, when the loss reads them) come from."""
@@ -145,6 +157,8 @@ def _teacher(cfg: PipelineConfig, ws: Workspace, t: Training, models: list[nn.Mo
                                     cfg.cache.seed, cfg.cache.topk, ws.splits.num_classes, n)
         sources.append(soft_targets.load(targets_dir, key, ws.device))
     extra = {"teacher_mode": "online" if cfg.cache.online else "cached", "guides": len(sources)}
+    if cfg.cache.topk and not cfg.cache.online:
+        _check_topk(t, kd, loss, cfg.cache.topk)
     if loss.teacher_features:
         if len(sources) != 1:
             raise KDError(f"loss {t.loss!r} reads one teacher's features; {t.name} has {len(sources)} guides")
@@ -158,6 +172,8 @@ def _teacher(cfg: PipelineConfig, ws: Workspace, t: Training, models: list[nn.Mo
                                                   loss.teacher_features, loss.reduce_teacher, cfg.cache.batch_size)
             sources[0] = soft_targets.CachedFeatures(sources[0], feats)
         extra |= {"teacher_features": mode, "teacher_features_mb": round(mb, 1)}
+    if loss.teacher_online:  # on views no cache holds (MLKD's strong views), whatever cache.online says
+        extra["teacher_runs_online"] = True
     weights = _ensemble_weights(kd, t)
     targets = (sources[0] if len(sources) == 1 else
                soft_targets.DenseGuides(sources, t.survival, generator, weights))
@@ -199,11 +215,15 @@ def _prepare(cfg: PipelineConfig, ws: Workspace, t: Training, generator) -> tupl
         raise KDError(f"{t.name}: loss {t.loss!r} reads the teacher's features, which a TorchScript teacher does not "
                       "expose; use a logit loss (kd, dkd) for this hop, or import the teacher as a state_dict")
     ctx = LossContext(student=model, teacher=guides[0] if guides else None,
-                      sample=ws.train.normalize(ws.train.x[:8]), build=ws.build, seed=t.seed)
+                      sample=ws.train.normalize(ws.train.x[:8]), build=ws.build, seed=t.seed,
+                      num_train=len(ws.train), train_labels=ws.train.y)
     try:
         loss = build_loss(t.loss, kd, ctx)
     except (ValueError, LookupError) as e:  # a bad layer name, no matching stages: one line naming the setting
         raise KDError(f"{t.name}: {e}") from None
+    if len(guides) > 1 and not isinstance(loss, HintonKD):
+        raise KDError(f"{t.name}: loss {t.loss!r} learns from one teacher, but {len(guides)} guides were given; "
+                      "several guides (DGKD, an ensemble) combine through kd or ctkd")
     if guides and not loss.needs_teacher:
         raise KDError(f"{t.name}: loss {t.loss!r} trains without a teacher, but {len(guides)} guide(s) were given")
     if not guides:

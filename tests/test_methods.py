@@ -303,6 +303,11 @@ def test_every_method_trains_end_to_end_on_tiny_data(methods_cfg):
     assert meta["ensemble-weighted"]["ensemble_weights"].count(",") == 1
     assert meta["dml"]["loss"] == "dml" and meta["dml"]["arch"] == "plain-2"
     assert meta["self"]["params"] == meta["nokd"]["params"]  # the exits are dropped
+    assert meta["mlkd"]["teacher_runs_online"] is True and "teacher_runs_online" not in meta["kd"]
+    assert meta["crd"]["teacher_features"] in ("cached", "online") and meta["reviewkd"]["teacher_features_mb"] > 0
+    assert {meta[v]["loss"] for v in ("kd-ls", "dist", "ctkd", "mlkd", "crd", "reviewkd")} == {
+        "kd", "dist", "ctkd", "mlkd", "crd", "reviewkd"}
+    assert meta["crd"]["params"] == meta["nokd"]["params"]  # the heads and memory banks are dropped
 
     def history(variant: str) -> list[dict]:
         return json.loads((cat.job(job_id(cfg, plan.select(variant)[0].job)) / "model" / "history.json").read_text())
@@ -310,6 +315,7 @@ def test_every_method_trains_end_to_end_on_tiny_data(methods_cfg):
     # The low-lr rows train on the same schedule, scaled to experiments.low_lr.
     assert history("dml-low-lr")[0]["lr"] / history("dml")[0]["lr"] == pytest.approx(
         cfg.experiments.low_lr / cfg.student.train.lr)
+    assert 1 < history("ctkd")[0]["loss_temperature"] < 21  # the learned temperature, within its range
     fitnets = history("fitnets")
     assert "loss_hint" in fitnets[0] and "loss_ce" not in fitnets[0]  # stage 1: the hint alone
     assert "loss_ce" in fitnets[1]
@@ -399,7 +405,10 @@ def test_each_loss_reports_the_settings_it_reads():
     from tasks.model_card import _hop
 
     kd = KDConfig(loss="dkd", lam=0.3)
-    assert set(loss_settings(kd, "dkd")) == {"dkd.alpha", "dkd.beta", "dkd.temperature", "dkd.warmup_epochs"}
+    assert set(loss_settings(kd, "dkd")) == {"dkd.alpha", "dkd.beta", "dkd.temperature", "dkd.warmup_epochs",
+                                             "standardize"}
+    assert loss_settings(KDConfig(standardize=True), "kd")["standardize"] is True
+    assert "standardize" not in loss_settings(KDConfig(), "dist") and "dist.beta" in loss_settings(KDConfig(), "dist")
     at = loss_settings(KDConfig(lam=0.0), "at")
     assert at["lam"] == 0.0 and at["at.beta"] == KDConfig().at.beta and "temperature" in at
     assert loss_settings(KDConfig(), "ce") == {}

@@ -61,8 +61,14 @@ def test_topk_cache(setup, tmp_path):
     assert top.values.shape == (1, len(tr), 3) and top.indices.dtype == torch.int16
     idx, view = torch.arange(4), torch.zeros(4, dtype=torch.long)
     dense, sparse = full(idx, view), top(idx, view)
-    kept = torch.isfinite(sparse)
-    assert kept.sum(1).eq(3).all() and torch.equal(sparse[kept], dense[kept])
+    kept = torch.zeros_like(dense, dtype=torch.bool).scatter(1, dense.topk(3, dim=1).indices, True)
+    assert torch.equal(sparse[kept], dense[kept])
+    # every dropped class of a row gets one logit: the rest's logsumexp spread over the 7 of them
+    rest = dense.float().masked_fill(kept, float("-inf")).logsumexp(1) - torch.log(torch.tensor(7.0))
+    assert torch.allclose(sparse.masked_fill(kept, 0).sum(1) / 7, rest, atol=1e-4)
+    soft_targets.save(tmp_path, top, soft_targets.CacheKey(**{**key.__dict__, "views": 1, "topk": 3}))
+    loaded = soft_targets.load(tmp_path, soft_targets.CacheKey(**{**key.__dict__, "views": 1, "topk": 3}))
+    assert torch.equal(loaded(idx, view), sparse)
 
 
 def test_cached_and_online_teacher_give_the_same_loss(setup):

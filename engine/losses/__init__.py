@@ -35,6 +35,7 @@ class Batch:
     epoch: float = 0.0  # 0-based, fractional within an epoch: for losses with their own warm-up or stages
     teacher_weights: torch.Tensor | None = None  # [G]: how much each guide counts
     label_smoothing: float = 0.0  # of every hard-label term (TrainConfig.label_smoothing)
+    index: torch.Tensor | None = None  # [B]: each image's row in the training set (CRD's memory bank)
 
     def ce(self, logits: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-entropy with the labels, of the student's logits unless others are given."""
@@ -52,6 +53,8 @@ class LossContext:
     sample: torch.Tensor | None = None
     build: Callable[[str, int], nn.Module] | None = None
     seed: int = 0
+    num_train: int = 0  # images in the training set (CRD's memory bank has a row for each)
+    train_labels: torch.Tensor | None = None  # [num_train]: CRD draws its negatives from the other classes
 
 
 class DistillLoss(nn.Module):
@@ -61,6 +64,11 @@ class DistillLoss(nn.Module):
     needs_teacher = True
     section = ""  # its own settings: kd.<section>
     kd_objective = True  # builds on KD's (1 - lam) * CE + lam * T^2 * KL, so reads kd.lam and kd.temperature
+    # False: it reads every class's teacher logit (a top-k cache, whose dropped classes are only
+    # approximated, cannot serve it), or it needs the teacher on inputs no cache holds.
+    serves_topk = True
+    teacher_online = False  # True: runs the teacher itself on views it makes (MLKD's strong views)
+    standardizes = False  # True: honours kd.standardize (logit standardization of its soft terms)
     student_features: tuple[str, ...] = ()
     teacher_features: tuple[str, ...] = ()
 
@@ -90,6 +98,8 @@ def loss_settings(kd: KDConfig, name: str) -> dict:
     """The settings the loss `name` reads, flat ('dkd.beta': 8.0): for MLflow params and model cards."""
     cls = LOSSES[name]
     out = {"lam": kd.lam, "temperature": kd.temperature, "lam_schedule": kd.lam_schedule} if cls.kd_objective else {}
+    if cls.standardizes:
+        out["standardize"] = kd.standardize
     if cls.section:
         out |= {f"{cls.section}.{k}": v for k, v in getattr(kd, cls.section).model_dump().items()}
     return out
@@ -115,12 +125,24 @@ class CrossEntropy(DistillLoss):
         return {"total": ce, "ce": ce}
 
 
-def kl_soft(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(t/T) || softmax(s/T)), averaged over the batch. Teacher logits of -inf
-    (classes a top-k cache did not keep) get probability 0 and add nothing."""
+def kl_soft(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)), averaged over the batch."""
     log_q = F.log_softmax(student_logits / temperature, dim=1)
     p = F.softmax(teacher_logits.float() / temperature, dim=1)
     return F.kl_div(log_q, p, reduction="batchmean")
+
+
+def standardize(logits: torch.Tensor) -> torch.Tensor:
+    """Logit standardization (Sun et al. 2024): each row z-scored, so teacher and student are
+    compared by how their logits relate, not by their range. The std is the unbiased one, with
+    the authors' 1e-7 guard."""
+    mean, std = logits.mean(-1, keepdim=True), logits.std(-1, keepdim=True)
+    return (logits - mean) / (std + 1e-7)
+
+
+def standardized(cfg: KDConfig, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits a soft term compares: z-scored when kd.standardize is set."""
+    return (standardize(student), standardize(teacher.float())) if cfg.standardize else (student, teacher)
 
 
 def lam_at(cfg: KDConfig, epoch: int, epochs: int) -> float:
@@ -135,8 +157,8 @@ def lam_at(cfg: KDConfig, epoch: int, epochs: int) -> float:
 
 
 # The families register themselves on import.
-from engine.losses.logit import DKD, HintonKD  # noqa: E402
-from engine.losses import feature, relation, online, self_distill  # noqa: E402,F401
+from engine.losses.logit import CTKD, DIST, DKD, HintonKD  # noqa: E402
+from engine.losses import feature, relation, online, self_distill, multilevel, contrastive, review  # noqa: E402,F401
 
 __all__ = ["Batch", "LossContext", "DistillLoss", "LOSSES", "register", "build_loss", "CrossEntropy", "HintonKD",
-           "DKD", "kl_soft", "lam_at"]
+           "DKD", "DIST", "CTKD", "kl_soft", "lam_at", "standardize"]

@@ -57,9 +57,12 @@ class FeatureLoss(DistillLoss):
     """KD's objective, (1 - lam) * CE + lam * T^2 * KL, plus a weighted feature term. With
     lam = 0 it is the method alone, as in its paper."""
 
+    standardizes = True  # its base is KD's objective
+
     def __init__(self, cfg: KDConfig, ctx: LossContext, pairs: list[tuple[str, str]]):
         super().__init__()
         self.kd = HintonKD(cfg)
+        self.serves_topk = self.kd.serves_topk
         self.pairs = pairs
         self.student_features = tuple(dict.fromkeys(s for s, _ in pairs))
         self.teacher_features = tuple(dict.fromkeys(t for _, t in pairs))

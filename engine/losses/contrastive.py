@@ -1,0 +1,159 @@
+"""Contrastive representation distillation (Tian et al., ICLR 2020).
+
+The student and the teacher each embed an image (a linear head, then L2 normalisation); a memory
+bank per network keeps a running embedding of every training image. Each network's embedding is
+the anchor against the other's bank: the same image's row is the positive, `negatives` random
+rows of other classes the negatives (the reference's default), scored by noise-contrastive estimation. Like RKD and SP it reads each
+network's last stage (the classifier's input), global-average-pooled when it is a map: the
+reference reads the penultimate layer, which in its CIFAR networks is that pooled vector.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import KDConfig
+from engine.losses import Batch, LossContext, register
+from engine.losses.feature import FeatureLoss
+from engine.losses.relation import _last_stages
+
+# The trainer's own generator is seeded with the run's seed; a fixed offset keeps the negatives'
+# stream from repeating its draws.
+_SEED_OFFSET = 0x637264 << 32
+
+
+def pooled(f: torch.Tensor) -> torch.Tensor:
+    """One vector per image: a map is averaged over its positions, a vector kept as it is."""
+    f = f.float()
+    return f.flatten(2).mean(2) if f.dim() > 2 else f.flatten(1)
+
+
+def nce_loss(log_p: torch.Tensor, num_train: int) -> torch.Tensor:
+    """Eq. 18 of the paper, averaged over the anchors. `log_p` [B, 1 + K]: log(exp(<v, m> / T) / Z)
+    for the positive (first) and K negatives; the noise is uniform, P_n = 1 / num_train. With
+    D = P / (P + K P_n), the loss is -(log D(positive) + sum over negatives of log(1 - D)).
+    In log space, so that a small temperature cannot overflow exp."""
+    log_noise = math.log((log_p.shape[1] - 1) / num_train)  # log(K * P_n)
+    pos = -F.softplus(log_noise - log_p[:, 0])  # log D
+    neg = -F.softplus(log_p[:, 1:] - log_noise)  # log(1 - D)
+    return -(pos.sum() + neg.sum()) / len(log_p)
+
+
+@torch.no_grad()
+def update_bank(bank: torch.Tensor, rows: torch.Tensor, v: torch.Tensor, momentum: float) -> None:
+    """The rows seen this step move towards their new embeddings and stay on the unit sphere."""
+    bank[rows] = F.normalize(momentum * bank[rows] + (1 - momentum) * v.detach(), dim=1)
+
+
+def random_bank(rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """Uniform in [-s, s], s = sqrt(3 / dim), as the reference: each row's expected squared norm is 1,
+    so the first scores are on the scale of the normalised embeddings'."""
+    s = math.sqrt(3 / dim)
+    return torch.rand(rows, dim, generator=generator, device=generator.device) * 2 * s - s
+
+
+class ClassRows:
+    """The training rows sorted by class, to draw rows of any class but one in O(1) each."""
+
+    def __init__(self, labels: torch.Tensor):
+        self.labels = labels.long()
+        self.order = torch.argsort(self.labels, stable=True)
+        counts = torch.bincount(self.labels)
+        self.count, self.start = counts, torch.cumsum(counts, 0) - counts
+
+    def others(self, index: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """For each anchor row, u [B, K] in [0, 1) mapped onto the rows outside its class."""
+        c = self.labels[index][:, None]
+        n_other = len(self.labels) - self.count[c]
+        pos = (u * n_other).long().clamp_max(n_other - 1)
+        pos = pos + (pos >= self.start[c]).long() * self.count[c]  # step over the anchor's class block
+        return self.order[pos]
+
+
+@register("crd")
+class CRD(FeatureLoss):
+    """Tian et al. 2020: base + beta * (NCE with the student as anchor against the teacher's bank
+    + NCE with the teacher as anchor against the student's bank). The normalising constant Z of
+    each direction is estimated once, from the first batch, as the reference does."""
+
+    title = "CRD (Tian et al. 2020)"
+    section = "crd"
+
+    def __init__(self, cfg: KDConfig, ctx: LossContext):
+        if ctx.num_train < 2:
+            raise ValueError(f"crd keeps a memory bank row per training image and draws negatives from the other "
+                             f"rows: it needs LossContext.num_train, the training-set size (got {ctx.num_train})")
+        super().__init__(cfg, ctx, _last_stages(cfg, ctx))
+        self.cfg = cfg.crd
+        self.num_train = ctx.num_train
+        # Negatives are the other rows: a training set smaller than negatives + 1 caps them.
+        self.negatives = min(self.cfg.negatives, ctx.num_train - 1)
+        (s, t), = self.pairs
+        device, dim = ctx.sample.device, self.cfg.feat_dim
+        self.embed_s = nn.Linear(self.student_shapes[s][0], dim).to(device)
+        self.embed_t = nn.Linear(self.teacher_shapes[t][0], dim).to(device)
+        gen = torch.Generator(device).manual_seed(ctx.seed + _SEED_OFFSET)
+        self.register_buffer("memory_s", random_bank(ctx.num_train, dim, gen))
+        self.register_buffer("memory_t", random_bank(ctx.num_train, dim, gen))
+        self.register_buffer("log_z", torch.full((2,), math.nan, device=device))  # NaN: not estimated yet
+        # The generator's state travels in the checkpoint, so a resumed run draws the same negatives.
+        self.register_buffer("rng_state", gen.get_state())
+        self._gen_device = device  # its state's layout depends on the device kind: draws stay there
+        self._gen: torch.Generator | None = None
+        self.by_class = None if ctx.train_labels is None else ClassRows(ctx.train_labels.to(device))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._gen = None  # the next draw continues from the loaded state
+
+    def reduce_teacher(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: pooled(f) for n, f in features.items()}
+
+    def draw_negatives(self, index: torch.Tensor) -> torch.Tensor:
+        """[B, K] rows, with replacement: of the other classes when the labels are known, else of
+        every row but the anchor's own."""
+        if self._gen is None:
+            self._gen = torch.Generator(self._gen_device)
+            self._gen.set_state(self.rng_state.cpu())
+        shape = (len(index), self.negatives)
+        if self.by_class is not None:
+            u = torch.rand(shape, generator=self._gen, device=self._gen_device)
+            rows = self.by_class.others(index.to(self._gen_device), u)
+        else:
+            r = torch.randint(self.num_train - 1, shape, generator=self._gen, device=self._gen_device)
+            rows = r + (r >= index.to(self._gen_device)[:, None]).long()  # skip the anchor: rows above shift up
+        self.rng_state.copy_(self._gen.get_state())
+        return rows.to(index.device)
+
+    def _normalised(self, logits: torch.Tensor) -> torch.Tensor:
+        """log P = logits - log Z per direction ([2, B, 1 + K]); Z = N * mean exp(logits), from the
+        first batch, then kept."""
+        first = logits.detach().flatten(1).logsumexp(1) - math.log(logits[0].numel()) + math.log(self.num_train)
+        self.log_z.copy_(torch.where(self.log_z.isnan(), first, self.log_z))
+        return logits - self.log_z[:, None, None]
+
+    def contrast(self, f_s: torch.Tensor, f_t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        index = index.to(self.memory_s.device)
+        v_s = F.normalize(self.embed_s(pooled(f_s)), dim=1)
+        v_t = F.normalize(self.embed_t(pooled(f_t).detach()), dim=1)  # trains the head, never the teacher
+        rows = torch.cat([index[:, None], self.draw_negatives(index)], 1)  # the positive first
+        logits = torch.stack([torch.einsum("bkd,bd->bk", self.memory_t[rows], v_s),
+                              torch.einsum("bkd,bd->bk", self.memory_s[rows], v_t)]) / self.cfg.nce_t
+        log_p = self._normalised(logits)
+        loss = nce_loss(log_p[0], self.num_train) + nce_loss(log_p[1], self.num_train)
+        # After scoring: the positive is the bank's memory of the image, not this step's embedding.
+        update_bank(self.memory_s, index, v_s, self.cfg.momentum)
+        update_bank(self.memory_t, index, v_t, self.cfg.momentum)
+        return loss
+
+    def forward(self, batch: Batch, lam: float) -> dict[str, torch.Tensor]:
+        if batch.index is None:
+            raise ValueError("crd updates each image's memory bank row: the batch needs Batch.index, "
+                             "the images' rows in the training set")
+        (s, t), = self.pairs
+        crd = self.contrast(batch.student_features[s], batch.teacher_features[t], batch.index)
+        parts = self.base(batch, lam)
+        return {**parts, "total": parts["total"] + self.cfg.beta * crd, "crd": crd}
