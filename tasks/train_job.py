@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 
 from engine.config import KDConfig, Strict
 from engine.fingerprint import config_fingerprint
+from engine.losses import LOSSES
 from models import check_name
 from tasks.cache_soft_targets import write_cache
 from tasks.catalog import Catalog
@@ -71,9 +72,10 @@ def method(cfg: PipelineConfig, job: Job) -> str:
     loss = job_loss(cfg, job)
     if loss == "ce":
         return "teacher" if job.role == "teacher" else "NOKD"
+    ls = " + LS" if LOSSES[loss].standardizes and job_kd(cfg, job).standardize else ""  # logit standardization
     if loss == "kd":
-        return "KD" if len(job.guides) == 1 else "DGKD" if job.survival < 1 else "ensemble KD"
-    return {"fitnets": "FitNets", "self": "self-distillation"}.get(loss, loss.upper())
+        return ("KD" if len(job.guides) == 1 else "DGKD" if job.survival < 1 else "ensemble KD") + ls
+    return {"fitnets": "FitNets", "self": "self-distillation", "reviewkd": "ReviewKD"}.get(loss, loss.upper()) + ls
 
 
 def describe(cfg: PipelineConfig, job: Job) -> str:

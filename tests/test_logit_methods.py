@@ -217,3 +217,14 @@ def test_a_topk_cache_serves_kd_and_refuses_the_losses_that_read_every_class(pro
         with pytest.raises(KDError, match=rf"loss '{loss}'{how} reads every class's teacher logit, which a top-k "
                                           r"soft-target cache \(cache.topk = 2\) does not keep; set cache.topk to null"):
             train_job(cfg, cat, job)
+
+
+def test_mlflow_method_tag_names_logit_standardization():
+    """Grouping MLflow runs by `method` keeps KD and KD with logit standardization apart."""
+    from experiments.plans import build_plan
+    from tasks.config import PipelineConfig
+    from tasks.train_job import method
+
+    cfg = PipelineConfig()
+    tags = {r.variant: method(cfg, r.job) for r in build_plan("methods", cfg).select(seed=0)}
+    assert (tags["kd"], tags["kd-ls"], tags["dkd-ls"], tags["dist"]) == ("KD", "KD + LS", "DKD + LS", "DIST")
