@@ -252,6 +252,8 @@ def methods(cfg: PipelineConfig) -> Plan:
     contrasts += [(v, "kd-low-lr" if v.endswith("-low-lr") else "kd") for v in variants
                   if v not in ("nokd", "kd", "nokd-low-lr", "kd-low-lr")
                   and ("kd-low-lr" if v.endswith("-low-lr") else "kd") in variants]
+    # Logit standardization is an option on a method: also read against that method without it.
+    contrasts += [(a, b) for a, b in (("takd-ls", "takd"), ("dkd-ls", "dkd-b2")) if {a, b} <= set(variants)]
     refs = [_ref("teacher", t)]
     refs += [_ref(f"assistant{'-' + slug if slug else ''}", job, f"assistant {job.arch}{' (' + how + ')' if how else ''}")
              for slug, job, how in _method_assistants(rows)]

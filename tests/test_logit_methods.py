@@ -228,3 +228,17 @@ def test_mlflow_method_tag_names_logit_standardization():
     cfg = PipelineConfig()
     tags = {r.variant: method(cfg, r.job) for r in build_plan("methods", cfg).select(seed=0)}
     assert (tags["kd"], tags["kd-ls"], tags["dkd-ls"], tags["dist"]) == ("KD", "KD + LS", "DKD + LS", "DIST")
+
+
+def test_experiments_methods_keeps_the_named_variants_what_they_learn_from_and_their_contrasts():
+    from engine.errors import KDError
+    from experiments.plans import build_plan
+    from tasks.config import load_config
+
+    cfg = load_config(None, {"experiments.methods": ["nokd", "kd", "takd", "takd-ls"], "student.seeds": [0, 1]})
+    plan = build_plan("methods", cfg)
+    assert sorted({r.variant for r in plan.rows}) == ["kd", "nokd", "takd", "takd-ls"] and len(plan.rows) == 8
+    assert [r.variant for r in plan.references] == ["teacher", "assistant", "assistant-ls"]
+    assert plan.contrasts == [("kd", "nokd"), ("takd", "kd"), ("takd-ls", "kd"), ("takd-ls", "takd")]
+    with pytest.raises(KDError, match=r"experiments.methods: no variant \['kd-lss'\]; the methods plan has nokd, kd"):
+        build_plan("methods", load_config(None, {"experiments.methods": ["kd-lss"]}))
