@@ -179,8 +179,8 @@ def _method_rows(cfg: PipelineConfig, seed: int, t: Job, ta: Job) -> list[tuple[
     """One seed's rows of the methods plan: (variant, job, label)."""
     s, x = cfg.student.arch, cfg.experiments
     ta_dkd = ta.model_copy(update={"kd": _hop(cfg, "dkd")})
-    # DKD's CIFAR-100 setting (beta 8) and DML collapsed a plain-2 student on Fashion-MNIST at lr 0.05:
-    # rows at beta 2 and at x.low_lr tell the loss's setting from the step size.
+    # DKD's CIFAR-100 setting (beta 8) and DML collapsed a plain-2 student on Fashion-MNIST at lr 0.05, DIST
+    # and MLKD at lr 0.1: rows at beta 2 and at x.low_lr tell the loss's setting from the step size.
     dkd2 = _hop(cfg, "dkd", dkd={"beta": 2.0, "warmup_epochs": 2.0})
     ta_dkd2 = ta.model_copy(update={"kd": dkd2})
     ls = _hop(cfg, "kd", standardize=True)
@@ -218,6 +218,8 @@ def _method_rows(cfg: PipelineConfig, seed: int, t: Job, ta: Job) -> list[tuple[
             ("nokd-low-lr", _student(cfg, seed, lr=x.low_lr), f"NOKD {s}, lr {x.low_lr:g}"),
             ("kd-low-lr", _student(cfg, seed, [t], lr=x.low_lr), f"KD {t.arch} -> {s}, lr {x.low_lr:g}"),
             ("dkd-low-lr", _student(cfg, seed, [t], kd=_hop(cfg, "dkd"), lr=x.low_lr), f"DKD, lr {x.low_lr:g}"),
+            ("dist-low-lr", _student(cfg, seed, [t], kd=_hop(cfg, "dist"), lr=x.low_lr), f"DIST, lr {x.low_lr:g}"),
+            ("mlkd-low-lr", _student(cfg, seed, [t], kd=_hop(cfg, "mlkd"), lr=x.low_lr), f"MLKD, lr {x.low_lr:g}"),
             ("takd-dkd-b2", _student(cfg, seed, [ta_dkd2], kd=dkd2), "TAKD with DKD beta 2 at both hops"),
             ("dml", _student(cfg, seed, kd=dml), f"DML with {peers}"),
             ("dml-low-lr", _student(cfg, seed, kd=dml, lr=x.low_lr), f"DML with {peers}, lr {x.low_lr:g}"),
