@@ -254,6 +254,9 @@ def methods(cfg: PipelineConfig) -> Plan:
     contrasts += [(v, "kd-low-lr" if v.endswith("-low-lr") else "kd") for v in variants
                   if v not in ("nokd", "kd", "nokd-low-lr", "kd-low-lr")
                   and ("kd-low-lr" if v.endswith("-low-lr") else "kd") in variants]
+    # A method that needs the lower rate is also read against KD at the pipeline's: the choice a user has.
+    contrasts += [(v, "kd") for v in variants if v.endswith("-low-lr") and v not in ("nokd-low-lr", "kd-low-lr")
+                  and "kd" in variants]
     # Logit standardization is an option on a method: also read against that method without it.
     contrasts += [(a, b) for a, b in (("takd-ls", "takd"), ("dkd-ls", "dkd-b2")) if {a, b} <= set(variants)]
     refs = [_ref("teacher", t)]

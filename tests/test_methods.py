@@ -271,6 +271,11 @@ def methods_cfg(project):
     over = {"student.seeds": [0], "experiments.ensemble_teachers": ["plain-4", "resnet-8"],
             "experiments.dml_peers": ["plain-2"], "kd.fitnets.hint_epochs": 1, "kd.dkd.warmup_epochs": 2,
             "student.train.epochs": 2}
+    # The low-lr rows repeat losses at another step size: one of them (DML's) checks the lr scaling.
+    from experiments.plans import build_plan
+
+    variants = dict.fromkeys(r.variant for r in build_plan("methods", cfg).rows)
+    over["experiments.methods"] = [v for v in variants if not v.endswith("-low-lr") or v == "dml-low-lr"]
     return load_config(None, {**_flat(cfg.model_dump()), **over}), cat
 
 
