@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from experiments import cli as experiments_cli
 from flows.runners import DEFAULT_WORKERS
@@ -81,8 +82,9 @@ def _mlflow_ui(args: argparse.Namespace) -> None:
         print(f"{name}: http://127.0.0.1:{args.port}/{page}", flush=True)
     if not pages:
         print("no runs yet: run the pipeline first (./run.sh pipeline)", flush=True)
-    os.execvp("mlflow", ["mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port),
-                         "--backend-store-uri", tracking.store_uri(cat)])
+    # This interpreter's mlflow, not the first on PATH: `.venv/bin/takd` works without an activated venv.
+    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port),
+                              "--backend-store-uri", tracking.store_uri(cat)])
 
 
 def main(argv: list[str] | None = None) -> int:

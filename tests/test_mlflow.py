@@ -1,5 +1,6 @@
 """Against a temporary SQLite store: the runs, metrics, models and registry entries exist."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -35,12 +36,13 @@ def test_mlflow_ui_listens_on_localhost_over_our_store_and_prints_the_runs_link(
 
     cfg, cat, uri = tracked
     started = []
-    monkeypatch.setattr(takd.cli.os, "execvp", lambda file, argv: started.append(argv))
+    monkeypatch.setattr(takd.cli.os, "execv", lambda file, argv: started.append([file, *argv]))
     monkeypatch.chdir(cat.root)
     monkeypatch.setenv("KD_PROJECT_ROOT", str(cat.root))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert takd.cli.main(["mlflow-ui", "--port", "5123"]) == 0
     (argv,) = started
+    assert argv[:4] == [sys.executable, sys.executable, "-m", "mlflow"]  # this venv's, found without PATH
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--backend-store-uri") + 1] == uri
     from mlflow import MlflowClient
 
