@@ -13,7 +13,7 @@ from engine.trainer import predict
 from models.profile import profile
 
 
-def _median_seconds(fn, repeats: int, warmup: int = 3) -> float:
+def median_seconds(fn, repeats: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -30,8 +30,8 @@ def cpu_speed(model: nn.Module, input_shape: tuple[int, int, int], repeats: int 
     m = copy.deepcopy(model).cpu().eval().to(memory_format=torch.channels_last)
     one = torch.randn(1, *input_shape).contiguous(memory_format=torch.channels_last)
     many = torch.randn(256, *input_shape).contiguous(memory_format=torch.channels_last)
-    latency = _median_seconds(lambda: m(one), repeats)
-    batch = _median_seconds(lambda: m(many), max(3, repeats // 4))
+    latency = median_seconds(lambda: m(one), repeats)
+    batch = median_seconds(lambda: m(many), max(3, repeats // 4))
     return {"latency_ms_b1": latency * 1000, "throughput_b256": 256 / batch}
 
 

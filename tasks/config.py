@@ -101,6 +101,19 @@ class ExportConfig(Strict):
     max_abs_diff: float = Field(1e-3, gt=0, description="refuse an export whose logits differ from PyTorch's by more")
 
 
+class QuantizeConfig(Strict):
+    """INT8: post-training quantization of the exported student, and quantization-aware distillation (QAD)."""
+
+    calibration_images: int = Field(512, ge=1, description="training images (a seeded sample) that calibrate the "
+                                                           "INT8 ranges")
+    calibration_seed: int = Field(0, ge=0, description="picks the calibration sample")
+    qad_epochs: int = Field(1, ge=0, le=10_000, description="QAD: epochs of distillation from the TA with fake "
+                                                           "quantization, after fine-tuning; 0 skips QAD")
+    qad_lr_scale: float = Field(0.1, gt=0, le=1, description="QAD lr = student lr * qad_lr_scale")
+    max_drop: float = Field(0.01, ge=0, le=1, description="an INT8 file whose test accuracy is more than this "
+                                                          "below its fp32 model's is flagged (0.01: one point)")
+
+
 class TrackingConfig(Strict):
     experiment: str = Field("takd", description="MLflow experiment")
     registered_model: str = Field("takd-student", description="the best student is registered under this name")
@@ -165,6 +178,7 @@ class PipelineConfig(Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     experiments: ExperimentsConfig = Field(default_factory=ExperimentsConfig)
 

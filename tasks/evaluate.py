@@ -1,22 +1,54 @@
-"""Stage evaluate: every trained model on the test split, which nothing else ever reads."""
+"""Stage evaluate: every trained model on the test split, which nothing else ever reads; the end of the
+QAD chain (the student QAD starts from, and the QAD student) also as an INT8 ONNX file."""
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 from engine.atomic import save_json
 from engine.evaluate import evaluate
+from engine.export import Deployable, to_onnx
+from engine.quantize import calibration_images, int8_files, measure
 from engine.trainer import predict
 from tasks import tracking
+from tasks.config import PipelineConfig
 from tasks.context import Workspace, read_meta
 from tasks.stage import StageRun, read_stage
 from tasks.train_model import PipelineModel
+
+
+def int8_candidates(models: dict[str, PipelineModel]) -> set[str]:
+    """The QAD students and the models they start from: PTQ of the one against QAD of the other."""
+    qad = [m for m in models.values() if m.quantized]
+    return {m.name for m in qad} | {m.init.name for m in qad if m.init}
+
+
+def int8_metrics(cfg: PipelineConfig, ws: Workspace, name: str, fp32_pred) -> dict:
+    """The model exported to ONNX and quantized statically with ONNX Runtime: 'int8_*' figures, and 'onnx_*'
+    figures of the fp32 file beside them (the same runtime, so speed compares like with like)."""
+    model = Deployable(ws.load_model(name), ws.mean, ws.std)
+    images, labels = ws.test.x.cpu().float() / 255, ws.test.y.cpu()
+    calibration = calibration_images(ws.train, cfg.quantize.calibration_images, cfg.quantize.calibration_seed)
+    with tempfile.TemporaryDirectory(prefix="int8-") as tmp:
+        fp32 = Path(tmp) / "model.onnx"
+        to_onnx(model, images[:4], fp32)
+        int8 = int8_files(model, fp32, calibration)["onnx"]
+        reps = cfg.evaluate.speed_repeats
+        out = {"onnx": measure(fp32, images, labels, fp32_pred, reps), "int8": measure(int8, images, labels, fp32_pred, reps)}
+    return {f"{kind}_{k}": v for kind, figures in out.items() for k, v in figures.items() if k != "file"}
 
 
 def work(run: StageRun, models: dict[str, PipelineModel]) -> dict:
     cfg, cat = run.cfg, run.cat
     ws = Workspace(cat, cfg.device)
     teacher_pred = predict(ws.load_model("teacher"), ws.test).argmax(1)
+    quantized = int8_candidates(models)
     summary = {}
     for name, m in models.items():
-        result = evaluate(ws.load_model(name), ws.test, ws.splits.classes, teacher_pred, cfg.evaluate.speed_repeats)
+        model = ws.load_model(name)
+        result = evaluate(model, ws.test, ws.splits.classes, teacher_pred, cfg.evaluate.speed_repeats)
+        if name in quantized:
+            result |= int8_metrics(cfg, ws, name, predict(model, ws.test).argmax(1).cpu())
         result |= {k: read_meta(cat.model(name))[k] for k in ("arch", "role", "method", "best_val_acc")}
         result["seed"] = m.seed
         save_json(result, run.out / cat.evaluation(name).name)

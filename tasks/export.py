@@ -4,12 +4,15 @@ refused), plus its labels, preprocessing and model card."""
 from __future__ import annotations
 
 import json
+import logging
 
 import torch
 
 from engine.atomic import atomic_path, save_json
 from engine.errors import KDError
 from engine.export import Deployable, onnx_max_abs_diff, to_onnx, to_torchscript, torchscript_max_abs_diff
+from engine.quantize import calibration_images, int8_files, measure
+from engine.trainer import predict
 from tasks import tracking
 from tasks.catalog import Catalog
 from tasks.config import PipelineConfig
@@ -20,6 +23,7 @@ from tasks.train_model import PipelineModel, hop_kd
 
 TORCHSCRIPT_FILE, ONNX_FILE, LABELS_FILE, PREPROCESS_FILE, CARD_FILE = (
     "model.ts", "model.onnx", "labels.json", "preprocessing.json", "model_card.md")
+log = logging.getLogger("kd")
 
 
 def best_student(cat: Catalog, models: dict[str, PipelineModel]) -> str:
@@ -47,6 +51,29 @@ def _chain(cfg: PipelineConfig, cat: Catalog, m: PipelineModel) -> list[dict]:
     return out
 
 
+def formats(cfg: PipelineConfig, ws: Workspace, model: Deployable, out) -> dict[str, dict]:
+    """The fp32 files and their INT8 siblings (ONNX Runtime, torch.ao), each run on the whole test split:
+    accuracy, its change from the fp32 model, agreement with it, size and CPU speed. An INT8 file that loses
+    more than quantize.max_drop is flagged, in the result, the log and the model card."""
+    calibration = calibration_images(ws.train, cfg.quantize.calibration_images, cfg.quantize.calibration_seed)
+    int8 = int8_files(model, out / ONNX_FILE, calibration, torchscript=out / TORCHSCRIPT_FILE)
+    images, labels = ws.test.x.cpu().float() / 255, ws.test.y.cpu()
+    reference = predict(model.model, ws.test).argmax(1).cpu()
+    fp32_acc = (reference == labels).float().mean().item()
+    found = {}
+    for kind, path in (("fp32 ONNX", out / ONNX_FILE), ("fp32 TorchScript", out / TORCHSCRIPT_FILE),
+                       ("INT8 ONNX", int8["onnx"]), ("INT8 TorchScript", int8["torchscript"])):
+        figures = measure(path, images, labels, reference, cfg.evaluate.speed_repeats)
+        figures["acc_change"] = figures["test_acc"] - fp32_acc
+        figures["within_tolerance"] = figures["acc_change"] >= -cfg.quantize.max_drop
+        if not figures["within_tolerance"]:
+            log.warning("%s: %s loses %.2f points of test accuracy, more than quantize.max_drop = %.2f; "
+                        "ship the fp32 file, or train with QAD", path, kind, -100 * figures["acc_change"],
+                        100 * cfg.quantize.max_drop)
+        found[kind] = figures
+    return found
+
+
 def work(run: StageRun, models: dict[str, PipelineModel]) -> dict:
     cfg, cat, out = run.cfg, run.cat, run.out
     name = chosen_model(cfg, cat, models)
@@ -60,6 +87,7 @@ def work(run: StageRun, models: dict[str, PipelineModel]) -> dict:
     worst = max(diffs, key=diffs.get)
     if diffs[worst] > cfg.export.max_abs_diff:
         raise KDError(f"{out}: {worst} = {diffs[worst]:.3g} exceeds export.max_abs_diff = {cfg.export.max_abs_diff}")
+    found = formats(cfg, ws, model, out)
     classes = ws.splits.classes
     save_json({str(i): c for i, c in enumerate(classes)}, out / LABELS_FILE)
     save_json({"input_shape": list(ws.splits.input_shape), "value_range": [0.0, 1.0], "mean": ws.mean,
@@ -67,10 +95,14 @@ def work(run: StageRun, models: dict[str, PipelineModel]) -> dict:
     data = {**require(cat.prepared, "the prepared data set")["result"], "mean": [round(v, 4) for v in ws.mean],
             "std": [round(v, 4) for v in ws.std]}
     selected = "by export.model" if cfg.export.model else "as the student with the best validation accuracy"
-    export = {**diffs, "check_images": len(images), "selected": selected}
+    export = {**diffs, "check_images": len(images), "selected": selected, "formats": found,
+              "max_drop": cfg.quantize.max_drop, "calibration_images": cfg.quantize.calibration_images,
+              "flagged": [k for k, v in found.items() if not v["within_tolerance"]]}
     with atomic_path(out / CARD_FILE) as tmp:
         tmp.write_text(model_card(name, _chain(cfg, cat, models[name]), data, export))
-    return {"model": name, **export, "files": [TORCHSCRIPT_FILE, ONNX_FILE, LABELS_FILE, PREPROCESS_FILE, CARD_FILE],
+    files = [TORCHSCRIPT_FILE, ONNX_FILE, *(v["file"] for k, v in found.items() if k.startswith("INT8")),
+             LABELS_FILE, PREPROCESS_FILE, CARD_FILE]
+    return {"model": name, **export, "files": files,
             "torch": torch.__version__, "mlflow_run_id": require(cat.model(name), name)["result"].get("mlflow_run_id")}
 
 

@@ -27,6 +27,34 @@ def headline(student: dict, teacher: dict) -> str:
     return ", ".join(parts)
 
 
+def _num(v, fmt: str) -> str:
+    return "" if v is None else format(v, fmt)
+
+
+def int8_section(student: dict, export: dict) -> str:
+    """Each exported file beside the fp32 model: accuracy and its change, agreement, size and speed."""
+    rows = "\n".join(
+        f"| {kind} | `{f['file']}` | {_pct(f['test_acc'])} | {100 * f['acc_change']:+.2f} | {_pct(f['agreement'])} | "
+        f"{f['size_bytes'] / 1024:,.1f} KB | {_num(f.get('latency_ms_b1'), '.3f')} | "
+        f"{_num(f.get('throughput_b256'), ',.0f')} | {'yes' if f['within_tolerance'] else '**NO**'} |"
+        for kind, f in export["formats"].items())
+    flagged = "".join(f"\n- **{kind} loses {-100 * export['formats'][kind]['acc_change']:.2f} points, more than the "
+                      f"tolerance of {100 * export['max_drop']:.2f}: do not ship it; ship the fp32 file, or train "
+                      "with QAD (quantize.qad_epochs).**" for kind in export["flagged"])
+    how = ("trained with quantization-aware distillation (QAD), so its INT8 files quantize weights it learnt under "
+           "fake quantization" if student.get("method") == "QAD" else "quantized after training (PTQ)")
+    return f"""## INT8
+The INT8 files are this model {how}: weights int8 per output channel, activations uint8 per tensor, ranges
+calibrated on {export['calibration_images']} training images. Test split, every file against the fp32 model;
+speed on the CPU that ran the export (ONNX Runtime for `.onnx`, PyTorch for `.ts`).
+
+| file | name | test accuracy | change (points) | agreement with fp32 | size | latency b1 (ms) | throughput b256 (img/s) | within {100 * export['max_drop']:.2f} points |
+|---|---|---|---|---|---|---|---|---|
+{rows}
+{flagged}
+"""
+
+
 def model_card(name: str, chain: list[dict], data: dict, export: dict) -> str:
     """`chain`: the student first, then each model it learnt from up to the teacher; each a dict of
     its meta, evaluation and hop settings ('kd', a KDConfig or None)."""
@@ -59,6 +87,7 @@ def model_card(name: str, chain: list[dict], data: dict, export: dict) -> str:
 - Agreement with the teacher's predictions on the test split: {_pct(student.get('teacher_agreement', float('nan')))}.
 - {teacher['params'] / student['params']:.1f}x fewer parameters and {teacher['flops'] / student['flops']:.1f}x fewer FLOPs than the teacher.
 
+{int8_section(student, export)}
 ## Data it was distilled on
 - Data set: `{data['name']}` (fingerprint `{data['fingerprint']}`): {data['sizes']['train']:,} training,
   {data['sizes']['val']:,} validation and {data['sizes']['test']:,} test images.
@@ -70,6 +99,7 @@ def model_card(name: str, chain: list[dict], data: dict, export: dict) -> str:
 |---|---|---|
 | `model.ts` | TorchScript: `torch.jit.load("model.ts")(images)` | {export['torchscript_max_abs_diff']:.2e} |
 | `model.onnx` | ONNX (input `image` [N, {c}, {h}, {w}], output `logits`), for onnxruntime | {export['onnx_max_abs_diff']:.2e} |
+| `model.int8.onnx`, `model.int8.ts` | the same, INT8 (ONNX Runtime QDQ; torch.ao, x86 kernels) | see INT8 |
 | `labels.json` | class index → name | |
 | `preprocessing.json` | input shape, value range, normalisation | |
 

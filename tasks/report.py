@@ -20,7 +20,7 @@ from tasks.stage import StageRun
 from tasks.train_model import PipelineModel
 
 COLUMNS = ["model", "method", "seed", "arch", "test_acc", "test_top5", "best_val_acc", "teacher_agreement", "params",
-           "size_bytes", "flops", "latency_ms_b1", "throughput_b256"]
+           "size_bytes", "flops", "latency_ms_b1", "throughput_b256", "int8_test_acc", "int8_agreement"]
 METRICS_FILE, PLOT_FILE, CURVES = "data/metrics/comparison.json", "data/metrics/comparison_plot.json", "data/metrics/curves"
 METRICS, PLOTS = (METRICS_FILE,), (CURVES, PLOT_FILE)
 # What `after` publishes from the report folder (DVC's metrics and plots cannot lie inside another output).
@@ -28,7 +28,13 @@ PUBLISHED = {METRICS_FILE: "metrics.json", PLOT_FILE: "comparison_plot.json", CU
 REPORT_FILES = ("comparison.md", "comparison.csv", "comparison.json", "comparison.png", "curves.png")
 # Each reads "a - b", paired by seed: what KD adds, what the TA adds on top, what fine-tuning adds.
 CONTRASTS = [("blkd", "nokd"), ("takd", "blkd"), ("takd", "nokd"), ("takd_ft", "takd")]
-LABELS = {"NOKD": "NOKD", "BLKD": "BLKD", "TAKD": "TAKD", "FT": "TAKD + fine-tuning"}
+LABELS = {"NOKD": "NOKD", "BLKD": "BLKD", "TAKD": "TAKD", "FT": "TAKD + fine-tuning",
+          "QAD": "TAKD + QAD (its fp32 weights)"}
+# INT8 (engine/quantize.py, ONNX Runtime): the model QAD starts from, in fp32 and quantized after training (PTQ),
+# against the QAD student quantized; 'qad_fp32' (QAD's weights unquantized) says how much is only more training.
+INT8_LABELS = {"fp32": "fp32", "ptq": "PTQ INT8", "qad": "QAD INT8", "qad_fp32": "QAD weights, fp32"}
+INT8_CONTRASTS = [("ptq", "fp32"), ("qad", "ptq"), ("qad", "fp32"), ("qad", "qad_fp32")]
+INT8_COST = ("size_bytes", "latency_ms_b1", "throughput_b256")
 
 
 def variant(m: PipelineModel) -> str:
@@ -57,6 +63,31 @@ def comparison(cfg: PipelineConfig, models: dict[str, PipelineModel], evals: dic
             "title": f"{cfg.data.name}: {chain}, students over seeds {cfg.student.seeds}"}
 
 
+def int8_comparison(cfg: PipelineConfig, models: dict[str, PipelineModel], evals: dict[str, dict]) -> dict | None:
+    """fp32, PTQ INT8 and QAD INT8 over the seeds, paired; None when no model was quantized. The cost columns
+    (ONNX Runtime, this CPU) are the first seed's."""
+    qad = [m for m in models.values() if m.quantized and m.init]
+    if not qad:
+        return None
+    accs: dict[str, dict[int, float]] = {"fp32": {}, "ptq": {}, "qad": {}, "qad_fp32": {}}
+    cost: dict[str, dict] = {}
+    for m in qad:
+        start, own = evals[m.init.name], evals[m.name]
+        for variant, figures, key in (("fp32", start, "test_acc"), ("ptq", start, "int8_test_acc"),
+                                      ("qad", own, "int8_test_acc"), ("qad_fp32", own, "test_acc")):
+            accs[variant][m.seed] = figures[key]
+        for variant, figures, kind in (("fp32", start, "onnx"), ("ptq", start, "int8"), ("qad", own, "int8")):
+            cost.setdefault(variant, {k: figures.get(f"{kind}_{k}") for k in INT8_COST}
+                            | {"agreement": figures.get(f"{kind}_agreement")})
+    contrasts = INT8_CONTRASTS
+    if cfg.quantize.qad_epochs == 0:  # the 'QAD' student is its start as is: only PTQ is measured
+        accs, contrasts = {k: accs[k] for k in ("fp32", "ptq")}, INT8_CONTRASTS[:1]
+    table = seed_table(accs, INT8_LABELS, contrasts, cfg.experiments.confidence)
+    for row in table["rows"]:
+        row |= cost.get(row["variant"], {})
+    return table
+
+
 def metrics(table: dict, evals: dict[str, dict], models: dict[str, PipelineModel]) -> dict:
     """For `dvc metrics show` (one column each) and the MLflow parent run. Size and speed are the first seed's."""
     cost = ("params", "flops", "latency_ms_b1")
@@ -71,6 +102,12 @@ def metrics(table: dict, evals: dict[str, dict], models: dict[str, PipelineModel
                              **{k: first[r["variant"]].get(k) for k in cost}}
     for c in table["contrasts"]:
         out[f"{c['a']}_minus_{c['b']}"] = {k: c[k] for k in ("mean", "low", "high", "beyond_noise")}
+    int8 = table.get("int8")
+    for r in int8["rows"] if int8 else []:
+        out[f"int8_{r['variant']}"] = {"test_acc_mean": r["mean"], "test_acc_std": r["std"], "n": r["n"],
+                                       **{k: r.get(k) for k in INT8_COST}}
+    for c in int8["contrasts"] if int8 else []:
+        out[f"int8_{c['a']}_minus_{c['b']}"] = {k: c[k] for k in ("mean", "low", "high", "beyond_noise")}
     return out
 
 
@@ -78,18 +115,37 @@ def _pp(v) -> str:
     return "" if v is None else f"{100 * v:+.2f}"
 
 
-def markdown(table: dict, rows: list[dict]) -> str:
+def _summary(rows: list[dict]) -> list[dict]:
+    return [{"method": r["label"], "test acc (%)": f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}",
+             "per seed": " ".join(f"{100 * v:.2f}" for v in r["per_seed"].values())} for r in rows]
+
+
+def _diffs(table: dict) -> str:
     conf = round(100 * table["confidence"])
-    summary = [{"method": r["label"], "test acc (%)": f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}",
-                "per seed": " ".join(f"{100 * v:.2f}" for v in r["per_seed"].values())} for r in table["rows"]]
-    summary += [{"method": r["label"], "test acc (%)": f"{100 * r['test_acc']:.2f}", "per seed": "(trained once)"}
-                for r in table["references"]]
     diffs = [{"difference": c["label"], "mean (pp)": _pp(c["mean"]), f"{conf}% CI": f"[{_pp(c['low'])}, {_pp(c['high'])}]",
               "seeds": c["n"], "beyond noise": c["beyond_noise"]} for c in table["contrasts"]]
+    return (f"\nPaired differences by seed, percentage points, {conf}% t-interval:\n\n"
+            + markdown_table(diffs, list(diffs[0])))
+
+
+def _int8_markdown(int8: dict) -> str:
+    rows = [{**s, "agreement with fp32 (%)": "" if r.get("agreement") is None else f"{100 * r['agreement']:.2f}",
+             "size (KB)": "" if r.get("size_bytes") is None else f"{r['size_bytes'] / 1024:,.1f}",
+             "latency b1 (ms)": r.get("latency_ms_b1"), "throughput b256 (img/s)": r.get("throughput_b256")}
+            for s, r in zip(_summary(int8["rows"]), int8["rows"])]
+    return ("\n## INT8: fp32, post-training quantization (PTQ) and quantization-aware distillation (QAD)\n\n"
+            "ONNX files run by ONNX Runtime on this CPU; accuracy over the seeds, agreement, size and speed of the "
+            "first seed's files:\n\n" + markdown_table(rows, list(rows[0])) + _diffs(int8))
+
+
+def markdown(table: dict, rows: list[dict]) -> str:
+    summary = _summary(table["rows"])
+    summary += [{"method": r["label"], "test acc (%)": f"{100 * r['test_acc']:.2f}", "per seed": "(trained once)"}
+                for r in table["references"]]
     return "".join([f"## {table['title']}\n\n", "Test accuracy, mean ± std over the student seeds:\n\n",
-                    markdown_table(summary, list(summary[0])),
-                    f"\nPaired differences by seed, percentage points, {conf}% t-interval:\n\n",
-                    markdown_table(diffs, list(diffs[0])), "\nEvery model:\n\n", markdown_table(rows, COLUMNS)])
+                    markdown_table(summary, list(summary[0])), _diffs(table),
+                    _int8_markdown(table["int8"]) if table.get("int8") else "",
+                    "\nEvery model:\n\n", markdown_table(rows, COLUMNS)])
 
 
 def _cell(v) -> str:
@@ -156,7 +212,7 @@ def work(run: StageRun, models: dict[str, PipelineModel]) -> dict:
     cfg, cat, out = run.cfg, run.cat, run.out
     evals = _evaluations(cat, models)
     rows = [{"model": name, **{c: evals[name].get(c) for c in COLUMNS[1:]}} for name in models]
-    table = comparison(cfg, models, evals)
+    table = {**comparison(cfg, models, evals), "int8": int8_comparison(cfg, models, evals)}
     histories = {name: json.loads((cat.model(name) / HISTORY_FILE).read_text()) for name in models}
     save_json(table, out / "comparison.json")
     save_json(metrics(table, evals, models), out / PUBLISHED[METRICS_FILE])

@@ -34,6 +34,7 @@ CACHE_USE = ("cache.views", "cache.topk", "cache.seed", "cache.online", "cache.f
 CACHE_MAKE = ("cache.views", "cache.topk", "cache.seed")
 STUDENT = ("student.arch", "student.train")
 HOP = ("kd", *CACHE_USE)
+CALIBRATION = ("quantize.calibration_images", "quantize.calibration_seed")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Trains:
     method: str
     source: str | None = None  # the stage whose model's soft targets it learns from
     init: str | None = None  # the stage whose model it starts from
+    quantized: bool = False  # trained with fake quantization (QAD), for the INT8 export
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,9 @@ TRAINING = _trainings(
      (*STUDENT, "student.kd", *HOP), {"per_seed": True}),
     ("fine-tune-student", Trains("student-takd-ft", "student", "FT", init="distill-student-takd"),
      ("student.train", "finetune"), {"per_seed": True}),
+    ("distill-student-qad", Trains("student-takd-qad", "student", "QAD", source="distill-assistant",
+                                   init="fine-tune-student", quantized=True),
+     (*STUDENT, "student.kd", *HOP, "quantize.qad_epochs", "quantize.qad_lr_scale"), {"per_seed": True}),
 )
 ALL_MODELS = tuple(s.name for s in TRAINING if s.trains)
 
@@ -137,18 +142,19 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           title=lambda cfg: f"prepare data {cfg.data.name}"),
     *TRAINING,
     Stage("evaluate", lambda run: evaluate.work(run, models(run.cfg)), out=lambda cat, _: cat.eval_dir,
-          needs=("prepare-data", *ALL_MODELS), params=("evaluate",), code=("tasks/evaluate.py",), accelerator=True,
-          title=lambda cfg: "evaluate every model on the test split"),
+          needs=("prepare-data", *ALL_MODELS), params=("evaluate", *CALIBRATION), code=("tasks/evaluate.py",),
+          accelerator=True, title=lambda cfg: "evaluate every model on the test split (and INT8 the QAD chain's)"),
     Stage("report", lambda run: report.work(run, models(run.cfg)), out=lambda cat, _: cat.reports,
           needs=("evaluate", *ALL_MODELS), params=("tracking", "experiments.confidence"),
           code=("tasks/report.py", "tasks/figures.py"),
           after=report.after, metrics=report.METRICS, plots=report.PLOTS,
           title=lambda cfg: f"report NOKD / BLKD / TAKD over {len(cfg.student.seeds)} seeds"),
     Stage("export", lambda run: export.work(run, models(run.cfg)), out=lambda cat, _: cat.export,
-          needs=("prepare-data", "evaluate", *ALL_MODELS), params=("export",),
+          needs=("prepare-data", "evaluate", *ALL_MODELS),
+          params=("export", *CALIBRATION, "quantize.max_drop", "evaluate.speed_repeats"),
           code=("tasks/export.py", "tasks/model_card.py", "tasks/train_model.py"),
           after=lambda cfg, cat, result: export.register(cfg, cat, result),
-          title=lambda cfg: "export the best student (TorchScript, ONNX, model card), register it in MLflow"),
+          title=lambda cfg: "export the best student (TorchScript, ONNX, fp32 and INT8, model card), register it"),
 )}
 
 
@@ -218,7 +224,7 @@ def models(cfg: PipelineConfig) -> dict[str, PipelineModel]:
             return None if stage_name is None else out[model_name(STAGES[stage_name], inst.seed)]
 
         name = model_name(inst.stage, inst.seed)
-        out[name] = PipelineModel(name, t.role, t.method, seed, made_by(t.source), made_by(t.init))
+        out[name] = PipelineModel(name, t.role, t.method, seed, made_by(t.source), made_by(t.init), t.quantized)
     return out
 
 

@@ -19,6 +19,7 @@ from engine.config import KDConfig, TrainConfig
 from engine.device import seed_everything
 from engine.errors import KDError
 from engine.fingerprint import model_fingerprint
+from engine.qad import QADModel
 from engine.losses import LOSSES, DistillLoss, LossContext, build_loss, loss_settings
 from engine.losses.feature import FeatureLoss
 from engine.losses.logit import HintonKD
@@ -43,6 +44,7 @@ class PipelineModel:
     seed: int  # the role's seed, or this student's
     source: "PipelineModel | None" = None  # the model whose soft targets it learns from
     init: "PipelineModel | None" = None  # the model it starts from (fine-tuning)
+    quantized: bool = False  # trained with fake quantization (QAD)
 
 
 def hop_kd(cfg: PipelineConfig, m: PipelineModel) -> KDConfig:
@@ -54,6 +56,9 @@ def train_config(cfg: PipelineConfig, m: PipelineModel) -> TrainConfig:
     base = getattr(cfg, m.role).train
     if m.role == "teacher" and cfg.teacher.checkpoint:
         return base.model_copy(update={"epochs": max(cfg.teacher.finetune_epochs, 1)})
+    if m.quantized:
+        return base.model_copy(update={"epochs": max(cfg.quantize.qad_epochs, 1),
+                                       "lr": base.lr * cfg.quantize.qad_lr_scale})
     if m.init:
         return base.model_copy(update={"epochs": max(cfg.finetune.epochs, 1), "lr": base.lr * cfg.finetune.lr_scale})
     return base
@@ -93,7 +98,8 @@ class Training:
     survival: float = 1.0  # DGKD: the chance each guide is kept at a step
     init: Path | None = None  # start from this model folder (fine-tuning)
     checkpoint: str | None = None  # import this teacher instead of training
-    skip_training: bool = False  # fine-tuning with 0 epochs: the init model as is
+    skip_training: bool = False  # fine-tuning (or QAD) with 0 epochs: the init model as is
+    quantized: bool = False  # QAD: BatchNorm folded, fake quantization in training (engine/qad.py)
     parent_model: str = ""
     test: bool = False  # also measure test accuracy (experiments; the pipeline has an evaluate stage)
     loss: str = "ce"  # by name (engine.losses.LOSSES)
@@ -209,6 +215,8 @@ def _prepare(cfg: PipelineConfig, ws: Workspace, t: Training, generator) -> tupl
         model = ws.load_model_dir(t.init) if t.init else ws.build(t.arch, seed=t.seed)
     if t.skip_training:
         return model, None, None, {}
+    if t.quantized:
+        model = QADModel(model, ws.train.normalize(ws.train.x[:2]))
     kd = t.kd or cfg.kd
     guides = [ws.load_model_dir(m) for m, _ in t.guides]
     if any(getattr(g, "arch", "") == TORCHSCRIPT for g in guides) and issubclass(LOSSES[t.loss], FeatureLoss):
@@ -221,6 +229,9 @@ def _prepare(cfg: PipelineConfig, ws: Workspace, t: Training, generator) -> tupl
         loss = build_loss(t.loss, kd, ctx)
     except (ValueError, LookupError) as e:  # a bad layer name, no matching stages: one line naming the setting
         raise KDError(f"{t.name}: {e}") from None
+    if t.quantized and (loss.teacher_features or loss.wrap(model) is not model):
+        raise KDError(f"{t.name}: QAD trains the student as INT8 will run it, and distils with a loss that reads "
+                      f"logits only; {t.loss!r} reads features or changes the model (student.kd.loss)")
     if len(guides) > 1 and not isinstance(loss, HintonKD):
         raise KDError(f"{t.name}: loss {t.loss!r} learns from one teacher, but {len(guides)} guides were given; "
                       "several guides (DGKD, an ensemble) combine through kd or ctkd")
@@ -261,6 +272,8 @@ def fit_training(cfg: PipelineConfig, cat: Catalog, t: Training, key: str, out_d
     params |= extra
     with tracking.model_run(cfg, cat, t.name, t.run_name, t.role, t.method, params) as run:
         history, best = _fit(cfg, ws, t, key, generator, model, loss, teacher, run.log_epoch)
+        if isinstance(model, QADModel):
+            model = model.to_float()
         if t.test:
             best["test_acc"] = accuracy(predict(model, ws.test, t.train.eval_batch_size), ws.test.y)
             run.log_epoch({"epoch": 0, "test_acc": best["test_acc"]})
@@ -273,6 +286,13 @@ def fit_training(cfg: PipelineConfig, cat: Catalog, t: Training, key: str, out_d
             "model_fingerprint": meta["model_fingerprint"], "mlflow_run_id": run.run_id}
 
 
+def _as_it_comes(cfg: PipelineConfig, m: PipelineModel) -> bool:
+    """Fine-tuning or QAD set to 0 epochs, or an imported teacher not fine-tuned: the model is its input as is."""
+    if m.init:
+        return (cfg.quantize.qad_epochs if m.quantized else cfg.finetune.epochs) == 0
+    return m.role == "teacher" and bool(cfg.teacher.checkpoint) and cfg.teacher.finetune_epochs == 0
+
+
 def training(cfg: PipelineConfig, cat: Catalog, m: PipelineModel) -> Training:
     """A pipeline model as a Training."""
     return Training(name=m.name, role=m.role, method=m.method, arch=_arch(cfg, m), seed=m.seed,
@@ -280,10 +300,10 @@ def training(cfg: PipelineConfig, cat: Catalog, m: PipelineModel) -> Training:
                     guides=((cat.model(m.source.name), cat.soft_targets(m.source.name)),) if m.source else (),
                     init=cat.model(m.init.name) if m.init else None,
                     checkpoint=cfg.teacher.checkpoint if m.role == "teacher" else None,
-                    skip_training=(bool(m.init) and cfg.finetune.epochs == 0) or (
-                        m.role == "teacher" and bool(cfg.teacher.checkpoint) and cfg.teacher.finetune_epochs == 0),
+                    skip_training=_as_it_comes(cfg, m),
                     parent_model=(m.source or m.init).name if (m.source or m.init) else "",
-                    loss=loss_name(hop_kd(cfg, m), True) if m.source else "ce", kd=hop_kd(cfg, m))
+                    loss=loss_name(hop_kd(cfg, m), True) if m.source else "ce", kd=hop_kd(cfg, m),
+                    quantized=m.quantized)
 
 
 def train(run: StageRun, m: PipelineModel) -> dict:

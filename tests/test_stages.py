@@ -18,9 +18,10 @@ def test_pipeline_outputs_and_reuse(project):
     cfg, cat = project
     first = run_all(cfg, cat)
     assert not any(r["reused"] for r in first.values())
-    assert len(first) == 4 + 4 * len(cfg.student.seeds) + 4  # data, teacher + cache, TA + cache; students; eval, report, export
+    assert len(first) == 4 + 5 * len(cfg.student.seeds) + 4  # data, teacher + cache, TA + cache; students; eval, report, export
     metrics = json.loads((cat.metrics / "comparison.json").read_text())
-    assert {"teacher", "assistant", "nokd", "blkd", "takd", "takd_ft", "takd_minus_blkd", "blkd_minus_nokd"} <= set(metrics)
+    assert {"teacher", "assistant", "nokd", "blkd", "takd", "takd_ft", "takd_qad", "takd_minus_blkd", "blkd_minus_nokd",
+            "int8_fp32", "int8_ptq", "int8_qad", "int8_ptq_minus_fp32", "int8_qad_minus_ptq"} <= set(metrics)
     for f in ("comparison.md", "comparison.csv", "comparison.json", "comparison.png", "curves.png"):
         assert (cat.reports / f).stat().st_size > 0
     manifest = json.loads((cat.soft_targets("teacher") / "manifest.json").read_text())
@@ -30,11 +31,29 @@ def test_pipeline_outputs_and_reuse(project):
             "latency_ms_b1", "throughput_b256", "teacher_agreement"} <= set(ev) and ev["seed"] == 1
     assert sum(map(sum, ev["confusion"])) == ev["num_test"]
     assert not cat.work("teacher").exists()  # epoch checkpoints are cleaned up after success
+    qad = json.loads(cat.evaluation("student-takd-qad-s1").read_text())
+    assert qad["method"] == "QAD" and qad["int8_size_bytes"] < 0.6 * qad["onnx_size_bytes"] and qad["int8_agreement"] > 0
+    assert set(first["export"]["formats"]) == {"fp32 ONNX", "fp32 TorchScript", "INT8 ONNX", "INT8 TorchScript"}
+    assert all((cat.export / f).exists() for f in first["export"]["files"]) and "model.int8.onnx" in first["export"]["files"]
     (cat.metrics / "comparison.json").unlink()  # published again by a reused report
     (cat.metrics / "curves" / "gone-s9.json").write_text("[]")  # a curve no model has any more
     assert all(r["reused"] for r in run_all(cfg, cat).values())
     assert json.loads((cat.metrics / "comparison.json").read_text()) == metrics
     assert not (cat.metrics / "curves" / "gone-s9.json").exists()
+
+
+def test_an_int8_export_that_loses_accuracy_is_flagged(project, monkeypatch):
+    """Calibrated on blank images, INT8 clips every activation: the export says so, in its result and card."""
+    import tasks.export
+
+    cfg, cat = project
+    cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"seeds": [0]})})
+    assert not run_all(cfg, cat)["export"]["flagged"]
+    monkeypatch.setattr(tasks.export, "calibration_images", lambda train, n, seed: torch.zeros(8, 1, 28, 28))
+    result = run_stage("export", cfg, cat, force=True)
+    assert "INT8 ONNX" in result["flagged"] and not result["formats"]["INT8 ONNX"]["within_tolerance"]
+    assert "fp32 ONNX" not in result["flagged"]
+    assert "**NO**" in (cat.export / "model_card.md").read_text()
 
 
 def test_same_config_same_results(project, tmp_path_factory, fashion_dir):

@@ -1,0 +1,127 @@
+"""Post-training INT8: the exported student quantized statically, with ONNX Runtime (the ONNX file) and
+with torch.ao (the TorchScript file), each calibrated on a seeded sample of training images and
+measured beside its fp32 original: accuracy, agreement with fp32, file size, CPU latency and throughput."""
+from __future__ import annotations
+
+import copy
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.atomic import atomic_path
+from engine.data import DeviceSet
+from engine.evaluate import median_seconds
+from models.registry import TRACE_LOCK
+
+CALIBRATION_BATCH = 64
+
+
+def calibration_images(train: DeviceSet, n: int, seed: int) -> torch.Tensor:
+    """`n` training images drawn without replacement by `seed`, as floats in [0, 1] on the CPU (the exported
+    files normalise inside)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(train), generator=g)[: min(n, len(train))]
+    return train.x[idx.to(train.x.device)].cpu().float() / 255
+
+
+def _batches(images: torch.Tensor, size: int = CALIBRATION_BATCH):
+    return [images[i:i + size].numpy() for i in range(0, len(images), size)]
+
+
+def ort_int8(fp32_onnx: Path, out: Path, calibration: torch.Tensor) -> None:
+    """Static QDQ quantization: weights int8 per output channel (symmetric), activations uint8 per tensor,
+    ranges from MinMax calibration. ONNX Runtime's pre-processing (shape inference, BatchNorm folded into
+    the conv) runs first, as its docs advise."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(_batches(calibration))
+
+        def get_next(self):
+            batch = next(self._it, None)
+            return None if batch is None else {"image": batch}
+
+    with tempfile.TemporaryDirectory(prefix="int8-") as tmp, atomic_path(out) as target:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32_onnx), str(pre))
+        quantize_static(str(pre), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+
+
+def ao_int8_torchscript(model: nn.Module, calibration: torch.Tensor, out: Path) -> None:
+    """torch.ao's FX graph mode: observers inserted, run on the calibration images, converted to quantized
+    kernels (x86 backend), traced to TorchScript."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings(), TRACE_LOCK, torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
+        prepared = prepare_fx(copy.deepcopy(model).cpu().eval(), get_default_qconfig_mapping("x86"),
+                              (calibration[:1],))
+        for batch in calibration.split(CALIBRATION_BATCH):
+            prepared(batch)
+        traced = torch.jit.trace(convert_fx(prepared), calibration[:4])
+        with atomic_path(out) as tmp:
+            torch.jit.save(traced, str(tmp))
+
+
+class Runner:
+    """A file that takes images and returns logits, run on the CPU: ONNX Runtime or TorchScript."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if self.path.suffix == ".onnx":
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()  # the same threads PyTorch's timings use
+            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self._run = lambda x: torch.from_numpy(self._session.run(["logits"], {"image": x.numpy()})[0])
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._script = torch.jit.load(str(path), map_location="cpu")
+            self._run = self._script
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+        return torch.cat([self._run(images[i:i + batch].contiguous()) for i in range(0, len(images), batch)])
+
+    @torch.inference_mode()
+    def speed(self, input_shape: tuple[int, ...], repeats: int) -> dict[str, float]:
+        """Median latency at batch 1 and median throughput at batch 256, as engine.evaluate measures PyTorch."""
+        one, many = torch.rand(1, *input_shape), torch.rand(256, *input_shape)
+        latency = median_seconds(lambda: self._run(one), repeats)
+        batch = median_seconds(lambda: self._run(many), max(3, repeats // 4))
+        return {"latency_ms_b1": latency * 1000, "throughput_b256": 256 / batch}
+
+
+def measure(path: Path, images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None,
+            speed_repeats: int) -> dict:
+    """Test accuracy, agreement with `reference` predictions (the fp32 model's), size and speed of one file."""
+    runner = Runner(path)
+    pred = runner.logits(images).argmax(1)
+    out = {"file": path.name, "test_acc": (pred == labels).float().mean().item(), "size_bytes": path.stat().st_size}
+    if reference is not None:
+        out["agreement"] = (pred == reference).float().mean().item()
+    if speed_repeats:
+        out |= runner.speed(tuple(images.shape[1:]), speed_repeats)
+    return out
+
+
+def int8_files(model: nn.Module, fp32_onnx: Path, calibration: torch.Tensor, torchscript: Path | None = None) -> dict:
+    """The INT8 siblings of an exported fp32 ONNX file (and of the model as TorchScript, when asked): by format."""
+    files = {"onnx": fp32_onnx.with_suffix(".int8.onnx")}
+    ort_int8(fp32_onnx, files["onnx"], calibration)
+    if torchscript is not None:
+        files["torchscript"] = torchscript.with_suffix(".int8.ts")
+        ao_int8_torchscript(model, calibration, files["torchscript"])
+    return files

@@ -1,0 +1,102 @@
+"""INT8: the post-training files run and agree with fp32; BatchNorm folding and QAD keep the model's function."""
+import pytest
+import torch
+
+from engine.export import Deployable, to_onnx
+from engine.qad import QADModel, fold_batchnorm
+from engine.quantize import Runner, calibration_images, int8_files, measure
+from tests.engine_helpers import device_sets, train
+
+# A trained plain-2 on the tiny data: INT8 must pick the same class for nearly every test image, and its logits
+# stay within a small share of their range.
+MIN_AGREEMENT, MAX_LOGIT_ERROR = 0.95, 0.02
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, fashion_dir):
+    from engine.config import DataConfig
+
+    data_cfg = DataConfig(source_dir=str(fashion_dir), root=str(tmp_path_factory.mktemp("raw")))
+    model, _ = train(data_cfg, epochs=2)
+    splits, train_set, _, test = device_sets(data_cfg)
+    mean, std = splits.mean_std()
+    return Deployable(model, mean, std), train_set, test
+
+
+def test_int8_files_run_and_agree_with_fp32(trained, tmp_path):
+    model, train_set, test = trained
+    images, labels = test.x.float() / 255, test.y
+    to_onnx(model, images[:4], tmp_path / "model.onnx")
+    files = int8_files(model, tmp_path / "model.onnx", calibration_images(train_set, 256, 0), tmp_path / "model.ts")
+    with torch.no_grad():
+        fp32 = model(images)
+    span = (fp32.max() - fp32.min()).item()
+    for path in files.values():
+        logits = Runner(path).logits(images)
+        assert (logits.argmax(1) == fp32.argmax(1)).float().mean() >= MIN_AGREEMENT, path
+        assert (logits - fp32).abs().max() / span <= MAX_LOGIT_ERROR, path
+    onnx = measure(files["onnx"], images, labels, fp32.argmax(1), speed_repeats=2)
+    assert onnx["size_bytes"] < 0.6 * (tmp_path / "model.onnx").stat().st_size  # int8 weights, not fp32
+    assert onnx["agreement"] >= MIN_AGREEMENT and onnx["latency_ms_b1"] > 0 and onnx["throughput_b256"] > 0
+
+
+def test_calibration_sample_is_seeded(trained):
+    _, train_set, _ = trained
+    a, b, c = (calibration_images(train_set, 32, s) for s in (0, 0, 1))
+    assert torch.equal(a, b) and not torch.equal(a, c) and a.shape[0] == 32 and 0 <= a.min() and a.max() <= 1
+
+
+def _with_batchnorm_statistics(arch: str) -> torch.nn.Module:
+    from models import build_model
+
+    model = build_model(arch, 1, 10, 28, seed=0)
+    with torch.no_grad():
+        for m in model.modules():  # a BatchNorm far from the identity, so that folding it matters
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+        for _ in range(3):
+            model(torch.randn(32, 1, 28, 28) * 2 + 1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["plain-2", "resnet-8", "air-32"])
+def test_folding_batchnorm_keeps_the_function(arch):
+    model = _with_batchnorm_statistics(arch)
+    folded, pairs = fold_batchnorm(model)
+    x = torch.randn(8, 1, 28, 28)
+    assert pairs and not any(n.op == "call_module" and n.target in pairs.values() for n in folded.graph.nodes)
+    assert torch.allclose(folded(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["plain-2", "air-32"])
+def test_qad_weights_return_to_the_architecture(arch):
+    """After some fake-quantized steps, the float model computes what the QAD model does without fake quantization."""
+    from torch.ao.quantization import disable_fake_quant
+
+    model = _with_batchnorm_statistics(arch)
+    qad = QADModel(model, torch.randn(2, 1, 28, 28)).train()
+    opt = torch.optim.SGD(qad.parameters(), lr=0.05)
+    x = torch.randn(32, 1, 28, 28)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(qad(x), torch.arange(32) % 10)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    back = qad.to_float().eval()
+    qad.eval().qat.apply(disable_fake_quant)
+    with torch.no_grad():
+        assert not torch.allclose(back(x), model(x), atol=1e-3)  # it trained
+        assert torch.allclose(back(x), qad(x), atol=1e-5)
+    assert type(back) is type(model) and back.arch == model.arch
+
+
+def test_observers_are_still_in_evaluation():
+    qad = QADModel(_with_batchnorm_statistics("plain-2"), torch.randn(2, 1, 28, 28)).train()
+    with torch.no_grad():
+        qad(torch.randn(16, 1, 28, 28))  # ranges observed in training
+    qad.eval()
+    before = {k: v.clone() for k, v in qad.state_dict().items()}
+    with torch.no_grad():
+        qad(torch.randn(16, 1, 28, 28) * 50)
+    assert all(torch.equal(before[k], v) for k, v in qad.state_dict().items())
