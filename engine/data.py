@@ -38,12 +38,23 @@ DEFAULT_AUGMENT = {"fashion-mnist": AugmentConfig(crop_padding=2, flip=True),
 class ImageSet:
     x: torch.Tensor  # uint8 [N, C, H, W]
     y: torch.Tensor  # int64 [N]
+    # Which image each row is, for files keyed by image (a teacher's predictions): its position in the listing
+    # the loader read (the train files' order; image folders sorted by class, then path; CSV rows), and for image
+    # folders and CSVs its path (relative to the folder, or as the CSV writes it).
+    ids: torch.Tensor | None = None
+    paths: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.y)
 
     def subset(self, index: torch.Tensor) -> "ImageSet":
-        return ImageSet(self.x[index], self.y[index])
+        ids = None if self.ids is None else self.ids[index]
+        paths = None if self.paths is None else [self.paths[i] for i in index.tolist()]
+        return ImageSet(self.x[index], self.y[index], ids, paths)
+
+    def listed(self) -> "ImageSet":
+        """Each row numbered by its position, as the loader listed it."""
+        return ImageSet(self.x, self.y, torch.arange(len(self.y)), self.paths)
 
 
 @dataclass
@@ -84,11 +95,13 @@ class Splits:
         for split in ("train", "val", "test"):
             part = getattr(self, split)
             d[f"{split}_x"], d[f"{split}_y"] = part.x, part.y
+            d[f"{split}_ids"], d[f"{split}_paths"] = part.ids, part.paths
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Splits":
-        parts = {s: ImageSet(d[f"{s}_x"], d[f"{s}_y"]) for s in ("train", "val", "test")}
+        parts = {s: ImageSet(d[f"{s}_x"], d[f"{s}_y"], d.get(f"{s}_ids"), d.get(f"{s}_paths"))
+                 for s in ("train", "val", "test")}
         norm = d.get("norm")
         return cls(d["name"], list(d["classes"]), augment=AugmentConfig(**d["augment"]),
                    norm=None if norm is None else (list(norm[0]), list(norm[1])), **parts)
@@ -241,7 +254,7 @@ def load_cifar(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str]]:
 
 # ---------------------------------------------------------------- image folders
 
-def _read_images(items: list[tuple[Path, int]], cfg: DataConfig, where: str) -> ImageSet:
+def _read_images(items: list[tuple[Path, int]], cfg: DataConfig, where: str, base: Path) -> ImageSet:
     """Decode, convert and resize every image; every unreadable one is reported with its path."""
     from PIL import Image
 
@@ -257,10 +270,11 @@ def _read_images(items: list[tuple[Path, int]], cfg: DataConfig, where: str) -> 
     if bad:
         raise DataError(f"{where}: {len(bad)} unreadable image(s): " + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return ImageSet(x, torch.tensor(labels, dtype=torch.long))
+    paths = [Path(os.path.relpath(p, base)).as_posix() for p, _ in items]
+    return ImageSet(x, torch.tensor(labels, dtype=torch.long), paths=paths)
 
 
-def _read_folder(root: Path, classes: list[str], cfg: DataConfig) -> ImageSet:
+def _read_folder(root: Path, classes: list[str], cfg: DataConfig, base: Path) -> ImageSet:
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     items = []
@@ -269,7 +283,7 @@ def _read_folder(root: Path, classes: list[str], cfg: DataConfig) -> ImageSet:
         if not files:
             raise DataError(f"{root / cls}: class folder has no images ({', '.join(IMG_EXTENSIONS)})")
         items += [(p, label) for p in files]
-    return _read_images(items, cfg, str(root))
+    return _read_images(items, cfg, str(root), base)
 
 
 def _class_folders(root: Path) -> list[str]:
@@ -287,8 +301,9 @@ def load_image_folder(cfg: DataConfig) -> tuple[ImageSet, ImageSet | None, list[
     if split:
         if _class_folders(root / "test") != classes:
             raise DataError(f"{root / 'test'}: class folders differ from {root / 'train'}")
-        return _read_folder(root / "train", classes, cfg), _read_folder(root / "test", classes, cfg), classes
-    return _read_folder(root, classes, cfg), None, classes
+        return (_read_folder(root / "train", classes, cfg, root), _read_folder(root / "test", classes, cfg, root),
+                classes)
+    return _read_folder(root, classes, cfg, root), None, classes
 
 
 # ---------------------------------------------------------------- CSV of path,label
@@ -325,9 +340,9 @@ def load_csv(cfg: DataConfig) -> tuple[ImageSet, ImageSet | None, list[str]]:
         return [(path.parent / r["path"].strip(), index[r["label"].strip()]) for r in chosen]
 
     if "split" in columns and any((r.get("split") or "").strip() == "test" for r in rows):
-        return (_read_images(items("train"), cfg, f"{path} (train rows)"),
-                _read_images(items("test"), cfg, f"{path} (test rows)"), classes)
-    return _read_images(items(None), cfg, str(path)), None, classes
+        return (_read_images(items("train"), cfg, f"{path} (train rows)", path.parent),
+                _read_images(items("test"), cfg, f"{path} (test rows)", path.parent), classes)
+    return _read_images(items(None), cfg, str(path), path.parent), None, classes
 
 
 def _csv_path(cfg: DataConfig) -> Path:
@@ -385,10 +400,11 @@ def load_splits(cfg: DataConfig) -> Splits:
         train, test, classes = load_cifar(cfg)
     else:
         train, test, classes = (load_csv if cfg.name.startswith("csv:") else load_image_folder)(cfg)
-        if test is None:  # one folder only: carve a seeded test split too
-            order = _shuffled(len(train), cfg.split_seed + 1)
-            n_test = max(1, round(len(train) * 0.2))
-            train, test = train.subset(order[n_test:]), train.subset(order[:n_test])
+    train = train.listed()
+    if test is None:  # one folder only: carve a seeded test split too
+        order = _shuffled(len(train), cfg.split_seed + 1)
+        n_test = max(1, round(len(train) * 0.2))
+        train, test = train.subset(order[n_test:]), train.subset(order[:n_test])
     if len(classes) < 2:
         raise DataError(f"{cfg.name}: {len(classes)} class(es); need at least 2")
     _check(train, len(classes), f"{cfg.name} train split")

@@ -185,15 +185,24 @@ def compute(model: nn.Module, train: DeviceSet, spec: AugmentConfig, k_views: in
     c = None
     for k, logits in _over_views(lambda x: model(x).float(), train, spec, k_views, seed, batch_size, progress):
         c = logits.shape[1]
-        if topk:
-            values, indices, rest = _top(logits, topk)
-            parts["indices"][k].append(indices.to(torch.int16).cpu())
-            parts["rest"][k].append(rest.cpu())
-        else:
-            values = logits
-        parts["values"][k].append(values.half().cpu())
+        for name, part in zip(("values", "indices", "rest"), _stored(logits, topk)):
+            parts[name][k].append(part)
     stacked = {n: torch.stack([torch.cat(r) for r in per_view]) if per_view[0] else None for n, per_view in parts.items()}
     return SoftTargets(stacked["values"], stacked["indices"], c, stacked["rest"])
+
+
+def _stored(logits: torch.Tensor, topk: int | None) -> tuple:
+    """What a cache keeps of fp32 logits [N, C]: fp16 values, and with top-k the int16 classes and the rest."""
+    if not topk:
+        return (logits.half().cpu(),)
+    values, indices, rest = _top(logits, topk)
+    return values.half().cpu(), indices.to(torch.int16).cpu(), rest.cpu()
+
+
+def from_logits(logits: torch.Tensor, topk: int | None) -> SoftTargets:
+    """A cache of one view (the clean image) from logits already computed [N, C]: a teacher's predictions file."""
+    values, indices, rest = ([p[None] for p in _stored(logits.float(), topk)] + [None, None])[:3]
+    return SoftTargets(values, indices, logits.shape[1], rest)
 
 
 def save(directory: str | Path, targets: SoftTargets, key: CacheKey) -> None:

@@ -3,6 +3,8 @@
     python examples/own_data.py make-folder   --out data/own/images          # 1. an image folder of PNGs
     python examples/own_data.py train-teacher --folder data/own/images \\
                                               --out data/own/teacher.ts      # 2. a teacher trained elsewhere
+    python examples/own_data.py teacher-predictions --folder data/own/images --teacher data/own/teacher.ts \
+                                              --out data/own/teacher_predictions.npz  # 2b. only its answers
     (3. the pipeline distils it with TAKD; 4. `takd predict` uses the exported student: see the docs)
 
 Step 1 writes Fashion-MNIST (Debian's files, offline) as PNGs, one folder per class, with
@@ -78,6 +80,23 @@ def train_teacher(folder: Path, out: Path, epochs: int, seed: int) -> dict:
             "seconds": round(time.time() - t0, 1)}
 
 
+def teacher_predictions(folder: Path, teacher: Path, out: Path) -> dict:
+    """What a teacher behind a service gives back: class probabilities for each training image, stored with
+    the image's path (relative to the folder, as the pipeline lists it). Nothing else of the teacher is kept."""
+    import numpy as np
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.Grayscale(), transforms.ToTensor(), transforms.Normalize([MEAN], [STD])])
+    train = datasets.ImageFolder(str(folder / "train"), tf)
+    model = torch.jit.load(str(teacher)).eval()
+    with torch.no_grad():
+        probs = torch.cat([model(x).softmax(1) for x, _ in torch.utils.data.DataLoader(train, 512)])
+    paths = np.array([Path(p).relative_to(folder).as_posix() for p, _ in train.samples])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, probabilities=probs.numpy(), path=paths)
+    return {"predictions": str(out), "images": len(paths), "classes": len(train.classes)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,9 +110,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("data/own/teacher.ts"))
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("teacher-predictions")
+    p.add_argument("--folder", type=Path, default=Path("data/own/images"))
+    p.add_argument("--teacher", type=Path, default=Path("data/own/teacher.ts"))
+    p.add_argument("--out", type=Path, default=Path("data/own/teacher_predictions.npz"))
     args = parser.parse_args(argv)
     if args.command == "make-folder":
         result = make_folder(args.out, args.per_class, args.test_per_class, args.source_dir)
+    elif args.command == "teacher-predictions":
+        result = teacher_predictions(args.folder, args.teacher, args.out)
     else:
         result = train_teacher(args.folder, args.out, args.epochs, args.seed)
     print(json.dumps(result, indent=2))

@@ -50,6 +50,20 @@ class TeacherConfig(ModelConfig):
                                                                                      "recognises TorchScript archives")
     finetune_epochs: int = Field(0, ge=0, le=10_000, description="fine-tune the imported teacher on this data first, "
                                                                  "with teacher.train's settings (0: as is)")
+    predictions: Optional[SafePath] = Field(None, description="no teacher model: distil from this file of its outputs "
+                                                              "on the training images (.npy, .npz or .csv, by index "
+                                                              "or path; docs/own-data.md)")
+    predictions_kind: Literal["auto", "logits", "probabilities"] = Field(
+        "auto", description="what the file holds; auto: an .npz's array name, else probabilities when every row "
+                            "is non-negative and sums to 1")
+    predictions_temperature: float = Field(1.0, gt=0, le=100, description="the temperature the probabilities "
+                                                                          "were made at (1: a plain softmax)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherConfig":
+        if self.predictions and self.checkpoint:
+            raise ValueError("set teacher.checkpoint (a model) or teacher.predictions (its outputs), not both")
+        return self
 
 
 class AssistantConfig(ModelConfig):

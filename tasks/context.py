@@ -1,6 +1,7 @@
 """What every stage needs: the prepared splits on the device, models by name, their files."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tasks.catalog import Catalog
 
 DATASET_FILE, MODEL_FILE, MODEL_META, HISTORY_FILE = "dataset.pt", "model.pt", "model.json", "history.json"
 SCRIPT_FILE = "model.ts"  # an imported TorchScript teacher is kept as TorchScript
+PREDICTIONS, PREDICTIONS_FILE = "predictions", "predictions.pt"  # a teacher known only by its outputs: no model
 
 
 def load_splits_file(cat: Catalog) -> Splits:
@@ -65,10 +67,31 @@ class Workspace:
 
     def load_model_dir(self, model_dir: Path) -> nn.Module:
         meta = read_meta(model_dir)
+        if meta["arch"] == PREDICTIONS:
+            raise KDError(f"{model_dir}: the teacher is known only by its predictions ({meta['predictions']['file']}); "
+                          "there is no model to run")
         if meta["arch"] == TORCHSCRIPT:
             return load_torchscript(model_dir / SCRIPT_FILE, self.device)
         model = self.build(meta["arch"])
         return self.load_state(model, load_torch(model_dir / MODEL_FILE, self.device), str(model_dir / MODEL_FILE))
+
+    def load_guide(self, model_dir: Path) -> nn.Module | None:
+        """The model a distillation learns from; None for a teacher known only by its predictions."""
+        return None if read_meta(model_dir)["arch"] == PREDICTIONS else self.load_model_dir(model_dir)
+
+    def data_meta(self) -> dict:
+        return {"classes": self.splits.classes, "class_to_idx": {c: i for i, c in enumerate(self.splits.classes)},
+                "input_shape": list(self.splits.input_shape), "mean": self.mean, "std": self.std,
+                "data": self.splits.name, "data_fingerprint": self.fingerprint}
+
+    def save_predictions(self, out_dir: Path, logits: torch.Tensor, meta: dict) -> dict:
+        """A teacher known only by its outputs: its logits for the train split, in order, and its meta."""
+        save_torch(logits, out_dir / PREDICTIONS_FILE)
+        save_json([], out_dir / HISTORY_FILE)
+        fingerprint = hashlib.sha256(logits.numpy().tobytes()).hexdigest()[:16]
+        meta = {**meta, "arch": PREDICTIONS, **self.data_meta(), "model_fingerprint": fingerprint}
+        save_json(meta, out_dir / MODEL_META)
+        return meta
 
     def save_model(self, out_dir: Path, model: nn.Module, meta: dict, history: list[dict]) -> dict:
         if model.arch == TORCHSCRIPT:
@@ -76,10 +99,8 @@ class Workspace:
                 torch.jit.save(model, str(tmp))
         save_torch(model.state_dict(), out_dir / MODEL_FILE)
         save_json(history, out_dir / HISTORY_FILE)
-        meta = {**meta, "arch": model.arch, "classes": self.splits.classes,
-                "class_to_idx": {c: i for i, c in enumerate(self.splits.classes)}, "input_shape": list(self.splits.input_shape),
-                "mean": self.mean, "std": self.std, "data": self.splits.name, "data_fingerprint": self.fingerprint,
-                "model_fingerprint": model_fingerprint(model), **profile(model, self.splits.input_shape)}
+        meta = {**meta, "arch": model.arch, **self.data_meta(), "model_fingerprint": model_fingerprint(model),
+                **profile(model, self.splits.input_shape)}
         save_json(meta, out_dir / MODEL_META)
         return meta
 

@@ -19,6 +19,9 @@ def _hop(kd: KDConfig | None, method: str) -> str:
 
 def headline(student: dict, teacher: dict) -> str:
     """'96% smaller, 5.1x faster, 98.9% of the teacher's accuracy' (DistilBERT's way of saying it)."""
+    if teacher.get("test_acc") is None:
+        return (f"{_pct(student['test_acc'])} test accuracy, distilled from a teacher known only by its predictions "
+                "on the training images (no teacher size, speed or test accuracy to compare)")
     smaller = 1 - student["params"] / teacher["params"]
     parts = [f"{100 * smaller:.1f}% smaller" if smaller > 0.99 else f"{100 * smaller:.0f}% smaller"]
     if student.get("latency_ms_b1") and teacher.get("latency_ms_b1"):
@@ -55,6 +58,16 @@ speed on the CPU that ran the export (ONNX Runtime for `.onnx`, PyTorch for `.ts
 """
 
 
+def against_teacher(student: dict, teacher: dict) -> str:
+    if teacher.get("test_acc") is None:
+        return (f"- The teacher is known only by its predictions on the training images ("
+                f"`{teacher.get('predictions', {}).get('file', '?')}`): it has no test accuracy, size or speed here.")
+    return f"""- Accuracy as a share of the teacher's: **{100 * student['test_acc'] / teacher['test_acc']:.1f}%**
+  ({_pct(student['test_acc'])} vs {_pct(teacher['test_acc'])}).
+- Agreement with the teacher's predictions on the test split: {_pct(student.get('teacher_agreement', float('nan')))}.
+- {teacher['params'] / student['params']:.1f}x fewer parameters and {teacher['flops'] / student['flops']:.1f}x fewer FLOPs than the teacher."""
+
+
 def model_card(name: str, chain: list[dict], data: dict, export: dict) -> str:
     """`chain`: the student first, then each model it learnt from up to the teacher; each a dict of
     its meta, evaluation and hop settings ('kd', a KDConfig or None)."""
@@ -64,7 +77,7 @@ def model_card(name: str, chain: list[dict], data: dict, export: dict) -> str:
     rows = "\n".join(
         f"| {m['role']} `{m['arch']}` | {_pct(m['test_acc'])} | {m['params']:,} | {m['size_bytes'] / 2**20:.2f} MB | "
         f"{m['flops'] / 1e6:.1f} | {m.get('latency_ms_b1', float('nan')):.2f} | {m.get('throughput_b256', float('nan')):,.0f} |"
-        for m in chain)
+        for m in chain if "params" in m)
     classes = ", ".join(f"{i}: {c}" for i, c in enumerate(data["classes"]))
     c, h, w = data["input_shape"]
     return f"""# Model card: {student['arch']} ({name})
@@ -82,10 +95,7 @@ def model_card(name: str, chain: list[dict], data: dict, export: dict) -> str:
 |---|---|---|---|---|---|---|
 {rows}
 
-- Accuracy as a share of the teacher's: **{100 * student['test_acc'] / teacher['test_acc']:.1f}%**
-  ({_pct(student['test_acc'])} vs {_pct(teacher['test_acc'])}).
-- Agreement with the teacher's predictions on the test split: {_pct(student.get('teacher_agreement', float('nan')))}.
-- {teacher['params'] / student['params']:.1f}x fewer parameters and {teacher['flops'] / student['flops']:.1f}x fewer FLOPs than the teacher.
+{against_teacher(student, teacher)}
 
 {int8_section(student, export)}
 ## Data it was distilled on

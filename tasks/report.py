@@ -57,7 +57,7 @@ def comparison(cfg: PipelineConfig, models: dict[str, PipelineModel], evals: dic
             labels[variant(m)] = LABELS[m.method]
     table = seed_table(accs, labels, CONTRASTS, cfg.experiments.confidence)
     refs = [{"variant": name, "label": f"{m.role} {evals[name]['arch']}", "test_acc": evals[name]["test_acc"]}
-            for name, m in models.items() if m.role != "student"]
+            for name, m in models.items() if m.role != "student" and evals[name]["test_acc"] is not None]
     chain = f"{cfg.teacher.arch} -> {cfg.assistant.arch} -> {cfg.student.arch}"
     return {**table, "references": refs, "seeds": cfg.student.seeds, "data": cfg.data.name,
             "title": f"{cfg.data.name}: {chain}, students over seeds {cfg.student.seeds}"}

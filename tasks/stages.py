@@ -83,7 +83,8 @@ class Stage:
 
 
 def _teacher_file(cfg: PipelineConfig) -> list[Path]:
-    return [Path(cfg.teacher.checkpoint)] if cfg.teacher.checkpoint else []
+    """The imported teacher's file: a model, or its predictions."""
+    return [Path(f) for f in (cfg.teacher.checkpoint, cfg.teacher.predictions) if f]
 
 
 def _trainings(*spec: tuple) -> tuple[Stage, ...]:

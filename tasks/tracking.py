@@ -193,6 +193,9 @@ class ModelRun:
         self.client.log_dict(self.run_id, meta, "model.json")
         if not self.log_models:
             return
+        if model is None:
+            self.client.set_tag(self.run_id, "model_logged", "no: a teacher known only by its predictions")
+            return
         if getattr(model, "arch", "") == "torchscript":  # torch.export cannot trace a ScriptModule
             self.client.set_tag(self.run_id, "model_logged", "no: an imported TorchScript teacher")
             return

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine import augment, soft_targets
+from engine import augment, predictions, soft_targets
 from engine.atomic import load_torch
 from engine.config import KDConfig, TrainConfig
 from engine.device import seed_everything
@@ -77,6 +77,8 @@ def describe(cfg: PipelineConfig, m: PipelineModel) -> str:
         return f"distill {who} from {m.source.role} {_arch(cfg, m.source)} ({how})"
     if m.init:
         return f"fine-tune {who} ({m.method})"
+    if m.role == "teacher" and cfg.teacher.predictions:
+        return f"import teacher predictions {Path(cfg.teacher.predictions).name}"
     if m.role == "teacher" and cfg.teacher.checkpoint:
         tuned = f", fine-tuned {cfg.teacher.finetune_epochs} epochs" if cfg.teacher.finetune_epochs else ""
         return f"import teacher {_arch(cfg, m)}{tuned}"
@@ -155,11 +157,12 @@ def _teacher(cfg: PipelineConfig, ws: Workspace, t: Training, models: list[nn.Mo
     """Where the soft targets (and the teacher's features, when the loss reads them) come from."""
     spec, n, kd = ws.splits.augment, len(ws.train), t.kd or cfg.kd
     sources = []
-    for model, (_, targets_dir) in zip(models, t.guides):
+    for model, (model_dir, targets_dir) in zip(models, t.guides):
         if cfg.cache.online:
             sources.append(soft_targets.OnlineTeacher(model))
             continue
-        key = soft_targets.CacheKey(model_fingerprint(model), ws.fingerprint, spec.model_dump(), cfg.cache.views,
+        fingerprint = model_fingerprint(model) if model is not None else read_meta(model_dir)["model_fingerprint"]
+        key = soft_targets.CacheKey(fingerprint, ws.fingerprint, spec.model_dump(), cfg.cache.views,
                                     cfg.cache.seed, cfg.cache.topk, ws.splits.num_classes, n)
         sources.append(soft_targets.load(targets_dir, key, ws.device))
     extra = {"teacher_mode": "online" if cfg.cache.online else "cached", "guides": len(sources)}
@@ -218,10 +221,15 @@ def _prepare(cfg: PipelineConfig, ws: Workspace, t: Training, generator) -> tupl
     if t.quantized:
         model = QADModel(model, ws.train.normalize(ws.train.x[:2]))
     kd = t.kd or cfg.kd
-    guides = [ws.load_model_dir(m) for m, _ in t.guides]
+    guides = [ws.load_guide(m) for m, _ in t.guides]
     if any(getattr(g, "arch", "") == TORCHSCRIPT for g in guides) and issubclass(LOSSES[t.loss], FeatureLoss):
         raise KDError(f"{t.name}: loss {t.loss!r} reads the teacher's features, which a TorchScript teacher does not "
                       "expose; use a logit loss (kd, dkd) for this hop, or import the teacher as a state_dict")
+    kind = LOSSES[t.loss]
+    if None in guides and (issubclass(kind, FeatureLoss) or kind.teacher_online or cfg.cache.online):
+        how = "cache.online runs the teacher" if cfg.cache.online else f"loss {t.loss!r} runs the teacher or reads its features"
+        raise KDError(f"{t.name}: its teacher is known only by its predictions (teacher.predictions), but {how}; "
+                      "use a loss that reads outputs only (kd, dkd, dist, ctkd) with cache.online false")
     ctx = LossContext(student=model, teacher=guides[0] if guides else None,
                       sample=ws.train.normalize(ws.train.x[:8]), build=ws.build, seed=t.seed,
                       num_train=len(ws.train), train_labels=ws.train.y)
@@ -306,6 +314,27 @@ def training(cfg: PipelineConfig, cat: Catalog, m: PipelineModel) -> Training:
                     quantized=m.quantized)
 
 
+def import_predictions(cfg: PipelineConfig, cat: Catalog, t: Training, out_dir: Path) -> dict:
+    """A teacher known only by its outputs: the file checked against the data set, its logits kept in the
+    train split's order, and its accuracy on the validation images when the file covers them."""
+    ws = Workspace(cat, "cpu")
+    logits, info = predictions.read(cfg.teacher.predictions, {"train": ws.splits.train, "val": ws.splits.val},
+                                    ws.splits.num_classes, cfg.teacher.predictions_kind,
+                                    cfg.teacher.predictions_temperature)
+    val = logits.get("val")
+    best = {"best_epoch": 0, "best_val_acc": None if val is None else accuracy(val, ws.splits.val.y)}
+    params = {"role": t.role, "method": t.method, "data": cfg.data.name, **{f"predictions_{k}": v for k, v in info.items()}}
+    with tracking.model_run(cfg, cat, t.name, t.run_name, t.role, t.method, params) as run:
+        meta = ws.save_predictions(out_dir, logits["train"], {"name": t.name, "role": t.role, "method": t.method,
+                                                              "parent_model": None, "predictions": info, **best})
+        run.log_model(None, ws, meta)
+    return {**best, "arch": meta["arch"], "predictions": info, "model_fingerprint": meta["model_fingerprint"],
+            "mlflow_run_id": run.run_id}
+
+
 def train(run: StageRun, m: PipelineModel) -> dict:
     """The work of the stage that trains pipeline model `m`."""
-    return fit_training(run.cfg, run.cat, training(run.cfg, run.cat, m), run.key, run.out)
+    t = training(run.cfg, run.cat, m)
+    if m.role == "teacher" and run.cfg.teacher.predictions:
+        return import_predictions(run.cfg, run.cat, t, run.out)
+    return fit_training(run.cfg, run.cat, t, run.key, run.out)

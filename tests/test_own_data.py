@@ -179,6 +179,27 @@ def test_worked_example_end_to_end(fashion_dir, tmp_path, monkeypatch):
     card = (cat.export / "model_card.md").read_text()
     assert "teacher torchscript" in card and "imagefolder" in card
 
+    # 2b and 3 again: the teacher absent, only its probabilities on the training images, keyed by path
+    example.teacher_predictions(images, tmp_path / "teacher.ts", tmp_path / "predictions.npz")
+    from tasks.context import load_splits_file
+
+    val = load_splits_file(cat).val
+    with torch.no_grad():
+        own = torch.jit.load(str(tmp_path / "teacher.ts"))((val.x.float() / 255 - 0.5) / 0.5).argmax(1)
+    (tmp_path / "teacher.ts").unlink()
+    other = Catalog(tmp_path / "from-file")
+    monkeypatch.setenv("KD_PROJECT_ROOT", str(other.root))
+    cfg = load_config(None, {**over, "data.name": f"imagefolder:{images}", "data.channels": 1, "data.image_size": 28,
+                             "data.mean": [0.5], "data.std": [0.5], "cache.views": 1, "student.seeds": [0],
+                             "teacher.predictions": str(tmp_path / "predictions.npz")})
+    for inst in instances(cfg):
+        run_instance(inst, cfg, other)
+    teacher = json.loads((other.model("teacher") / "model.json").read_text())
+    assert teacher["arch"] == "predictions" and teacher["predictions"]["kind"] == "probabilities"
+    # its answers on the validation images (the file holds them too), found by path: the teacher's own
+    assert teacher["best_val_acc"] == pytest.approx((own == val.y).float().mean().item(), abs=1e-6)
+    assert "known only by its predictions" in (other.export / "model_card.md").read_text()
+
 
 def test_torchvision_architecture_with_a_weights_file(prepared, tmp_path):
     """A teacher trained with torchvision's own resnet18 (its first conv made 1-channel) imports as tv:resnet18."""
