@@ -140,9 +140,10 @@ OWN = {"data.name": "imagefolder:own/images", "data.image_size": 16, "data.chann
        "student.arch": "plain-2", "student.seeds": [0], "assistant.train.epochs": 1, "student.train.epochs": 1,
        "assistant.train.batch_size": 16, "student.train.batch_size": 16, "evaluate.speed_repeats": 0,
        "export.check_images": 8}
-STUDENTS = {"train-student-nokd@0", "distill-student-blkd@0", "distill-student-takd@0", "fine-tune-student@0"}
+STUDENTS = {"train-student-nokd@0", "distill-student-blkd@0", "distill-student-takd@0", "fine-tune-student@0",
+            "distill-student-qad@0"}
 TEACHER_ON = {"train-teacher", "cache-teacher", "distill-assistant", "cache-assistant", "distill-student-blkd@0",
-              "distill-student-takd@0", "fine-tune-student@0"}
+              "distill-student-takd@0", "fine-tune-student@0", "distill-student-qad@0"}
 AFTER = {"evaluate", "report", "export"}
 EVERYTHING = {"prepare-data", "train-teacher", "cache-teacher", "distill-assistant", "cache-assistant"} | STUDENTS | AFTER
 

@@ -8,7 +8,8 @@ import pytest
 from tasks.stages import instances, models, run_instance
 
 METHODS = {"teacher": ("teacher", "teacher"), "assistant": ("assistant", "KD"), "student-nokd": ("student", "NOKD"),
-           "student-blkd": ("student", "BLKD"), "student-takd": ("student", "TAKD"), "student-takd-ft": ("student", "FT")}
+           "student-blkd": ("student", "BLKD"), "student-takd": ("student", "TAKD"), "student-takd-ft": ("student", "FT"),
+           "student-takd-qad": ("student", "QAD")}
 
 
 @pytest.fixture(scope="module")

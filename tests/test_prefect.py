@@ -172,4 +172,4 @@ def test_the_flow_is_a_dag_nokd_students_train_while_the_teacher_trains(project,
     assert [r.name for r in runs.values() if r.run_count != 1] == []
     client = MlflowClient(f"sqlite:///{cat.root / 'mlflow.db'}")
     statuses = [r.info.status for r in client.search_runs([client.get_experiment_by_name("takd").experiment_id])]
-    assert statuses.count("FINISHED") == len(statuses) == 11  # ten models (two seeds) and the parent
+    assert statuses.count("FINISHED") == len(statuses) == 13  # twelve models (two seeds) and the parent
