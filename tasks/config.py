@@ -121,6 +121,8 @@ class QuantizeConfig(Strict):
     calibration_images: int = Field(512, ge=1, description="training images (a seeded sample) that calibrate the "
                                                            "INT8 ranges")
     calibration_seed: int = Field(0, ge=0, description="picks the calibration sample")
+    evaluate: bool = Field(True, description="the evaluate stage also quantizes the QAD students and the students "
+                                             "they start from (an ONNX export each), for the report's INT8 rows")
     qad_epochs: int = Field(1, ge=0, le=10_000, description="QAD: epochs of distillation from the TA with fake "
                                                            "quantization, after fine-tuning; 0 skips QAD")
     qad_lr_scale: float = Field(0.1, gt=0, le=1, description="QAD lr = student lr * qad_lr_scale")

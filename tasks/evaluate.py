@@ -43,7 +43,7 @@ def work(run: StageRun, models: dict[str, PipelineModel]) -> dict:
     ws = Workspace(cat, cfg.device)
     teacher = ws.load_guide(cat.model("teacher"))
     teacher_pred = None if teacher is None else predict(teacher, ws.test).argmax(1)
-    quantized = int8_candidates(models)
+    quantized = int8_candidates(models) if cfg.quantize.evaluate else set()
     summary = {}
     for name, m in models.items():
         model = ws.load_guide(cat.model(name))

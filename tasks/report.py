@@ -67,7 +67,7 @@ def int8_comparison(cfg: PipelineConfig, models: dict[str, PipelineModel], evals
     """fp32, PTQ INT8 and QAD INT8 over the seeds, paired; None when no model was quantized. The cost columns
     (ONNX Runtime, this CPU) are the first seed's."""
     qad = [m for m in models.values() if m.quantized and m.init]
-    if not qad:
+    if not (qad and cfg.quantize.evaluate):
         return None
     accs: dict[str, dict[int, float]] = {"fp32": {}, "ptq": {}, "qad": {}, "qad_fp32": {}}
     cost: dict[str, dict] = {}

@@ -33,7 +33,8 @@ def tiny_overrides(fashion_dir: Path, root: Path) -> dict:
             "teacher.arch": "plain-4", "assistant.arch": "plain-2", "student.arch": "plain-2",
             "teacher.train.epochs": 1, "assistant.train.epochs": 1, "student.train.epochs": 1,
             "teacher.train.batch_size": 64, "assistant.train.batch_size": 64, "student.train.batch_size": 64,
-            "evaluate.speed_repeats": 1, "cache.batch_size": 256, "student.seeds": [0, 1]}
+            "evaluate.speed_repeats": 1, "cache.batch_size": 256, "student.seeds": [0, 1],
+            "quantize.evaluate": False}  # an ONNX export per model: tests/test_stages.py turns it on where it checks it
 
 
 @pytest.fixture

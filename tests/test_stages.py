@@ -16,6 +16,7 @@ def run_all(cfg, cat) -> dict:
 
 def test_pipeline_outputs_and_reuse(project):
     cfg, cat = project
+    cfg = cfg.model_copy(update={"quantize": cfg.quantize.model_copy(update={"evaluate": True})})
     first = run_all(cfg, cat)
     assert not any(r["reused"] for r in first.values())
     assert len(first) == 4 + 5 * len(cfg.student.seeds) + 4  # data, teacher + cache, TA + cache; students; eval, report, export
