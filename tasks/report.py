@@ -52,7 +52,7 @@ def comparison(cfg: PipelineConfig, models: dict[str, PipelineModel], evals: dic
     accs: dict[str, dict[int, float]] = {}
     labels = {}
     for name, m in models.items():
-        if m.role == "student":
+        if m.role == "student" and not (m.quantized and cfg.quantize.qad_epochs == 0):  # QAD off: a copy, left out
             accs.setdefault(variant(m), {})[m.seed] = evals[name]["test_acc"]
             labels[variant(m)] = LABELS[m.method]
     table = seed_table(accs, labels, CONTRASTS, cfg.experiments.confidence)

@@ -147,7 +147,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           code=("tasks/evaluate.py",),
           accelerator=True, title=lambda cfg: "evaluate every model on the test split (and INT8 the QAD chain's)"),
     Stage("report", lambda run: report.work(run, models(run.cfg)), out=lambda cat, _: cat.reports,
-          needs=("evaluate", *ALL_MODELS), params=("tracking", "experiments.confidence"),
+          needs=("evaluate", *ALL_MODELS), params=("tracking", "experiments.confidence", "quantize.qad_epochs", "quantize.evaluate"),
           code=("tasks/report.py", "tasks/figures.py"),
           after=report.after, metrics=report.METRICS, plots=report.PLOTS,
           title=lambda cfg: f"report NOKD / BLKD / TAKD over {len(cfg.student.seeds)} seeds"),

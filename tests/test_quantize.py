@@ -100,3 +100,25 @@ def test_observers_are_still_in_evaluation():
     with torch.no_grad():
         qad(torch.randn(16, 1, 28, 28) * 50)
     assert all(torch.equal(before[k], v) for k, v in qad.state_dict().items())
+
+
+def test_the_report_pairs_ptq_and_qad_by_seed_and_leaves_qad_out_when_it_is_off():
+    from tasks.config import load_config
+    from tasks.report import comparison, int8_comparison
+    from tasks.stages import models
+
+    cfg = load_config(None, {})
+    evals = {}
+    for name, m in models(cfg).items():
+        acc = 0.90 + 0.001 * (m.seed or 0)
+        evals[name] = {"test_acc": acc, "arch": "plain-2", "int8_test_acc": acc - (0.004 if m.method == "FT" else 0.001)}
+    table = int8_comparison(cfg, models(cfg), evals)
+    assert [r["variant"] for r in table["rows"]] == ["fp32", "ptq", "qad", "qad_fp32"]
+    by = {(c["a"], c["b"]): c for c in table["contrasts"]}
+    assert by[("qad", "ptq")]["mean"] == pytest.approx(0.003) and by[("ptq", "fp32")]["mean"] == pytest.approx(-0.004)
+    assert by[("qad", "ptq")]["n"] == len(cfg.student.seeds)
+    off = load_config(None, {"quantize.qad_epochs": 0})
+    assert [r["variant"] for r in int8_comparison(off, models(off), evals)["rows"]] == ["fp32", "ptq"]
+    assert "takd_qad" not in {r["variant"] for r in comparison(off, models(off), evals)["rows"]}
+    assert "takd_qad" in {r["variant"] for r in comparison(cfg, models(cfg), evals)["rows"]}
+    assert int8_comparison(load_config(None, {"quantize.evaluate": False}), models(cfg), evals) is None
