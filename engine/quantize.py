@@ -49,7 +49,8 @@ def ort_int8(fp32_onnx: Path, out: Path, calibration: torch.Tensor) -> None:
 
     with tempfile.TemporaryDirectory(prefix="int8-") as tmp, atomic_path(out) as target:
         pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(fp32_onnx), str(pre))
+        # ONNX's own shape inference: the symbolic one crashes on air-N's Reshape; a CNN needs no more.
+        quant_pre_process(str(fp32_onnx), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)

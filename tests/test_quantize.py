@@ -40,6 +40,20 @@ def test_int8_files_run_and_agree_with_fp32(trained, tmp_path):
     assert onnx["agreement"] >= MIN_AGREEMENT and onnx["latency_ms_b1"] > 0 and onnx["throughput_b256"] > 0
 
 
+@pytest.mark.parametrize("arch", ["air-32", "resnet-8"])
+def test_int8_serves_the_other_families(arch, tmp_path):
+    """Residual adds, pooling before BatchNorm, GELU: every registered family quantizes and runs."""
+    model = Deployable(_with_batchnorm_statistics(arch), [0.3], [0.3])
+    images = torch.rand(64, 1, 28, 28)
+    to_onnx(model, images[:4], tmp_path / "model.onnx")
+    files = int8_files(model, tmp_path / "model.onnx", images, tmp_path / "model.ts")
+    with torch.no_grad():
+        fp32 = model(images)
+    span = (fp32.max() - fp32.min()).item()
+    for path in files.values():
+        assert (Runner(path).logits(images) - fp32).abs().max() / span <= 0.1, path
+
+
 def test_calibration_sample_is_seeded(trained):
     _, train_set, _ = trained
     a, b, c = (calibration_images(train_set, 32, s) for s in (0, 0, 1))
