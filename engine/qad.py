@@ -3,58 +3,85 @@ run it, by the ordinary training loop and loss.
 
 BatchNorm is folded into the convolution first, because the INT8 exporter folds it too: the weights
 that get quantized in training are the ones that get quantized in the file. Fake quantization is
-torch.ao's (FX graph mode), set to the INT8 scheme of engine.quantize.ort_int8: weights int8 per output
-channel, symmetric; activations uint8 per tensor. After training, `QADModel.to_float` writes the folded
-weights back into the model's own architecture (each BatchNorm left as the identity plus the folded
-bias), so the result saves, loads, evaluates and exports like any other model of its name."""
+torch.ao's (eager mode: modules swapped and hooked, nothing traced), set to the INT8 scheme of
+engine.quantize.ort_int8: weights int8 per output channel, symmetric; activations uint8 per tensor, at the
+input and after every layer. After training, `QADModel.to_float` writes the folded weights back into the
+model's own architecture (each BatchNorm left as the identity plus the folded bias), so the result saves,
+loads, evaluates and exports like any other model of its name.
+
+Nothing here traces the model with torch.fx: FX patches torch.nn.Module.__call__ for the whole process while
+it traces, which breaks trainings running at the same time in other threads (the flow runs stages in
+threads). The pairs to fold are found by one forward pass with hooks on this model's own modules."""
 from __future__ import annotations
 
 import copy
 import warnings
 
 import torch
-import torch.fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+CONV = (nn.Conv1d, nn.Conv2d)
+FOLD_TOLERANCE = 1e-4  # relative: folding changes only rounding
 
 
-def fold_batchnorm(model: nn.Module) -> tuple[torch.fx.GraphModule, dict[str, str]]:
-    """The model traced with every BatchNorm that directly follows a conv (or linear) layer folded into it;
-    and those pairs, conv name -> BatchNorm name."""
-    traced = torch.fx.symbolic_trace(copy.deepcopy(model).eval())
-    modules = dict(traced.named_modules())
-    pairs = {}
-    for node in list(traced.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target], BN):
-            continue
-        prev = node.args[0]
-        if not (isinstance(prev, torch.fx.Node) and prev.op == "call_module" and len(prev.users) == 1
-                and isinstance(modules[prev.target], (nn.Conv1d, nn.Conv2d))):
-            continue
-        fused = fuse_conv_bn_eval(modules[prev.target], modules[node.target])
-        parent, _, leaf = prev.target.rpartition(".")
-        setattr(traced.get_submodule(parent) if parent else traced, leaf, fused)
-        node.replace_all_uses_with(prev)
-        traced.graph.erase_node(node)
-        pairs[prev.target] = node.target
-    traced.graph.lint()
-    traced.delete_all_unused_submodules()
-    traced.recompile()
-    return traced, pairs
+def batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
+    """Conv name -> BatchNorm name, for each BatchNorm whose input is that conv's output."""
+    names = {m: n for n, m in model.named_modules()}
+    made: dict[int, tuple[str, torch.Tensor]] = {}  # the tensor is held so that its id is not reused
+    pairs: dict[str, str] = {}
+
+    def conv_out(module, _, out):
+        made[id(out)] = (names[module], out)
+
+    def bn_in(module, args):
+        if id(args[0]) in made:
+            pairs[made[id(args[0])][0]] = names[module]
+
+    hooks = [m.register_forward_hook(conv_out) for m in model.modules() if isinstance(m, CONV)]
+    hooks += [m.register_forward_pre_hook(bn_in) for m in model.modules() if isinstance(m, BN)]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return pairs
 
 
-def qconfig_mapping():
+def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, dict[str, str]]:
+    """A copy of the model with each BatchNorm that directly follows a conv folded into it (and left as
+    nn.Identity); and those pairs. A fold that changes the model's output is refused."""
+    model = copy.deepcopy(model).eval()
+    pairs = batchnorm_pairs(model, example)
+    folded = copy.deepcopy(model)
+    for conv, bn in pairs.items():
+        _replace(folded, conv, fuse_conv_bn_eval(folded.get_submodule(conv), folded.get_submodule(bn)))
+        _replace(folded, bn, nn.Identity())
+    with torch.no_grad():
+        want, got = model(example), folded(example)
+    if (got - want).abs().max() > FOLD_TOLERANCE * (1 + want.abs().max()):
+        raise ValueError(f"folding BatchNorm into {', '.join(pairs)} changes the output of {getattr(model, 'arch', 'the model')}: "
+                         "a conv output feeds more than its BatchNorm")
+    return folded, pairs
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def qconfig():
     """torch.ao fake quantization in the INT8 scheme the exporters use (see the module's docstring)."""
-    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, QConfig, QConfigMapping
+    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, QConfig
     from torch.ao.quantization.observer import MovingAveragePerChannelMinMaxObserver
 
     activation = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
                                         dtype=torch.quint8, qscheme=torch.per_tensor_affine)
     weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, quant_min=-127, quant_max=127,
                                     dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
-    return QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
+    return QConfig(activation=activation, weight=weight)
 
 
 class QADModel(nn.Module):
@@ -62,25 +89,26 @@ class QADModel(nn.Module):
 
     def __init__(self, model: nn.Module, example: torch.Tensor):
         super().__init__()
-        from torch.ao.quantization.quantize_fx import prepare_qat_fx
+        from torch.ao.quantization import prepare_qat
 
-        folded, self.pairs = fold_batchnorm(model)
-        device = next(model.parameters()).device
+        folded, self.pairs = fold_batchnorm(model, example)
+        folded.qconfig = qconfig()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
-            self.qat = prepare_qat_fx(folded.train().cpu(), qconfig_mapping(), (example.cpu(),)).to(device)
+            self.qat = prepare_qat(folded.train(), inplace=False)
+        self.input_quant = folded.qconfig.activation().to(example.device)  # the file quantizes its input too
         self._original = [copy.deepcopy(model)]  # in a list: not a submodule, so not in state_dict or parameters
         self.arch = getattr(model, "arch", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.qat(x)
+        return self.qat(self.input_quant(x))
 
     def train(self, mode: bool = True) -> "QADModel":
         """Ranges are observed in training only: validation images never move them."""
         from torch.ao.quantization import disable_observer, enable_observer
 
         super().train(mode)
-        self.qat.apply(enable_observer if mode else disable_observer)
+        self.apply(enable_observer if mode else disable_observer)
         return self
 
     @torch.no_grad()

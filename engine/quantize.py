@@ -58,7 +58,8 @@ def ort_int8(fp32_onnx: Path, out: Path, calibration: torch.Tensor) -> None:
 
 def ao_int8_torchscript(model: nn.Module, calibration: torch.Tensor, out: Path) -> None:
     """torch.ao's FX graph mode: observers inserted, run on the calibration images, converted to quantized
-    kernels (x86 backend), traced to TorchScript."""
+    kernels (x86 backend), traced to TorchScript. FX tracing patches torch.nn.Module for the whole process while
+    it runs: only the export stage calls this, after every training has finished."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
