@@ -34,7 +34,8 @@ def tiny_overrides(fashion_dir: Path, root: Path) -> dict:
             "teacher.train.epochs": 1, "assistant.train.epochs": 1, "student.train.epochs": 1,
             "teacher.train.batch_size": 64, "assistant.train.batch_size": 64, "student.train.batch_size": 64,
             "evaluate.speed_repeats": 1, "cache.batch_size": 256, "student.seeds": [0, 1],
-            "quantize.evaluate": False}  # an ONNX export per model: tests/test_stages.py turns it on where it checks it
+            # INT8 rows cost an ONNX export per model, QAD a training per seed: tests/test_stages.py turns them on
+            "quantize.evaluate": False, "quantize.qad_epochs": 0}
 
 
 @pytest.fixture

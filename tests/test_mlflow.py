@@ -26,7 +26,8 @@ def tracked(tmp_path_factory, fashion_dir):
         mp.setenv("KD_TRACKING", "1")
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.delenv("KD_MLFLOW_PARENT_RUN", raising=False)
-        cfg, cat = load_config(None, tiny_overrides(fashion_dir, root)), Catalog(root)
+        cfg = load_config(None, tiny_overrides(fashion_dir, root) | {"quantize.qad_epochs": 1})  # QAD trains, is logged
+        cat = Catalog(root)
         for inst in instances(cfg):
             run_instance(inst, cfg, cat)
         yield cfg, cat, uri

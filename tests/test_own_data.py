@@ -189,6 +189,7 @@ def test_worked_example_end_to_end(fashion_dir, tmp_path, monkeypatch):
     (tmp_path / "teacher.ts").unlink()
     other = Catalog(tmp_path / "from-file")
     monkeypatch.setenv("KD_PROJECT_ROOT", str(other.root))
+    monkeypatch.setenv("KD_TRACKING", "0")  # MLflow was checked above
     cfg = load_config(None, {**over, "data.name": f"imagefolder:{images}", "data.channels": 1, "data.image_size": 28,
                              "data.mean": [0.5], "data.std": [0.5], "cache.views": 1, "student.seeds": [0],
                              "teacher.predictions": str(tmp_path / "predictions.npz")})

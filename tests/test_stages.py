@@ -14,9 +14,9 @@ def run_all(cfg, cat) -> dict:
     return {i.id: run_instance(i, cfg, cat) for i in instances(cfg)}
 
 
-def test_pipeline_outputs_and_reuse(project):
+def test_pipeline_outputs_and_reuse(project, monkeypatch):
     cfg, cat = project
-    cfg = cfg.model_copy(update={"quantize": cfg.quantize.model_copy(update={"evaluate": True})})
+    cfg = cfg.model_copy(update={"quantize": cfg.quantize.model_copy(update={"evaluate": True, "qad_epochs": 1})})
     first = run_all(cfg, cat)
     assert not any(r["reused"] for r in first.values())
     assert len(first) == 4 + 5 * len(cfg.student.seeds) + 4  # data, teacher + cache, TA + cache; students; eval, report, export
@@ -42,14 +42,10 @@ def test_pipeline_outputs_and_reuse(project):
     assert json.loads((cat.metrics / "comparison.json").read_text()) == metrics
     assert not (cat.metrics / "curves" / "gone-s9.json").exists()
 
-
-def test_an_int8_export_that_loses_accuracy_is_flagged(project, monkeypatch):
-    """Calibrated on blank images, INT8 clips every activation: the export says so, in its result and card."""
+    # Calibrated on blank images, INT8 clips every activation: the export says so, in its result and card.
+    assert not first["export"]["flagged"]
     import tasks.export
 
-    cfg, cat = project
-    cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"seeds": [0]})})
-    assert not run_all(cfg, cat)["export"]["flagged"]
     monkeypatch.setattr(tasks.export, "calibration_images", lambda train, n, seed: torch.zeros(8, 1, 28, 28))
     result = run_stage("export", cfg, cat, force=True)
     assert "INT8 ONNX" in result["flagged"] and not result["formats"]["INT8 ONNX"]["within_tolerance"]
