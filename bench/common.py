@@ -18,6 +18,7 @@ from torch import nn
 
 from engine.config import AugmentConfig, DataConfig, KDConfig, TrainConfig
 from engine.data import DeviceSet, Splits, load_splits
+from engine.device import cpu_name
 from engine.losses import build_loss
 from engine.trainer import FitResult, fit
 from models import build_model
@@ -94,7 +95,7 @@ def run_fit(ctx: Context, model: nn.Module, train: DeviceSet, val: DeviceSet, *,
         seconds = timed(ctx, lambda: out.setdefault("result", fit(
             model, train, val, cfg, build_loss("kd" if teacher else "ce", kd or KDConfig()), torch.Generator().manual_seed(0),
             spec or ctx.splits.augment, kd=kd, teacher=teacher, workdir=workdir, run_key="bench",
-            callback=logger.log_epoch if logger else None, progress=True if logger else None)))
+            callback=logger.epoch if logger else None, progress=True if logger else None)))
     finally:
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -102,13 +103,7 @@ def run_fit(ctx: Context, model: nn.Module, train: DeviceSet, val: DeviceSet, *,
 
 
 def machine(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"cpu": cpu_name(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -117,20 +112,20 @@ def machine(device: torch.device) -> dict:
 
 @contextmanager
 def mlflow_run(workdir: Path) -> Iterator:
-    """A real MLflow run in a scratch SQLite store; yields the pipeline's ModelRun logger."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from tasks.tracking import ModelRun, use_store
+    """A real MLflow run in a scratch SQLite store; yields the pipeline's ModelRun, whose `epoch` logs each epoch."""
+    from engine.config import TrainConfig
+    from engine.spec import TrainSpec
+    from tasks.config import TrackingConfig
+    from tasks.run_context import RunContext
+    from tasks.tracking import ModelRun
 
     store = workdir / "mlflow"
     store.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{store / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name("bench") or client.get_experiment(client.create_experiment("bench", artifact_location=str(store / "artifacts")))
-    run = client.create_run(exp.experiment_id, run_name="bench")
-    use_store(uri)
+    ctx = RunContext(store, torch.get_num_threads(), tracking=True, store=f"sqlite:///{store / 'mlflow.db'}")
+    spec = TrainSpec(role="student", arch="bench", train=TrainConfig(), name="bench", title="bench")
+    run = ModelRun(ctx, TrackingConfig(experiment="bench"), None, spec)
+    run.start({})
     try:
-        yield ModelRun(mlflow, client, run.info.run_id)
+        yield run
     finally:
-        client.set_terminated(run.info.run_id)
+        run.end("FINISHED")

@@ -1,4 +1,5 @@
-"""Runs the default Prefect flow once in this folder and prints its timings as JSON.
+"""Runs the default Prefect flow once in this folder and prints its timings as JSON. Arguments: the workers (2),
+then the stages to run with what they read (default: all).
 
 Started by the end-to-end suite in a fresh clone, with a fresh PREFECT_HOME and no
 PREFECT_API_URL, so Prefect starts its own temporary server as a new user's first run does.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 
 
@@ -26,9 +28,11 @@ def main() -> None:
     from tasks.config import load_config
 
     imported = time.perf_counter() - t0
-    state = takd_pipeline(load_config("params.yaml", {}), return_state=True)
+    workers = int(sys.argv[1]) if len(sys.argv) > 1 else 2  # two stages at once: what the runners must agree on
+    stages = sys.argv[2:] or None  # only these and what they read
+    state = takd_pipeline(load_config("params.yaml", {}), workers=workers, stages=stages, return_state=True)
     called = time.perf_counter() - t0
-    print(json.dumps({"state": state.type.value, "import_s": imported, "in_process_s": called,
+    print(json.dumps({"state": state.type.value, "import_s": imported, "in_process_s": called, "workers": workers,
                       "flow_s": asyncio.run(_flow_seconds(state.state_details.flow_run_id))}))
 
 

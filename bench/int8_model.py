@@ -12,7 +12,7 @@ from engine.quantize import calibration_images, int8_files, measure
 from engine.trainer import predict
 from tasks.catalog import Catalog
 from tasks.config import QuantizeConfig
-from tasks.context import Workspace
+from engine.workspace import Workspace
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -21,8 +21,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("out", type=Path)
     p.add_argument("--speed-repeats", type=int, default=20)
     args = p.parse_args(argv)
-    ws, q = Workspace(Catalog.default(), "cpu"), QuantizeConfig()
-    model = Deployable(ws.load_model(args.model), ws.mean, ws.std)
+    cat = Catalog.default()
+    ws, q = Workspace(cat.prepared, "cpu"), QuantizeConfig()
+    model = Deployable(ws.load_model_dir(cat.model(args.model)), ws.mean, ws.std)
     images, labels = ws.test.x.float() / 255, ws.test.y
     to_onnx(model, images[:4], args.out / "model.onnx")
     to_torchscript(model, images[:4], args.out / "model.ts")

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,14 @@ def seed_everything(seed: int) -> torch.Generator:
     """Seeds torch's global RNG (model init) and returns the trainer's own generator."""
     with GLOBAL_RNG_LOCK:  # never between another thread's seeding and building
         torch.manual_seed(seed)
-    if os.environ.get("KD_THREADS"):
-        torch.set_num_threads(int(os.environ["KD_THREADS"]))
     return torch.Generator().manual_seed(seed)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform reports."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()

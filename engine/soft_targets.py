@@ -63,8 +63,9 @@ class SoftTargets:
     def __init__(self, values: torch.Tensor, indices: torch.Tensor | None, num_classes: int,
                  rest: torch.Tensor | None = None):
         if indices is not None and rest is None:
-            raise CacheMismatchError("a top-k soft-target cache needs each row's leftover mass (`rest`); this one was "
-                                     "written before it was kept: rerun the cache-soft-targets stage")
+            raise CacheMismatchError("a top-k soft-target cache needs each row's leftover mass (`rest`); this one "
+                                     "was written before it was kept: rebuild it with its cache stage (`takd "
+                                     "cache-teacher --force`, `takd cache-assistant --force`)")
         self.values, self.indices, self.num_classes, self.rest = values, indices, num_classes, rest
 
     def __call__(self, idx: torch.Tensor, view: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,29 +2,28 @@
 paired differences with confidence intervals, and what each experiment asks on top."""
 from __future__ import annotations
 
+from engine.spec import TrainSpec
 from engine.stats import seed_table
 from experiments.plans import Plan, Row
 from tasks.config import PipelineConfig
-from tasks.train_job import Job, job_id, train_settings
 
-Results = dict[str, dict]  # job id -> train_job's summary (test_acc, params, flops, ...)
+Results = dict[str, dict]  # a TrainSpec's id -> its training's summary (test_acc, params, flops, ...)
 
 
-def chain_gflops(cfg: PipelineConfig, job: Job, results: Results) -> float:
+def chain_gflops(cfg: PipelineConfig, spec: TrainSpec, results: Results) -> float:
     """Training compute per training image of this model and every model it learned from:
     3 x forward FLOPs per epoch (forward + backward), plus K cached views per guide."""
     seen: set[str] = set()
 
-    def walk(j: Job, cached: bool) -> float:
-        jid = job_id(cfg, j)
-        if jid in seen:
+    def walk(s: TrainSpec, cached: bool) -> float:
+        if s.id in seen:
             return 0.0
-        seen.add(jid)
-        flops = results[jid]["flops"]
-        own = 3 * flops * train_settings(cfg, j).epochs + (cfg.cache.views * flops if cached else 0)
-        return own + sum(walk(g, True) for g in j.guides)
+        seen.add(s.id)
+        flops = results[s.id]["flops"]
+        own = 3 * flops * s.train.epochs + (cfg.cache.views * flops if cached else 0)
+        return own + sum(walk(g, True) for g in s.guides)
 
-    return walk(job, False) / 1e9
+    return walk(spec, False) / 1e9
 
 
 def _variants(rows: list[Row]) -> list[str]:
@@ -32,7 +31,7 @@ def _variants(rows: list[Row]) -> list[str]:
 
 
 def _accs(plan: Plan, cfg: PipelineConfig, results: Results, key: str) -> dict[str, dict[int, float]]:
-    return {v: {r.seed: results[job_id(cfg, r.job)][key] for r in plan.rows if r.variant == v}
+    return {v: {r.seed: results[r.spec.id][key] for r in plan.rows if r.variant == v}
             for v in _variants(plan.rows)}
 
 
@@ -46,13 +45,13 @@ def analyse(plan: Plan, cfg: PipelineConfig, results: Results) -> dict:
     rows = []
     for row, by_test in zip(table["rows"], best["rows"]):
         first = next(r for r in plan.rows if r.variant == row["variant"])
-        res = results[job_id(cfg, first.job)]
+        res = results[first.spec.id]
         rows.append({**row, "x": first.x, "params": res["params"], "flops": res["flops"],
-                     "chain_gflops_per_image": chain_gflops(cfg, first.job, results),
+                     "chain_gflops_per_image": chain_gflops(cfg, first.spec, results),
                      "best_epoch": {k: by_test[k] for k in ("mean", "std", "per_seed")}})
-    refs = [{"variant": r.variant, "label": r.label, "x": r.x, "test_acc": results[job_id(cfg, r.job)]["test_acc"],
-             "test_acc_best_epoch": results[job_id(cfg, r.job)]["test_acc_best_epoch"],
-             "params": results[job_id(cfg, r.job)]["params"]} for r in plan.references]
+    refs = [{"variant": r.variant, "label": r.label, "x": r.x, "test_acc": results[r.spec.id]["test_acc"],
+             "test_acc_best_epoch": results[r.spec.id]["test_acc_best_epoch"],
+             "params": results[r.spec.id]["params"]} for r in plan.references]
     contrasts = [{**c, "best_epoch": {k: b[k] for k in ("mean", "low", "high", "beyond_noise")}}
                  for c, b in zip(table["contrasts"], best["contrasts"])]
     out = {"experiment": plan.name, "title": plan.title, "seeds": cfg.student.seeds,

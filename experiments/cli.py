@@ -1,8 +1,10 @@
-"""`python -m experiments`: list, and the two commands DVC stages call.
+"""`python -m experiments`: list, the commands DVC stages call, and the commands of one training or cache.
 
-  list                         the experiments and how many trainings each needs
-  job NAME --variant V --seed S   train part of a plan in this process; write its record (DVC matrix stage)
-  report NAME                  train what is missing, then write the tables and plots (DVC)
+  list                              the experiments and how many trainings each needs
+  job NAME --variant V --seed S     train part of a plan, each training in its own process; write its record (DVC)
+  report NAME                       train what is missing, then write the tables and plots (DVC)
+  train NAME --job ID               one training of the plan, in this process (what `job`, `report` and the flow launch)
+  cache NAME --job ID               the soft targets of one of its trainings, in this process
 
 `takd experiments run NAME` runs one as a Prefect flow (takd/cli.py).
 
@@ -21,7 +23,6 @@ from experiments import dvc_yaml
 from experiments.plans import PLANS, build_plan
 from tasks.catalog import Catalog
 from tasks.cli import add_params_flags, config_from, guarded, prepare_process
-from tasks.train_job import all_jobs
 
 
 def build_parser(prog: str = "python -m experiments") -> argparse.ArgumentParser:
@@ -35,10 +36,15 @@ def add_commands(sub) -> None:
     add_params_flags(sub.add_parser("list", help="the experiments and how many trainings each needs"))
     p = sub.add_parser("dvc-yaml", help="write experiments/dvc.yaml from the plans and params.yaml")
     p.add_argument("--check", action="store_true", help="only compare; exit 1 when it is out of date")
-    for name, help_text in (("job", "train part of a plan in this process and write its record (DVC)"),
-                            ("report", "train what is missing, then write the tables and plots (DVC)")):
+    for name, help_text in (("job", "train part of a plan, each training in its own process, and write its record "
+                                    "(DVC)"),
+                            ("report", "train what is missing, then write the tables and plots (DVC)"),
+                            ("train", "one training of the plan, in this process"),
+                            ("cache", "the soft targets of one training of the plan, in this process")):
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_plan_args(p, selection=name == "job")
+        if name in ("train", "cache"):
+            p.add_argument("--job", required=True, help="the training's id (its folder in data/zoo)")
         add_params_flags(p)
 
 
@@ -63,32 +69,51 @@ def record_path(cat: Catalog, name: str, variant: str, seed: int | None) -> str:
     return str(cat.experiment(name) / "runs" / f"{slug}-{'all' if seed is None else f's{seed}'}.json")
 
 
+def _one(args: argparse.Namespace, cfg, cat: Catalog, ctx) -> dict:
+    """`train` or `cache`: one step of the plan, in this process."""
+    from experiments.run import work
+    from tasks.stage import run_once
+
+    found = build_plan(args.name, cfg).trainings().get(args.job)
+    if found is None:
+        raise KDError(f"{args.name}: no training {args.job!r} in this plan (with this configuration); "
+                      "`python -m experiments list` counts its trainings")
+    return run_once(cat, work(args.command, found, cfg, cat, ctx))
+
+
 def run_command(args: argparse.Namespace):
     from tasks import tracking
+    from tasks.launch import config_file
+    from tasks.run_context import RunContext
 
-    cfg = tracking.for_experiments(config_from(args))
-    cat = Catalog.default()
-    if os.environ.get("DVC_STAGE", "").startswith(f"{dvc_yaml.PATH}:"):
+    given = config_from(args)
+    cfg, ctx = tracking.for_experiments(given), RunContext.resolve().apply()
+    cat = Catalog(ctx.root)
+    if ctx.dvc_stage and ctx.dvc_stage.startswith(f"{dvc_yaml.PATH}:"):
         dvc_yaml.check_in_step(cat.root)
     if args.command == "list":
-        return {name: {"rows": len(p.rows), "trainings": len(all_jobs(cfg, [r.job for r in p.rows + p.references])),
-                       "title": p.title} for name, p in ((n, build_plan(n, cfg)) for n in PLANS)}
+        return {name: {"rows": len(p.rows), "trainings": len(p.trainings()), "title": p.title}
+                for name, p in ((n, build_plan(n, cfg)) for n in PLANS)}
+    if args.command in ("train", "cache"):
+        return _one(args, cfg, cat, ctx)
     from experiments.run import run_rows
 
-    if args.command == "job":
-        plan = selected_plan(args, cfg)
-        results = run_rows(plan, cfg, cat, args.variant, args.seed)
-        record = {"experiment": args.name, "variant": args.variant, "seed": args.seed,
-                  "jobs": {jid: {k: r.get(k) for k in ("test_acc", "model_fingerprint", "arch")}
-                           for jid, r in results.items()}}
-        save_json(record, record_path(cat, args.name, args.variant, args.seed))
-        return record
-    from experiments.report import report_experiment
+    params = config_file(given, cat, f"experiments-{os.getpid()}")  # what the trainings it launches read
+    try:
+        if args.command == "job":
+            plan = selected_plan(args, cfg)
+            results = run_rows(plan, cfg, cat, ctx, params, args.variant, args.seed)
+            record = {"experiment": args.name, "variant": args.variant, "seed": args.seed,
+                      "jobs": {sid: {k: r.get(k) for k in ("test_acc", "model_fingerprint", "arch")}
+                               for sid, r in results.items()}}
+            save_json(record, record_path(cat, args.name, args.variant, args.seed))
+            return record
+        from experiments.report import report_experiment
 
-    plan = build_plan(args.name, cfg)
-    result = report_experiment(plan, cfg, cat, run_rows(plan, cfg, cat))
-    tracking.end_file_parent(cfg, cat)  # DVC's stages shared one parent run; the report closes it
-    return result
+        plan = build_plan(args.name, cfg)
+        return report_experiment(plan, cfg, cat, ctx, run_rows(plan, cfg, cat, ctx, params))
+    finally:
+        params.unlink(missing_ok=True)
 
 
 def write_dvc_yaml(check: bool) -> int:

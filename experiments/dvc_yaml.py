@@ -17,7 +17,7 @@ from experiments.plans import PLANS, build_plan
 from tasks.config import profile_path, read_yaml, validate
 from tasks.dvc_yaml import PARAMS_FILE, _present, _rel
 from tasks.stage import SHARED_CODE
-from tasks.train_job import JOB_CODE
+from tasks.train import CODE as TRAIN_CODE
 
 PATH = Path("experiments") / "dvc.yaml"
 HEADER = """\
@@ -37,7 +37,8 @@ def _common(raw: dict, cfg, root: Path, code: tuple[str, ...]) -> dict:
 def _jobs(name: str, cfg, raw: dict, root: Path) -> dict:
     plan = build_plan(name, cfg)
     variants = list(dict.fromkeys(r.variant for r in plan.rows))
-    common = _common(raw, cfg, root, (*JOB_CODE, "experiments/plans.py", "experiments/run.py", "experiments/cli.py"))
+    common = _common(raw, cfg, root, (*TRAIN_CODE, "tasks/launch.py", "experiments/plans.py", "experiments/run.py",
+                                      "experiments/cli.py"))
     return {"matrix": {"variant": variants, "seed": list(cfg.student.seeds)}, "wdir": "..",
             "cmd": f"python -m experiments job {name} --variant ${{item.variant}} --seed ${{item.seed}}",
             "deps": [*common["deps"], "data/prepared"], "params": common["params"],
@@ -46,7 +47,8 @@ def _jobs(name: str, cfg, raw: dict, root: Path) -> dict:
 
 def _report(cfg, raw: dict, root: Path) -> dict:
     folder = "data/experiments/${item.name}"
-    common = _common(raw, cfg, root, (*JOB_CODE, "tasks/report.py", "tasks/figures.py", "experiments"))
+    common = _common(raw, cfg, root, (*TRAIN_CODE, "tasks/launch.py", "tasks/report.py", "tasks/figures.py",
+                                      "experiments"))
     return {"matrix": {"name": list(PLANS)}, "wdir": "..", "cmd": "python -m experiments report ${item.name}",
             "deps": [*common["deps"], f"{folder}/runs"], "params": [*common["params"], "tracking"],
             "outs": [{f"{folder}/report/{f}": {"cache": False, "persist": True}} for f in REPORT_FILES],

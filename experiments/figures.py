@@ -47,9 +47,13 @@ def _size_gain(ax, table: dict) -> None:
 DRAW = {"bar": bars, "size-accuracy": _size_accuracy, "size-gain": _size_gain}
 
 
-def draw(table: dict, plan: Plan, out: Path) -> list[Path]:
+def paths(plan: Plan, out: Path) -> list[Path]:
+    return [out / "accuracy.png"]
+
+
+def draw(table: dict, plan: Plan, out: Path) -> None:
     fig, ax = pyplot().subplots(figsize=(7.5, 4))
     DRAW[plan.plot](ax, {**table, "x_title": plan.x_title})
     ax.set_title(table["title"], fontsize=9)
     fig.tight_layout()
-    return [save(fig, out / "accuracy.png")]
+    save(fig, paths(plan, out)[0])

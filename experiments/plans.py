@@ -1,28 +1,33 @@
-"""Each experiment as a plan: the trainings it needs, labelled by variant and seed.
+"""Each experiment as a plan: the trainings it needs (TrainSpecs, engine/spec.py), labelled by variant and seed.
 
-A plan is data, not code that runs: the Prefect flow, the DVC matrix stages and the CLI all
-read the same plan and run its jobs with tasks.train_job. Jobs that two plans share (the
-teacher, the TAs, the NOKD and BLKD students) have the same id and are trained once.
+A plan is data, not code that runs: the Prefect flow, the DVC matrix stages and the CLI all read the same plan
+and run its trainings as the pipeline runs its own (tasks/train.py), each in a process of its own. A training's
+folder (data/zoo/<id>) is named by its spec's identity, so trainings that two plans share (the teacher, the TAs,
+the NOKD and BLKD students) are trained once.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from itertools import combinations
+from pathlib import Path
 from typing import Callable
 
 from engine.config import KDConfig
 from engine.errors import KDError
+from engine.losses import LOSSES
+from engine.spec import Role, TrainSpec
 from models import build_model
+from tasks import train as training
+from tasks.catalog import Catalog
 from tasks.config import PipelineConfig
-from tasks.train_job import Job
 
 
 @dataclass(frozen=True)
 class Row:
     variant: str  # a slug: DVC matrix items and file names use it
     seed: int
-    job: Job
+    spec: TrainSpec
     label: str = ""  # what tables and plots call it
     x: str = ""  # the architecture a size plot places it at
 
@@ -45,25 +50,44 @@ class Plan:
     def label(self, variant: str) -> str:
         return next((r.label or r.variant for r in self.rows + self.references if r.variant == variant), variant)
 
-
-def _teacher(cfg: PipelineConfig, arch: str | None = None, seed: int | None = None, epochs: int | None = None) -> Job:
-    return Job(role="teacher", arch=arch or cfg.teacher.arch, seed=cfg.teacher.seed if seed is None else seed,
-               epochs=epochs)
-
-
-def _assistant(cfg: PipelineConfig, arch: str, guides: list[Job], survival: float = 1.0) -> Job:
-    return Job(role="assistant", arch=arch, seed=cfg.assistant.seed, guides=guides, survival=survival)
+    def trainings(self, variant: str = "*", seed: int | None = None) -> dict[str, TrainSpec]:
+        """Every training the selected rows (references too) need, by id, each once, upstream first."""
+        return {s.id: s for r in self.select(variant, seed) for s in r.spec.lineage()}
 
 
-def _student(cfg: PipelineConfig, seed: int, guides: list[Job] = (), arch: str | None = None, **kw) -> Job:
-    return Job(role="student", arch=arch or cfg.student.arch, seed=seed, guides=list(guides), **kw)
+def zoo(cfg: PipelineConfig, role: Role, arch: str, seed: int, guides: list[TrainSpec] = (), *, epochs: int | None = None,
+        lr: float | None = None, kd: KDConfig | None = None, survival: float = 1.0) -> TrainSpec:
+    """An experiment's training: its role's recipe (epochs, lr overridden), its hop's loss (`kd`, else the config's),
+    test accuracy measured; in data/zoo/<id>. It learns from labels only when it has no guides and its loss needs a
+    teacher; DML and self-distillation need none."""
+    hop = kd or cfg.kd
+    used = hop if guides or not LOSSES[hop.loss].needs_teacher else None
+    s = training.spec(cfg, role, arch, seed, train=training.recipe(cfg, role, epochs=epochs, lr=lr), kd=used,
+                      guides=tuple(guides), survival=survival, test=True)
+    folder, source = Catalog(Path(".")).zoo(s.id), " + ".join(f"{g.role} {g.arch}" for g in guides) or "labels"
+    return s.model_copy(update={"name": s.id, "out": str(folder / "model"), "targets": str(folder / "soft_targets"),
+                                "method": training.method(s),
+                                "title": f"{role} {arch} s{seed} from {source} ({training.method(s)})"})
 
 
-def _ref(variant: str, job: Job, label: str = "") -> Row:
-    return Row(variant, job.seed, job, label or f"{job.role} {job.arch}", job.arch)
+def _teacher(cfg: PipelineConfig, arch: str | None = None, seed: int | None = None, epochs: int | None = None) -> TrainSpec:
+    return zoo(cfg, "teacher", arch or cfg.teacher.arch, cfg.teacher.seed if seed is None else seed, epochs=epochs)
 
 
-def _baselines(cfg: PipelineConfig, teacher: Job) -> list[Row]:
+def _assistant(cfg: PipelineConfig, arch: str, guides: list[TrainSpec], survival: float = 1.0,
+               kd: KDConfig | None = None) -> TrainSpec:
+    return zoo(cfg, "assistant", arch, cfg.assistant.seed, guides, survival=survival, kd=kd)
+
+
+def _student(cfg: PipelineConfig, seed: int, guides: list[TrainSpec] = (), arch: str | None = None, **kw) -> TrainSpec:
+    return zoo(cfg, "student", arch or cfg.student.arch, seed, list(guides), **kw)
+
+
+def _ref(variant: str, spec: TrainSpec, label: str = "") -> Row:
+    return Row(variant, spec.seed, spec, label or f"{spec.role} {spec.arch}", spec.arch)
+
+
+def _baselines(cfg: PipelineConfig, teacher: TrainSpec) -> list[Row]:
     s = cfg.student.arch
     return [r for seed in cfg.student.seeds for r in
             (Row("nokd", seed, _student(cfg, seed), f"NOKD {s}"),
@@ -80,7 +104,7 @@ def comparison(cfg: PipelineConfig) -> Plan:
                 [("takd", "blkd"), ("blkd", "nokd"), ("takd", "nokd")])
 
 
-def _size_sweep(cfg: PipelineConfig, name: str, title: str, archs: list[str], guide: Callable[[str], Job],
+def _size_sweep(cfg: PipelineConfig, name: str, title: str, archs: list[str], guide: Callable[[str], TrainSpec],
                 rows: list[Row], refs: list[Row], versus: str, x_title: str) -> Plan:
     """Students of every seed from a guide of each size, each compared with `versus`."""
     for arch in archs:
@@ -156,7 +180,7 @@ def equal_compute(cfg: PipelineConfig) -> Plan:
         rows += [Row("labels", seed, _student(cfg, seed, epochs=e), f"{s} from labels, {e} epochs"),
                  Row("distill", seed, _student(cfg, seed, [t], epochs=e - e // 2),
                      f"{t.arch} {e // 2} ep. -> {s} {e - e // 2} ep.")]
-        prev = rows[-2].job
+        prev = rows[-2].spec
         for g in range(1, gens + 1):
             # A new seed per generation: a copy of its teacher's initialisation would not be a fresh network.
             prev = _student(cfg, seed + 1000 * g, [prev], epochs=e)
@@ -175,14 +199,15 @@ def _hop(cfg: PipelineConfig, loss: str, **settings) -> KDConfig:
                                                       else v for k, v in settings.items()}})
 
 
-def _method_rows(cfg: PipelineConfig, seed: int, t: Job, ta: Job) -> list[tuple[str, Job, str]]:
-    """One seed's rows of the methods plan: (variant, job, label)."""
+def _method_rows(cfg: PipelineConfig, seed: int, t: TrainSpec) -> list[tuple[str, TrainSpec, str]]:
+    """One seed's rows of the methods plan: (variant, spec, label)."""
     s, x = cfg.student.arch, cfg.experiments
-    ta_dkd = ta.model_copy(update={"kd": _hop(cfg, "dkd")})
+    ta = _assistant(cfg, cfg.assistant.arch, [t])
+    ta_dkd = _assistant(cfg, cfg.assistant.arch, [t], kd=_hop(cfg, "dkd"))
     # DKD's CIFAR-100 setting (beta 8) and DML collapsed a plain-2 student on Fashion-MNIST at lr 0.05, DIST
     # and MLKD at lr 0.1: rows at beta 2 and at x.low_lr tell the loss's setting from the step size.
     dkd2 = _hop(cfg, "dkd", dkd={"beta": 2.0, "warmup_epochs": 2.0})
-    ta_dkd2 = ta.model_copy(update={"kd": dkd2})
+    ta_dkd2 = _assistant(cfg, cfg.assistant.arch, [t], kd=dkd2)
     ls = _hop(cfg, "kd", standardize=True)
     dml = _hop(cfg, "dml", dml={"peers": x.dml_peers})
     peers = " + ".join(x.dml_peers)
@@ -197,7 +222,7 @@ def _method_rows(cfg: PipelineConfig, seed: int, t: Job, ta: Job) -> list[tuple[
             ("kd", _student(cfg, seed, [t]), f"KD {t.arch} -> {s}"),
             ("takd", _student(cfg, seed, [ta]), f"TAKD {t.arch} -> {ta.arch} -> {s}"),
             ("kd-ls", _student(cfg, seed, [t], kd=ls), "KD with logit standardization"),
-            ("takd-ls", _student(cfg, seed, [ta.model_copy(update={"kd": ls})], kd=ls),
+            ("takd-ls", _student(cfg, seed, [_assistant(cfg, cfg.assistant.arch, [t], kd=ls)], kd=ls),
              "TAKD with logit standardization at both hops"),
             ("dkd-ls", _student(cfg, seed, [t], kd=dkd2.model_copy(update={"standardize": True})),
              "DKD beta 2 with logit standardization"),
@@ -239,8 +264,7 @@ def methods(cfg: PipelineConfig) -> Plan:
     student with `dml_peers` from scratch; born-again learns from the NOKD student of its seed; the
     ensemble learns from `ensemble_teachers`. `experiments.methods` keeps only the variants it names."""
     t = _teacher(cfg)
-    ta = _assistant(cfg, cfg.assistant.arch, [t])
-    rows = [Row(v, seed, job, label) for seed in cfg.student.seeds for v, job, label in _method_rows(cfg, seed, t, ta)]
+    rows = [Row(v, seed, spec, label) for seed in cfg.student.seeds for v, spec, label in _method_rows(cfg, seed, t)]
     wanted = cfg.experiments.methods
     if wanted:
         known = list(dict.fromkeys(r.variant for r in rows))
@@ -260,22 +284,22 @@ def methods(cfg: PipelineConfig) -> Plan:
     # Logit standardization is an option on a method: also read against that method without it.
     contrasts += [(a, b) for a, b in (("takd-ls", "takd"), ("dkd-ls", "dkd-b2")) if {a, b} <= set(variants)]
     refs = [_ref("teacher", t)]
-    refs += [_ref(f"assistant{'-' + slug if slug else ''}", job, f"assistant {job.arch}{' (' + how + ')' if how else ''}")
-             for slug, job, how in _method_assistants(rows)]
-    refs += list({g.arch: _ref(f"teacher-{g.arch}", g) for r in rows for g in r.job.guides
+    refs += [_ref(f"assistant{'-' + slug if slug else ''}", spec, f"assistant {spec.arch}{' (' + how + ')' if how else ''}")
+             for slug, spec, how in _method_assistants(cfg, rows)]
+    refs += list({g.arch: _ref(f"teacher-{g.arch}", g) for r in rows for g in r.spec.guides
                   if g.role == "teacher" and g.arch != t.arch}.values())
     return Plan("methods", f"distillation methods, {t.arch} -> {cfg.student.arch}", rows, refs, contrasts)
 
 
-def _method_assistants(rows: list[Row]) -> list[tuple[str, Job, str]]:
-    """The distinct TAs the rows learn through, named by their hop's loss: (slug, job, label suffix)."""
-    out: dict[str, tuple[str, Job, str]] = {}
+def _method_assistants(cfg: PipelineConfig, rows: list[Row]) -> list[tuple[str, TrainSpec, str]]:
+    """The distinct TAs the rows learn through, named by their hop's loss: (slug, spec, label suffix)."""
+    out: dict[str, tuple[str, TrainSpec, str]] = {}
     for r in rows:
-        for g in r.job.guides:
+        for g in r.spec.guides:
             if g.role != "assistant":
                 continue
             kd = g.kd
-            slug = "" if kd is None else ("ls" if kd.loss == "kd" and kd.standardize else
+            slug = "" if kd == cfg.kd else ("ls" if kd.loss == "kd" and kd.standardize else
                                           f"{kd.loss}{'-b2' if kd.loss == 'dkd' and kd.dkd.beta == 2.0 else ''}")
             how = {"": "", "ls": "KD with logit standardization", "dkd": "DKD", "dkd-b2": "DKD beta 2"}.get(slug, slug)
             out.setdefault(slug, (slug, g, how))
@@ -290,7 +314,5 @@ PLANS: dict[str, Callable[[PipelineConfig], Plan]] = {
 
 def build_plan(name: str, cfg: PipelineConfig) -> Plan:
     if name not in PLANS:
-        from engine.errors import KDError
-
         raise KDError(f"unknown experiment {name!r}; available: {', '.join(PLANS)}")
     return PLANS[name](cfg)

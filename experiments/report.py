@@ -1,9 +1,10 @@
-"""Stage experiment-report: an experiment's table (Markdown, CSV, JSON metrics) and plots
-(PNG, and data for `dvc plots`), logged on the MLflow parent run."""
+"""An experiment's report: its table (Markdown, CSV, JSON metrics) and plots (PNG, and data for `dvc plots`),
+made once per set of trainings, and logged on the invocation's MLflow parent run whether made now or reused."""
 from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 from engine.atomic import atomic_path, save_json
@@ -14,10 +15,11 @@ from tasks import tracking
 from tasks.catalog import Catalog
 from tasks.config import PipelineConfig
 from tasks.report import markdown_table
-from tasks.stage import run_once
-from tasks.train_job import all_jobs
+from tasks.run_context import RunContext
+from tasks.stage import Work, run_once
+from tasks.train import key_inputs
 
-REPORT_CODE = ("tasks/report.py", "tasks/figures.py", "tasks/train_job.py", "experiments")
+REPORT_CODE = ("tasks/report.py", "tasks/figures.py", "experiments")
 COLUMNS = ["variant", "label", "n", "mean", "std", "params", "chain_gflops_per_image"]
 
 
@@ -87,30 +89,37 @@ def metrics(table: dict) -> dict:
     return out
 
 
-def write(table: dict, plan: Plan, out: Path) -> list[Path]:
-    files = {"table.md": markdown(table), "table.csv": _csv(table["rows"], COLUMNS),
-             "plot.csv": _csv([{**r, "mean": 100 * r["mean"], "std": 100 * r["std"]} for r in table["rows"]],
-                              ["variant", "label", "x", "mean", "std", "params"])}
-    for name, text in files.items():
+FILES = ("table.md", "table.csv", "plot.csv")
+
+
+def write(table: dict, plan: Plan, out: Path) -> None:
+    texts = [markdown(table), _csv(table["rows"], COLUMNS),
+             _csv([{**r, "mean": 100 * r["mean"], "std": 100 * r["std"]} for r in table["rows"]],
+                  ["variant", "label", "x", "mean", "std", "params"])]
+    for name, text in zip(FILES, texts):
         with atomic_path(out / name) as tmp:
             tmp.write_text(text)
     save_json(table, out / "table.json")
     save_json(metrics(table), out / "metrics.json")
-    return [out / n for n in (*files, "table.json", "metrics.json")] + figures.draw(table, plan, out)
+    figures.draw(table, plan, out)
 
 
-def report_experiment(plan: Plan, cfg: PipelineConfig, cat: Catalog, results: Results, force: bool = False) -> dict:
-    """Results must hold every job of the plan (train_job's summaries)."""
-    jobs = all_jobs(cfg, [r.job for r in plan.rows + plan.references])
-    inputs = {"experiment": plan.name, "jobs": {jid: results[jid].get("model_fingerprint") for jid in jobs},
-              "experiments": cfg.experiments.model_dump(), "seeds": cfg.student.seeds, "cache_views": cfg.cache.views}
+def report_experiment(plan: Plan, cfg: PipelineConfig, cat: Catalog, ctx: RunContext, results: Results,
+                      force: bool = False) -> dict:
+    """Results must hold every training of the plan (their summaries, by TrainSpec id)."""
+    name, out = f"report-{plan.name}", cat.experiment(plan.name) / "report"
+    what = {"experiment": plan.name, "experiments": cfg.experiments.model_dump(), "seeds": cfg.student.seeds,
+            "cache_views": cfg.cache.views}
+    upstream = [cat.root / s.out for s in plan.trainings().values()]
 
-    def work(key: str, out: Path) -> dict:
+    def make(key: str, folder: Path) -> dict:
         table = analyse(plan, cfg, results)
-        files = write(table, plan, out)
-        tracking.log_report(cfg, cat, {"experiment": metrics(table)}, files)
+        write(table, plan, folder)
         return {"contrasts": {f"{c['a']} - {c['b']}": [c["mean"], c["low"], c["high"]] for c in table["contrasts"]},
                 "means": {r["variant"]: r["mean"] for r in table["rows"]}}
 
-    return run_once(cat, f"report-{plan.name}", cat.experiment(plan.name) / "report", inputs, REPORT_CODE, work, force)
-
+    result = run_once(cat, Work(name, out, key_inputs(what, [], upstream, cat, name), REPORT_CODE, make), force)
+    table = json.loads((out / "table.json").read_text())
+    files = [out / f for f in (*FILES, "table.json", "metrics.json")] + figures.paths(plan, out)
+    tracking.log_report(ctx, cfg, {"experiment": metrics(table)}, files, f"experiment {plan.name} ({cfg.data.name})")
+    return result

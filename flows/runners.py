@@ -1,30 +1,30 @@
-"""The task runner a flow runs its tasks on: threads here, or a Dask cluster (prefect-dask).
+"""How a flow runs its steps: one Prefect task per stage or training, which launches that step's own command in a
+process of its own (tasks/launch.py), on threads here or on a Dask cluster (prefect-dask).
 
-On threads, every submitted task gets a thread at once, because a task waiting for its upstream
-holds its thread while it waits; `slot` then lets at most `workers` of them do their work at a
-time, so waiting stages never keep a ready one from starting. Stages and trainings are seeded
-and write to their own folders, so any runner gives the same models; on the CPU a task sets the
-thread count of the process that submitted it, because float sums depend on it and Dask starts
-its workers with one thread.
+`run_graph` submits a step only once the steps it needs have finished, and at most `workers` at a time, so a step
+waiting for its upstream never holds a worker while a ready one could start; a step whose upstream failed is not
+submitted, and the first failure is raised once the running steps have finished.
 """
 from __future__ import annotations
 
 import os
-import threading
-from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
-
 from pydantic import Field
+
+from tasks.launch import launch
+from tasks.run_context import RunContext
 
 ENV_WORKERS, ENV_DASK = "KD_WORKERS", "KD_DASK_ADDRESS"
 DEFAULT_WORKERS = int(os.environ.get(ENV_WORKERS, "2"))
 # A flow parameter, so the Prefect form offers it.
-WORKERS = Field(DEFAULT_WORKERS, ge=1, description="stages or trainings that work at once, on threads")
+WORKERS = Field(DEFAULT_WORKERS, ge=1, description="stages or trainings that run at once, each in its own process")
 GPU_TAG = "gpu"  # `prefect concurrency-limit create gpu 1`: two GPU tasks never share a GPU
-_SLOTS: dict[int, threading.BoundedSemaphore] = {}
-_SLOTS_LOCK = threading.Lock()
 
 
 def task_runner(dask_address: str | None = None, dask_workers: int = 0):
@@ -35,16 +35,54 @@ def task_runner(dask_address: str | None = None, dask_workers: int = 0):
 
         if address:
             return DaskTaskRunner(address=address)
-        # One thread per worker process: each task owns its process, as it would own a GPU.
         return DaskTaskRunner(cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1, "processes": True,
                                               "dashboard_address": "127.0.0.1:0", "host": "127.0.0.1"})
     return ThreadPoolTaskRunner()
 
 
-@contextmanager
-def slot(workers: int) -> Iterator[None]:
-    """At most `workers` tasks of this process work at once."""
-    with _SLOTS_LOCK:
-        sem = _SLOTS.setdefault(workers, threading.BoundedSemaphore(workers))
-    with sem:
-        yield
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def step(argv: list[str], context: dict, done: Optional[Callable[[], Optional[dict]]] = None) -> dict:
+    """One stage or training. Up to date (`done()` finds its record), it is reused here; otherwise its command
+    runs in a new process, which a retry runs again, resuming from the last epoch checkpoint."""
+    if done is not None and (found := done()) is not None:
+        get_run_logger().info("outputs up to date; reused")
+        return {**found, "reused": True}
+    return launch(argv, RunContext(**context), get_run_logger().info)
+
+
+@dataclass
+class Node:
+    """A step of a flow: its task's name and run name, its command, what it needs, and how to tell it is done."""
+
+    name: str
+    title: str
+    argv: list[str]
+    needs: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    done: Optional[Callable[[], Optional[dict]]] = None
+
+
+def run_graph(nodes: dict[str, Node], ctx: RunContext, workers: int) -> dict[str, dict]:
+    """Every node's result, by id; each submitted when what it needs has finished, at most `workers` at once."""
+    context = ctx.public()  # not the store, which may carry credentials
+    pending, running, futures, results = list(nodes), {}, {}, {}
+    failed: list[tuple[str, BaseException]] = []
+    while pending or running:
+        for nid in [n for n in pending if all(u in results for u in nodes[n].needs)][: workers - len(running)]:
+            node = nodes[nid]
+            named = step.with_options(name=node.name, task_run_name=node.title, tags=node.tags)
+            futures[nid] = running[nid] = named.submit(node.argv, context, node.done,
+                                                        wait_for=[futures[u] for u in node.needs])
+            pending.remove(nid)
+        if not running:
+            break  # what is left needs a step that failed
+        finished = next(as_completed(list(running.values())))
+        nid = next(n for n, f in running.items() if f is finished)
+        del running[nid]
+        try:
+            results[nid] = finished.result()
+        except BaseException as e:  # its dependents are never submitted; independent steps go on
+            failed.append((nid, e))
+    if failed:
+        raise failed[0][1]
+    return results

@@ -2,7 +2,7 @@
 
   takd <stage> | params | stages | fetch-data | predict   as `python -m tasks` (tasks/cli.py)
   takd dvc-yaml [--check]                      dvc.yaml and experiments/dvc.yaml, from the tables and params.yaml
-  takd pipeline [--workers N | --dask-workers N | --dask-address tcp://...]
+  takd pipeline [--stages S ...] [--workers N | --dask-workers N | --dask-address tcp://...]
   takd experiments list | run NAME | job NAME | report NAME
   takd mlflow-ui [--port 5000]                 the MLflow UI on 127.0.0.1, and the links to its runs pages
 
@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="run every stage through the Prefect flow", description="run every stage "
                        "through the Prefect flow: independent stages at once, finished ones reused")
     p.add_argument("--force", action="store_true", help="redo every stage even if its outputs are up to date")
+    p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+                   help="only these stages and those they read from (as `dvc repro STAGE`)")
     _runner_flags(p)
     tasks_cli.add_params_flags(p)
     p = sub.add_parser("mlflow-ui", help="start the MLflow UI on 127.0.0.1 and print the links to the runs",
@@ -61,7 +63,7 @@ def _pipeline(args: argparse.Namespace):
     from flows.pipeline import takd_pipeline
 
     return takd_pipeline.with_options(task_runner=_runner(args))(tasks_cli.config_from(args), force=args.force,
-                                                                 workers=args.workers)
+                                                                 workers=args.workers, stages=args.stages)
 
 
 def _experiment(args: argparse.Namespace):
@@ -74,17 +76,17 @@ def _experiment(args: argparse.Namespace):
 
 def _mlflow_ui(args: argparse.Namespace) -> None:
     from tasks import tracking
-    from tasks.catalog import Catalog
+    from tasks.run_context import RunContext
 
-    cat = Catalog.default()
-    pages = tracking.runs_pages(tasks_cli.config_from(args), cat)
+    ctx = RunContext.resolve()
+    pages = tracking.runs_pages(tasks_cli.config_from(args), ctx)
     for name, page in pages.items():
         print(f"{name}: http://127.0.0.1:{args.port}/{page}", flush=True)
     if not pages:
         print("no runs yet: run the pipeline first (./run.sh pipeline)", flush=True)
     # This interpreter's mlflow, not the first on PATH: `.venv/bin/takd` works without an activated venv.
     os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port),
-                              "--backend-store-uri", tracking.store_uri(cat)])
+                              "--backend-store-uri", ctx.store])
 
 
 def main(argv: list[str] | None = None) -> int:

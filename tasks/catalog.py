@@ -1,13 +1,14 @@
 """Every path the pipeline reads or writes, in one place (the Kedro 'catalog')."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.run_context import project_root
 
-def project_root() -> Path:
-    return Path(os.environ.get("KD_PROJECT_ROOT", ".")).resolve()
+# What the report publishes for `dvc metrics` and `dvc plots` (outside its own folder: DVC's metrics and plots
+# cannot lie inside another output), relative to the project.
+METRICS_FILE, PLOT_FILE, CURVES = "data/metrics/comparison.json", "data/metrics/comparison_plot.json", "data/metrics/curves"
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,9 @@ class Catalog:
     def model(self, name: str) -> Path:
         return self.models / name
 
-    def job(self, job_id: str) -> Path:
-        """One experiment training (tasks/train_job.py): model/ and, for guides, soft_targets/."""
-        return self.data / "zoo" / job_id
+    def zoo(self, spec_id: str) -> Path:
+        """One experiment's training, by its TrainSpec's id: model/ and, for guides, soft_targets/."""
+        return self.data / "zoo" / spec_id
 
     def experiment(self, name: str) -> Path:
         """An experiment's records, tables and plots."""
@@ -71,5 +72,5 @@ class Catalog:
 
     @property
     def state(self) -> Path:
-        """Local bookkeeping (locks, content hashes, the open MLflow parent run); not an artefact."""
+        """Local bookkeeping (locks, content hashes); not an artefact."""
         return self.root / ".kd"

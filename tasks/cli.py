@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from engine.errors import KDError
 from tasks.catalog import Catalog
+from tasks.launch import ENV_RESULT
 from tasks.config import PipelineConfig, load_config, to_yaml
 
 
@@ -97,18 +98,26 @@ def add_commands(sub) -> None:
         add_params_flags(p)
 
 
-def prepare_process() -> None:
-    # Offline by default: no telemetry from Prefect's server or MLflow.
-    for key, value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
-                       ("DO_NOT_TRACK", "1")):
-        os.environ.setdefault(key, value)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+def configure_logging(force: bool = False) -> None:
+    """INFO lines with their time. `force` replaces the root logger's handlers: a launched process (tasks/launch.py)
+    has imported libraries that may have given it one that would swallow them."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        force=force)
     for noisy in ("httpx", "httpcore"):  # one line per HTTP request to the local Prefect server
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def prepare_process() -> None:
+    # Offline by default: no telemetry from Prefect's server or MLflow; quiet when git is absent.
+    for key, value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
+                       ("DO_NOT_TRACK", "1"), ("GIT_PYTHON_REFRESH", "quiet")):
+        os.environ.setdefault(key, value)
+    configure_logging()
+
+
 def guarded(fn: Callable[[], Any], quiet: bool = False) -> int:
-    """Run a command; print its result as JSON (or, quiet, return its exit code), or one line of error and exit 2."""
+    """Run a command; print its result as JSON (or, quiet, return its exit code), or one line of error and exit 2.
+    A launcher (tasks/launch.py) that names a result file gets the result there too."""
     try:
         result = fn()
     except KDError as e:
@@ -120,21 +129,24 @@ def guarded(fn: Callable[[], Any], quiet: bool = False) -> int:
         return 2
     if quiet:
         return result
-    print(json.dumps(result, indent=2, default=str))
+    text = json.dumps(result, indent=2, default=str)
+    if os.environ.get(ENV_RESULT):
+        from engine.atomic import atomic_path
+
+        with atomic_path(os.environ[ENV_RESULT]) as tmp:
+            tmp.write_text(text)
+    print(text)
     return 0
 
 
-def _predict(cfg: PipelineConfig, args: argparse.Namespace) -> list[dict]:
+def _predict(cfg: PipelineConfig, args: argparse.Namespace, ctx) -> list[dict]:
     from pathlib import Path
 
-    from tasks import tracking
     from tasks.predict import predict
 
-    cat = Catalog.default()
+    cat = Catalog(ctx.root)
     uri = args.model_uri or f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
-    if args.engine == "mlflow":
-        tracking.connect(cat)  # the project's store, unless MLFLOW_TRACKING_URI names another
-    return predict(args.images, Path(args.export_dir) if args.export_dir else cat.export, args.engine, uri)
+    return predict(args.images, Path(args.export_dir) if args.export_dir else cat.export, args.engine, uri, ctx)
 
 
 def _dvc_yaml(check: bool) -> int:
@@ -152,17 +164,21 @@ def _dvc_yaml(check: bool) -> int:
 
 
 def run_command(args: argparse.Namespace) -> Any:
-    """What every stage subcommand, and `predict`, does once the config is read."""
+    """What every stage subcommand, and `predict`, does once the config is read: in a process of its own (the
+    entry point resolves its RunContext, and sets its threads, once)."""
+    from tasks.run_context import RunContext
+
     cfg = config_from(args)
+    ctx = RunContext.resolve().apply()
     if args.command == "predict":
-        return _predict(cfg, args)
+        return _predict(cfg, args, ctx)
     if args.command == "fetch-data":
         from tasks.stages import fetch_all
 
-        return {"fetched": [str(p) for p in fetch_all(cfg, Catalog.default())]}
+        return {"fetched": [str(p) for p in fetch_all(cfg, Catalog(ctx.root))]}
     from tasks.stages import run_stage
 
-    return run_stage(args.command, cfg, Catalog.default(), getattr(args, "seed", None), args.force)
+    return run_stage(args.command, cfg, Catalog(ctx.root), getattr(args, "seed", None), args.force, ctx)
 
 
 def dispatch(args: argparse.Namespace) -> int:

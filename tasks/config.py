@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.config import DataConfig, KDConfig, SafePath, Strict, TrainConfig
+from engine.spec import GuideUse
 from engine.errors import KDError
 from models import check_name
 
@@ -87,16 +88,12 @@ class StudentConfig(ModelConfig):
         return v
 
 
-class CacheConfig(Strict):
-    views: int = Field(2, ge=1, le=64, description="K fixed views per image; view 0 is the clean image")
-    topk: Optional[int] = Field(None, ge=1, description="keep only the top-k logits per view (many classes)")
-    seed: int = Field(0, ge=0, description="view k of image i is a function of (seed, i, k)")
-    batch_size: int = Field(512, ge=1)
-    online: bool = Field(False, description="run the teacher on every batch instead of reading the cache")
-    features: Literal["auto", "cached", "online"] = Field(
-        "auto", description="teacher features for feature/relation losses: cached in memory once per training, "
-                            "or the teacher run at every step; auto caches when they fit feature_budget_mb")
-    feature_budget_mb: float = Field(2048, ge=0, description="auto: the largest feature cache to hold in memory")
+class CacheConfig(GuideUse):
+    """How distillations read their guides (engine.spec.GuideUse: what makes a cache, and whether it is read or the
+    guide run online), and how fast caches are written."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    batch_size: int = Field(512, ge=1, description="images per forward pass while a cache is written")
 
 
 class FinetuneConfig(Strict):

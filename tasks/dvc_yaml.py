@@ -22,7 +22,7 @@ from tasks.stages import FETCH_STAGE, STAGES, Instance, Stage, reads
 
 HEADER = """\
 # Generated from the stage table (tasks/stages.py) and params.yaml by `python -m tasks dvc-yaml`; do not edit.
-# Every cmd calls the stage function the Prefect flow and the CLI call. Outs persist: the stage decides from its
+# Every cmd is the stage's command, which the Prefect flow launches too. Outs persist: the stage decides from its
 # key (stage.json), which hashes what these deps and params cover, whether anything must be redone.
 """
 ITEM = "${item}"
@@ -69,7 +69,7 @@ def stage_entry(stage: Stage, cfg: PipelineConfig, raw: dict, root: Path) -> dic
     deps = [*SHARED_CODE, *stage.code, *(_rel(p, root) for p in reads(stage, cfg, Catalog(root)))]
     deps += _profile_dep(cfg, root)
     deps += [str(p) for p in _upstream_paths(stage, cat)]
-    entry = {"cmd": f"python -m tasks {stage.name}" + (f" --seed {ITEM}" if stage.per_seed else ""),
+    entry = {"cmd": "python -m " + " ".join(Instance(stage, ITEM if stage.per_seed else None).command()),
              "deps": _without_nested(deps),
              "params": [p for p in (*stage.params, "profile") if _present(raw, p)],
              "outs": [{str(Instance(stage, ITEM if stage.per_seed else None).out(cat)): {"persist": True}}]}

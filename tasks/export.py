@@ -13,41 +13,43 @@ from engine.errors import KDError
 from engine.export import Deployable, onnx_max_abs_diff, to_onnx, to_torchscript, torchscript_max_abs_diff
 from engine.quantize import calibration_images, int8_files, measure
 from engine.trainer import predict
+from engine.spec import TrainSpec
+from engine.workspace import Workspace, read_meta
 from tasks import tracking
 from tasks.catalog import Catalog
 from tasks.config import PipelineConfig
-from tasks.context import Workspace, read_meta
 from tasks.model_card import model_card
+from tasks.run_context import RunContext
 from tasks.stage import StageRun, require
-from tasks.train_model import PipelineModel, hop_kd
+from tasks.stages import specs
 
 TORCHSCRIPT_FILE, ONNX_FILE, LABELS_FILE, PREPROCESS_FILE, CARD_FILE = (
     "model.ts", "model.onnx", "labels.json", "preprocessing.json", "model_card.md")
 log = logging.getLogger("kd")
 
 
-def best_student(cat: Catalog, models: dict[str, PipelineModel]) -> str:
+def best_student(cat: Catalog, models: dict[str, TrainSpec]) -> str:
     """The student to ship: best on validation over every method and seed, never chosen by the test split."""
-    return max((n for n, m in models.items() if m.role == "student"),
+    return max((n for n, s in models.items() if s.role == "student"),
                key=lambda n: json.loads(cat.evaluation(n).read_text()).get("best_val_acc") or 0)
 
 
-def chosen_model(cfg: PipelineConfig, cat: Catalog, models: dict[str, PipelineModel]) -> str:
+def chosen_model(cfg: PipelineConfig, cat: Catalog, models: dict[str, TrainSpec]) -> str:
     name = cfg.export.model or best_student(cat, models)
     if name not in models:
         raise KDError(f"export.model: unknown model {name!r}; the pipeline's models are {', '.join(models)}")
     return name
 
 
-def _chain(cfg: PipelineConfig, cat: Catalog, m: PipelineModel) -> list[dict]:
+def _chain(cat: Catalog, s: TrainSpec) -> list[dict]:
     """The student and every model it learnt from (fine-tuning's init is its own past, skipped)."""
     out = []
-    node: PipelineModel | None = m
+    node: TrainSpec | None = s
     while node is not None:
         meta = read_meta(cat.model(node.name))
         evaluation = json.loads(cat.evaluation(node.name).read_text())
-        out.append({**meta, **evaluation, "name": node.name, "kd": hop_kd(cfg, node) if node.source else None})
-        node = node.source or (node.init.source if node.init else None)
+        out.append({**meta, **evaluation, "name": node.name, "kd": node.kd if node.guides else None})
+        node = (node.guides or (node.init.guides if node.init else ()) or (None,))[0]
     return out
 
 
@@ -74,11 +76,12 @@ def formats(cfg: PipelineConfig, ws: Workspace, model: Deployable, out) -> dict[
     return found
 
 
-def work(run: StageRun, models: dict[str, PipelineModel]) -> dict:
+def work(run: StageRun) -> dict:
     cfg, cat, out = run.cfg, run.cat, run.out
+    models = specs(cfg)
     name = chosen_model(cfg, cat, models)
-    ws = Workspace(cat, "cpu")
-    model = Deployable(ws.load_model(name), ws.mean, ws.std)
+    ws = Workspace(cat.prepared, "cpu")
+    model = Deployable(ws.load_model_dir(cat.model(name)), ws.mean, ws.std)
     images = ws.test.x[: cfg.export.check_images].float() / 255
     to_torchscript(model, images[:4], out / TORCHSCRIPT_FILE)
     to_onnx(model, images[:4], out / ONNX_FILE)
@@ -99,18 +102,18 @@ def work(run: StageRun, models: dict[str, PipelineModel]) -> dict:
               "max_drop": cfg.quantize.max_drop, "calibration_images": cfg.quantize.calibration_images,
               "flagged": [k for k, v in found.items() if not v["within_tolerance"]]}
     with atomic_path(out / CARD_FILE) as tmp:
-        tmp.write_text(model_card(name, _chain(cfg, cat, models[name]), data, export))
+        tmp.write_text(model_card(name, _chain(cat, models[name]), data, export))
     files = [TORCHSCRIPT_FILE, ONNX_FILE, *(v["file"] for k, v in found.items() if k.startswith("INT8")),
              LABELS_FILE, PREPROCESS_FILE, CARD_FILE]
     return {"model": name, **export, "files": files,
             "torch": torch.__version__, "mlflow_run_id": require(cat.model(name), name)["result"].get("mlflow_run_id")}
 
 
-def register(cfg: PipelineConfig, cat: Catalog, result: dict) -> dict:
+def register(cfg: PipelineConfig, cat: Catalog, ctx: RunContext, result: dict) -> dict:
     """The exported student is the registered champion: registered when the alias points elsewhere,
     whether the export ran now or was reused."""
     run_id = result.get("mlflow_run_id")
-    if not (tracking.enabled() and run_id and cfg.tracking.log_models):
+    if not (ctx.tracking and run_id and cfg.tracking.log_models):
         return {"registered": None}
-    registered = tracking.register(cat, run_id, cfg.tracking.registered_model, cfg.tracking.alias)
+    registered = tracking.register(ctx, run_id, cfg.tracking.registered_model, cfg.tracking.alias)
     return {"registered": registered and registered | {"model": result["model"]}}

@@ -29,7 +29,7 @@ def load_images(paths: list[str], export_dir: Path) -> np.ndarray:
     return np.stack(out)
 
 
-def logits(images: np.ndarray, export_dir: Path, engine: str, model_uri: str | None = None) -> np.ndarray:
+def logits(images: np.ndarray, export_dir: Path, engine: str, model_uri: str | None = None, ctx=None) -> np.ndarray:
     if engine == "onnx":
         import onnxruntime as ort
 
@@ -39,18 +39,20 @@ def logits(images: np.ndarray, export_dir: Path, engine: str, model_uri: str | N
         import torch
 
         return torch.jit.load(str(export_dir / "model.ts"), map_location="cpu")(torch.from_numpy(images)).detach().numpy()
-    if engine == "mlflow":
-        import mlflow
+    if engine == "mlflow":  # from the context's store: the project's, unless MLFLOW_TRACKING_URI names another
+        from tasks.tracking import fluent
 
-        return np.asarray(mlflow.pyfunc.load_model(model_uri).predict(images))
+        with fluent(ctx) as mlflow:
+            return np.asarray(mlflow.pyfunc.load_model(model_uri).predict(images))
     raise KDError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
 
 
-def predict(paths: list[str], export_dir: Path, engine: str = "onnx", model_uri: str | None = None) -> list[dict]:
+def predict(paths: list[str], export_dir: Path, engine: str = "onnx", model_uri: str | None = None,
+            ctx=None) -> list[dict]:
     if not (export_dir / "labels.json").exists():
         raise KDError(f"{export_dir}: no exported student (labels.json); run `takd export` first")
     labels = json.loads((export_dir / "labels.json").read_text())
-    out = logits(load_images(paths, export_dir), export_dir, engine, model_uri)
+    out = logits(load_images(paths, export_dir), export_dir, engine, model_uri, ctx)
     probs = np.exp(out - out.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     return [{"image": p, "class": labels[str(int(row.argmax()))], "probability": round(float(row.max()), 4)}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from engine.atomic import save_torch
 from engine.data import load_splits
-from tasks.context import DATASET_FILE
+from engine.workspace import DATASET_FILE
 from tasks.stage import StageRun
 
 

@@ -10,26 +10,22 @@ import shutil
 from pathlib import Path
 
 from engine.atomic import atomic_path, save_json
+from engine.spec import TrainSpec
 from engine.stats import seed_table
+from engine.workspace import HISTORY_FILE
 from tasks import tracking
-from tasks.catalog import Catalog
+from tasks.catalog import CURVES, METRICS_FILE, PLOT_FILE, Catalog
 from tasks.config import PipelineConfig
-from tasks.context import HISTORY_FILE
 from tasks.figures import BAR, REF, bars, pyplot, save
+from tasks.run_context import RunContext
 from tasks.stage import StageRun
-from tasks.train_model import PipelineModel
+from tasks.stages import specs, students
 
 COLUMNS = ["model", "method", "seed", "arch", "test_acc", "test_top5", "best_val_acc", "teacher_agreement", "params",
            "size_bytes", "flops", "latency_ms_b1", "throughput_b256", "int8_test_acc", "int8_agreement"]
-METRICS_FILE, PLOT_FILE, CURVES = "data/metrics/comparison.json", "data/metrics/comparison_plot.json", "data/metrics/curves"
-METRICS, PLOTS = (METRICS_FILE,), (CURVES, PLOT_FILE)
-# What `after` publishes from the report folder (DVC's metrics and plots cannot lie inside another output).
+# What `after` publishes from the report folder.
 PUBLISHED = {METRICS_FILE: "metrics.json", PLOT_FILE: "comparison_plot.json", CURVES: "curves"}
 REPORT_FILES = ("comparison.md", "comparison.csv", "comparison.json", "comparison.png", "curves.png")
-# Each reads "a - b", paired by seed: what KD adds, what the TA adds on top, what fine-tuning adds.
-CONTRASTS = [("blkd", "nokd"), ("takd", "blkd"), ("takd", "nokd"), ("takd_ft", "takd")]
-LABELS = {"NOKD": "NOKD", "BLKD": "BLKD", "TAKD": "TAKD", "FT": "TAKD + fine-tuning",
-          "QAD": "TAKD + QAD (its fp32 weights)"}
 # INT8 (engine/quantize.py, ONNX Runtime): the model QAD starts from, in fp32 and quantized after training (PTQ),
 # against the QAD student quantized; 'qad_fp32' (QAD's weights unquantized) says how much is only more training.
 INT8_LABELS = {"fp32": "fp32", "ptq": "PTQ INT8", "qad": "QAD INT8", "qad_fp32": "QAD weights, fp32"}
@@ -37,45 +33,48 @@ INT8_CONTRASTS = [("ptq", "fp32"), ("qad", "ptq"), ("qad", "fp32"), ("qad", "qad
 INT8_COST = ("size_bytes", "latency_ms_b1", "throughput_b256")
 
 
-def variant(m: PipelineModel) -> str:
-    """'nokd', 'blkd', 'takd', 'takd_ft' for students (any seed); the role for the others."""
-    base = m.name.removesuffix(f"-s{m.seed}") if m.role == "student" else m.name
-    return base.removeprefix("student-").replace("-", "_")
-
-
-def _evaluations(cat: Catalog, models: dict[str, PipelineModel]) -> dict[str, dict]:
+def _evaluations(cat: Catalog, models: dict[str, TrainSpec]) -> dict[str, dict]:
     return {name: json.loads(cat.evaluation(name).read_text()) for name in models}
 
 
-def comparison(cfg: PipelineConfig, models: dict[str, PipelineModel], evals: dict[str, dict]) -> dict:
-    """The seed table (engine.stats.seed_table) of the students, with the teacher and TA beside."""
+def variants(cfg: PipelineConfig) -> dict[str, str]:
+    """Each model's key in the report: a student's row says it (nokd, blkd, ...); the teacher and TA are their names."""
+    found = {s.name: m.variant for s, m in students(cfg)}
+    return {name: found.get(name, name) for name in specs(cfg)}
+
+
+def comparison(cfg: PipelineConfig, evals: dict[str, dict]) -> dict:
+    """The seed table (engine.stats.seed_table) of the students, compared as their rows in the stage table say,
+    with the teacher and TA beside."""
     accs: dict[str, dict[int, float]] = {}
-    labels = {}
-    for name, m in models.items():
-        if m.role == "student" and not (m.quantized and cfg.quantize.qad_epochs == 0):  # QAD off: a copy, left out
-            accs.setdefault(variant(m), {})[m.seed] = evals[name]["test_acc"]
-            labels[variant(m)] = LABELS[m.method]
-    table = seed_table(accs, labels, CONTRASTS, cfg.experiments.confidence)
-    refs = [{"variant": name, "label": f"{m.role} {evals[name]['arch']}", "test_acc": evals[name]["test_acc"]}
-            for name, m in models.items() if m.role != "student" and evals[name]["test_acc"] is not None]
+    labels, contrasts = {}, []
+    for s, m in students(cfg):
+        if m.quantized and cfg.quantize.qad_epochs == 0:  # QAD off: the student is a copy of its start, left out
+            continue
+        accs.setdefault(m.variant, {})[s.seed] = evals[s.name]["test_acc"]
+        labels[m.variant] = m.label or m.method
+        contrasts += [(m.variant, v) for v in m.versus if (m.variant, v) not in contrasts]
+    table = seed_table(accs, labels, contrasts, cfg.experiments.confidence)
+    refs = [{"variant": name, "label": f"{s.role} {evals[name]['arch']}", "test_acc": evals[name]["test_acc"]}
+            for name, s in specs(cfg).items() if s.role != "student" and evals[name]["test_acc"] is not None]
     chain = f"{cfg.teacher.arch} -> {cfg.assistant.arch} -> {cfg.student.arch}"
     return {**table, "references": refs, "seeds": cfg.student.seeds, "data": cfg.data.name,
             "title": f"{cfg.data.name}: {chain}, students over seeds {cfg.student.seeds}"}
 
 
-def int8_comparison(cfg: PipelineConfig, models: dict[str, PipelineModel], evals: dict[str, dict]) -> dict | None:
+def int8_comparison(cfg: PipelineConfig, evals: dict[str, dict]) -> dict | None:
     """fp32, PTQ INT8 and QAD INT8 over the seeds, paired; None when no model was quantized. The cost columns
     (ONNX Runtime, this CPU) are the first seed's."""
-    qad = [m for m in models.values() if m.quantized and m.init]
+    qad = [s for s in specs(cfg).values() if s.quantized and s.init]
     if not (qad and cfg.quantize.evaluate):
         return None
     accs: dict[str, dict[int, float]] = {"fp32": {}, "ptq": {}, "qad": {}, "qad_fp32": {}}
     cost: dict[str, dict] = {}
-    for m in qad:
-        start, own = evals[m.init.name], evals[m.name]
+    for s in qad:
+        start, own = evals[s.init.name], evals[s.name]
         for variant, figures, key in (("fp32", start, "test_acc"), ("ptq", start, "int8_test_acc"),
                                       ("qad", own, "int8_test_acc"), ("qad_fp32", own, "test_acc")):
-            accs[variant][m.seed] = figures[key]
+            accs[variant][s.seed] = figures[key]
         for variant, figures, kind in (("fp32", start, "onnx"), ("ptq", start, "int8"), ("qad", own, "int8")):
             cost.setdefault(variant, {k: figures.get(f"{kind}_{k}") for k in INT8_COST}
                             | {"agreement": figures.get(f"{kind}_agreement")})
@@ -88,12 +87,12 @@ def int8_comparison(cfg: PipelineConfig, models: dict[str, PipelineModel], evals
     return table
 
 
-def metrics(table: dict, evals: dict[str, dict], models: dict[str, PipelineModel]) -> dict:
+def metrics(table: dict, evals: dict[str, dict], keys: dict[str, str]) -> dict:
     """For `dvc metrics show` (one column each) and the MLflow parent run. Size and speed are the first seed's."""
     cost = ("params", "flops", "latency_ms_b1")
     first: dict[str, dict] = {}
-    for name, m in models.items():
-        first.setdefault(variant(m), evals[name])
+    for name, variant in keys.items():
+        first.setdefault(variant, evals[name])
     out = {}
     for r in table["references"]:
         out[r["variant"]] = {"test_acc": r["test_acc"], **{k: first[r["variant"]].get(k) for k in cost}}
@@ -138,14 +137,22 @@ def _int8_markdown(int8: dict) -> str:
             "first seed's files:\n\n" + markdown_table(rows, list(rows[0])) + _diffs(int8))
 
 
-def markdown(table: dict, rows: list[dict]) -> str:
+def how_timed(timing: dict | None) -> str:
+    """How the latency and throughput columns were measured (the evaluate stage records it)."""
+    if not timing:
+        return ""
+    return (f"\nLatency (batch 1) and throughput (batch 256): medians of {timing['repeats']} timed repeats on "
+            f"{timing['device']} ({timing['cpu']}), {timing['torch_threads']} torch threads, in {timing['process']}.\n")
+
+
+def markdown(table: dict, rows: list[dict], timing: dict | None = None) -> str:
     summary = _summary(table["rows"])
     summary += [{"method": r["label"], "test acc (%)": f"{100 * r['test_acc']:.2f}", "per seed": "(trained once)"}
                 for r in table["references"]]
     return "".join([f"## {table['title']}\n\n", "Test accuracy, mean ± std over the student seeds:\n\n",
                     markdown_table(summary, list(summary[0])), _diffs(table),
                     _int8_markdown(table["int8"]) if table.get("int8") else "",
-                    "\nEvery model:\n\n", markdown_table(rows, COLUMNS)])
+                    "\nEvery model:\n\n", markdown_table(rows, COLUMNS), how_timed(timing)])
 
 
 def _cell(v) -> str:
@@ -207,20 +214,21 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def work(run: StageRun, models: dict[str, PipelineModel]) -> dict:
+def work(run: StageRun) -> dict:
     """Everything into the staging folder; `after` publishes it (data/metrics, the MLflow parent)."""
     cfg, cat, out = run.cfg, run.cat, run.out
+    models = specs(cfg)
     evals = _evaluations(cat, models)
     rows = [{"model": name, **{c: evals[name].get(c) for c in COLUMNS[1:]}} for name in models]
-    table = {**comparison(cfg, models, evals), "int8": int8_comparison(cfg, models, evals)}
+    table = {**comparison(cfg, evals), "int8": int8_comparison(cfg, evals)}
     histories = {name: json.loads((cat.model(name) / HISTORY_FILE).read_text()) for name in models}
     save_json(table, out / "comparison.json")
-    save_json(metrics(table, evals, models), out / PUBLISHED[METRICS_FILE])
+    save_json(metrics(table, evals, variants(cfg)), out / PUBLISHED[METRICS_FILE])
     save_json([{"method": r["label"], "test_acc": r["mean"]} for r in table["rows"]], out / PUBLISHED[PLOT_FILE])
     for name, hist in histories.items():  # one file per model, so `dvc plots` draws one line each
         save_json([{"epoch": h["epoch"], "val_acc": h["val_acc"], "train_acc": h["train_acc"]} for h in hist],
                   out / PUBLISHED[CURVES] / f"{name}.json")
-    _write_text(out / "comparison.md", markdown(table, rows))
+    _write_text(out / "comparison.md", markdown(table, rows, next(iter(evals.values())).get("timing")))
     _write_text(out / "comparison.csv", _csv(rows))
     _comparison_png(table, out)
     _curves_png(histories, out)
@@ -228,10 +236,10 @@ def work(run: StageRun, models: dict[str, PipelineModel]) -> dict:
             "contrasts": {f"{c['a']} - {c['b']}": [c["mean"], c["low"], c["high"]] for c in table["contrasts"]}}
 
 
-def after(cfg: PipelineConfig, cat: Catalog, result: dict) -> dict:
+def after(cfg: PipelineConfig, cat: Catalog, ctx: RunContext, result: dict) -> dict:
     """Publish the report, whether it ran now or was reused: its metrics and plot data where `dvc metrics` and
     `dvc plots` read them (the curves folder replaced whole, so a dropped seed's curve goes), and its table and
-    plots on the MLflow parent run of this invocation, which is then closed if stages opened it one by one."""
+    plots on this invocation's MLflow parent run."""
     for target, name in PUBLISHED.items():
         source, dest = cat.reports / name, cat.root / target
         if source.is_dir():
@@ -244,6 +252,5 @@ def after(cfg: PipelineConfig, cat: Catalog, result: dict) -> dict:
             with atomic_path(dest) as tmp:
                 shutil.copyfile(source, tmp)
     numbers = json.loads((cat.reports / PUBLISHED[METRICS_FILE]).read_text())
-    tracking.log_report(cfg, cat, numbers, [cat.reports / f for f in REPORT_FILES])
-    tracking.end_file_parent(cfg, cat)
+    tracking.log_report(ctx, cfg, numbers, [cat.reports / f for f in REPORT_FILES], tracking.pipeline_name(cfg))
     return {}

@@ -1,10 +1,10 @@
-"""Run a stage once: skip it when its outputs were made from identical inputs, config and code.
+"""Run a piece of work once: skip it when its outputs were made from identical inputs, config and code.
 
-Each stage owns one output folder and writes `stage.json` there last. Its key hashes what the
-stage table (tasks/stages.py) says the stage depends on: its config fields, the content of
-every file it reads and of every upstream output, and its code. Those are exactly the deps
-and params dvc.yaml lists (it is generated from the same table), so Prefect, DVC and the CLI
-agree on what is done, whoever ran it.
+Each piece of work (a stage instance, an experiment's training or cache) owns one output folder and writes
+`stage.json` there last. Its key hashes what decides its outputs (a training's TrainSpec, a cache's settings,
+another stage's config fields), the content of every file it reads and of every upstream output, and its code
+(tasks/train.py's key_inputs). dvc.yaml lists the same files and at least those config fields (it is generated from
+the same stage table), so Prefect, DVC and the CLI agree on what is done, whoever ran it.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -24,22 +25,24 @@ from engine.fingerprint import config_fingerprint
 from tasks.catalog import Catalog
 from tasks.config import PipelineConfig
 from tasks.content import code_hash
+from tasks.run_context import RunContext
 
 STAGE_FILE = "stage.json"
 CODE_ROOT = Path(__file__).resolve().parents[1]
 # The code every stage runs; a stage's own module comes on top (the stage table names it).
 SHARED_CODE = ("engine", "models", "tasks/config.py", "tasks/catalog.py", "tasks/stage.py", "tasks/stages.py",
-               "tasks/context.py", "tasks/content.py")
+               "tasks/content.py")
 log = logging.getLogger("kd")
 
 
 @dataclass(frozen=True)
 class StageRun:
-    """What a stage's work function gets: the config, the catalog, its seed (per-seed stages),
+    """What a stage's work function gets: the config, the catalog, the run context, its seed (per-seed stages),
     the staging folder to write into, and its key."""
 
     cfg: PipelineConfig
     cat: Catalog
+    ctx: RunContext
     seed: int | None
     out: Path
     key: str
@@ -58,15 +61,16 @@ def require(out_dir: Path, what: str) -> dict:
     return done
 
 
-def stage_key(out_dir: Path, what: str) -> str:
-    return require(out_dir, what)["key"]
+def stage_lock(cat: Catalog, name: str):
+    """Two runs of one stage (two flows, or a flow and `dvc repro`) take turns; the second
+    then finds the first's outputs and reuses them."""
+    return state_lock(cat.root, name)
 
 
 @contextmanager
-def stage_lock(cat: Catalog, name: str) -> Iterator[None]:
-    """Two runs of one stage (two flows, or a flow and `dvc repro`) take turns; the second
-    then finds the first's outputs and reuses them."""
-    path = cat.state / "locks" / f"{name}.lock"
+def state_lock(root: Path, name: str) -> Iterator[None]:
+    """An exclusive lock named `name` in the project's .kd/locks, held for the block."""
+    path = Catalog(root).state / "locks" / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         try:
@@ -77,28 +81,49 @@ def stage_lock(cat: Catalog, name: str) -> Iterator[None]:
         yield
 
 
-def run_once(cat: Catalog, name: str, out_dir: Path, inputs: dict, code: tuple[str, ...],
-             fn: Callable[[str, Path], dict], force: bool = False) -> dict:
-    """`fn(key, folder)` writes the stage's outputs into `folder` and returns a JSON-able summary.
+@dataclass(frozen=True)
+class Work:
+    """A piece of work and its key: a stage instance, a training or a cache. `make(key, folder)` writes the outputs
+    into `folder` and returns a JSON-able summary. The key hashes the work's name, its inputs (tasks/train.py's
+    key_inputs) and its code."""
 
-    The folder is a fresh staging folder; it replaces `out_dir` only once it is complete,
-    with stage.json written last. A failure at any point leaves the previous outputs whole,
-    and the staging folder is removed.
+    name: str  # in locks and stage.json: train-student-nokd@1, or an experiment's train-<spec id>
+    out: Path
+    inputs: dict
+    code: tuple[str, ...]
+    make: Callable[[str, Path], dict]
+
+    @cached_property
+    def key(self) -> str:
+        return config_fingerprint({"stage": self.name, "inputs": self.inputs,
+                                   "code": code_hash(CODE_ROOT, [*SHARED_CODE, *self.code])})
+
+    def done(self) -> dict | None:
+        """Its recorded summary when its outputs are up to date, else None."""
+        record = read_stage(self.out)
+        return record["result"] if record and record.get("key") == self.key else None
+
+
+def run_once(cat: Catalog, work: Work, force: bool = False) -> dict:
+    """Run `work`, unless its outputs are up to date.
+
+    It writes into a fresh staging folder, which replaces `work.out` only once it is complete, with stage.json
+    written last. A failure at any point leaves the previous outputs whole, and the staging folder is removed.
     """
-    key = config_fingerprint({"stage": name, "inputs": inputs, "code": code_hash(CODE_ROOT, [*SHARED_CODE, *code])})
+    out_dir, name = work.out, work.name
     with stage_lock(cat, name):
-        done = read_stage(out_dir)
-        if done and done.get("key") == key and not force:
+        done = work.done()
+        if done is not None and not force:
             log.info("%s: outputs in %s are up to date; reusing them", name, out_dir)
-            return {**done["result"], "reused": True}
+            return {**done, "reused": True}
         staging, old = out_dir.with_name(out_dir.name + ".partial"), out_dir.with_name(out_dir.name + ".old")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
             t0 = time.time()
-            result = fn(key, staging)
+            result = work.make(work.key, staging)
             result["stage_seconds"] = round(time.time() - t0, 2)
-            save_json({"stage": name, "key": key, "inputs": inputs, "result": result}, staging / STAGE_FILE)
+            save_json({"stage": name, "key": work.key, "inputs": work.inputs, "result": result}, staging / STAGE_FILE)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -35,9 +35,12 @@ def test_micro_suites_write_json_and_markdown(tmp_path, fashion_dir):
     results = _run(tmp_path, fashion_dir, ["scaling"])  # merged into the same report
     for name in ("overhead", "gpu"):
         for row in results[name]["rows"]:
-            assert row["trainer_img_s"] > 0 and row["bare_img_s"] > 0
-            # One repeat: the ratio is that pair's bare / trainer time; the recorded times are rounded to 1 ms.
+            # One repeat: throughput is the images over that run's time, and the ratio that pair's bare / trainer
+            # time; the recorded times are rounded to 1 ms.
             (t,), (b,) = row["trainer_runs_s"], row["bare_runs_s"]
+            images = row["train_images"] * row["epochs"]
+            assert images / (t + 5e-4) <= row["trainer_img_s"] <= images / max(t - 5e-4, 1e-9)
+            assert images / (b + 5e-4) <= row["bare_img_s"] <= images / max(b - 5e-4, 1e-9)
             assert (b - 5e-4) / (t + 5e-4) <= row["ratio"] <= (b + 5e-4) / max(t - 5e-4, 1e-9)
     assert {r["workers"] for r in results["original"]["rows"]} == {0, 2}
     for row in results["cache"]["rows"]:  # the expectations are what the two models' FLOPs and times say
@@ -77,17 +80,34 @@ def test_reruns_merge_suites_into_one_report(tmp_path, fashion_dir):
     assert SUITES["cache"].title in text and SUITES["gpu"].title in text
 
 
-def test_end_to_end_suite_in_fresh_clones(tmp_path, fashion_dir):
-    """dvc repro, its no-op rerun and the Prefect flow, each in a fresh clone of HEAD, on tiny data."""
+# The default profile, reduced: the same models, 2 epochs on a subset of Fashion-MNIST (Debian's files when
+# present, else the fake ones) and one student seed; the flow trains two models at once, the NOKD student beside the
+# teacher, then BLKD beside the TA.
+REDUCED = {"data.train_subset": 1500, "data.test_subset": 500, "teacher.train.epochs": 2, "assistant.train.epochs": 2,
+           "student.train.epochs": 2, "student.seeds": [0], "evaluate.speed_repeats": 2, "quantize.evaluate": False,
+           "export.check_images": 32, "quantize.calibration_images": 64}
+
+
+def test_dvc_repro_and_the_flow_make_bit_identical_models_on_a_reduced_real_profile(tmp_path, fashion_dir,
+                                                                                     prefect_server):
+    """`dvc repro` and the Prefect flow (two stages at once) of the trainings up to the TAKD students, each in a
+    fresh copy of this working tree: every model's weights are the same, every tensor, by hash."""
+    from pathlib import Path
+
+    from engine.config import DataConfig
     from tasks.config import load_config, to_yaml
 
-    params = to_yaml(load_config(None, tiny_overrides(fashion_dir, tmp_path) | {"student.seeds": [0]}))
-    summary = _run(tmp_path, fashion_dir, ["e2e"], extra={"params_yaml": params, "env": {"KD_TRACKING": "0"}})["e2e"]["summary"]
-    assert summary["prefect_flow_state"] == "COMPLETED"
-    assert summary["dvc_status_clean_after_flow"] is True
-    assert summary["same_test_accuracy_both_ways"] is True
-    assert summary["dvc_repro_noop_s"] < summary["dvc_repro_from_scratch_s"]
-    assert summary["prefect_flow_run_s"] < summary["prefect_process_s_with_server_start"]
+    real = Path(DataConfig().source_dir)
+    source = real if (real / "train-images-idx3-ubyte.gz").exists() else fashion_dir
+    params = to_yaml(load_config(None, REDUCED | {"data.source_dir": str(source), "data.root": "data/raw"}))
+    from prefect.settings import PREFECT_API_URL
+
+    env = {"KD_TRACKING": "0", "PREFECT_API_URL": PREFECT_API_URL.value()}  # the session's server: no second start
+    extra = {"params_yaml": params, "env": env,
+             "targets": ["train-student-nokd", "distill-student-blkd", "distill-student-takd"]}
+    summary = _run(tmp_path, fashion_dir, ["e2e"], extra=extra)["e2e"]["summary"]
+    assert summary["prefect_flow_state"] == "COMPLETED" and summary["flow_workers"] == 2
+    assert summary["models"] == 5 and summary["same_weights_both_ways"] and summary["weights_differ"] == []
 
 
 def test_gpu_suite_says_why_it_skipped_without_cuda(tmp_path, fashion_dir):

@@ -14,7 +14,6 @@ from engine.soft_targets import DenseGuides
 from engine.stats import paired_difference, summary
 from experiments.plans import PLANS, build_plan
 from tasks.config import load_config
-from tasks.train_job import all_jobs, job_id
 
 
 def test_summary_and_paired_interval_by_hand():
@@ -75,26 +74,26 @@ def cfg(fashion_dir, tmp_path):
 
 def test_plans_share_trainings_across_experiments(cfg):
     plans = {name: build_plan(name, cfg) for name in PLANS}
-    ids = {name: set(all_jobs(cfg, [r.job for r in p.rows + p.references])) for name, p in plans.items()}
+    ids = {name: set(p.trainings()) for name, p in plans.items()}
     comparison = plans["comparison"]
-    teacher = job_id(cfg, comparison.select("teacher")[0].job)
+    teacher = comparison.select("teacher")[0].spec.id
     assert all(teacher in ids[n] for n in ("comparison", "ta-sweep", "student-sweep", "paths"))
     # Teacher and TA train once, whatever the number of seeds: 2 seeds x 3 methods + 2.
     assert len(ids["comparison"]) == 8
-    nokd = {job_id(cfg, r.job) for r in comparison.select("nokd")}
+    nokd = {r.spec.id for r in comparison.select("nokd")}
     assert nokd <= ids["ta-sweep"] and nokd <= ids["teacher-sweep"] and nokd <= ids["paths"]
     # 2 intermediate sizes: 2^2 - 1 chains beside BLKD, plus DGKD, NOKD, BLKD.
     paths = plans["paths"]
     assert [v for v in dict.fromkeys(r.variant for r in paths.rows)] == \
         ["nokd", "blkd", "via-plain-4", "via-plain-2", "via-plain-4_plain-2", "dgkd"]
-    dgkd = paths.select("dgkd", 0)[0].job
+    dgkd = paths.select("dgkd", 0)[0].spec
     assert [g.arch for g in dgkd.guides] == ["plain-6", "plain-4", "plain-2"]
     assert [len(g.guides) for g in dgkd.guides] == [0, 1, 2] and dgkd.survival == 0.75
     # Equal compute: each seed its own half-length teacher; E epochs from labels is the NOKD student when E
     # equals the student's epochs, and the same job is shared.
     eq = plans["equal-compute"]
-    assert eq.select("distill", 1)[0].job.guides[0].epochs == 1 and eq.select("distill", 1)[0].job.guides[0].seed == 1
-    assert eq.select("born-again-1", 0)[0].job.guides[0] == eq.select("labels", 0)[0].job
+    assert eq.select("distill", 1)[0].spec.guides[0].train.epochs == 1 and eq.select("distill", 1)[0].spec.guides[0].seed == 1
+    assert eq.select("born-again-1", 0)[0].spec.guides[0] == eq.select("labels", 0)[0].spec
     with pytest.raises(Exception, match="unknown experiment"):
         build_plan("nope", cfg)
 
@@ -104,23 +103,34 @@ def _fingerprints(root):
             for p in (root / "data" / "zoo").glob("*/model/stage.json")}
 
 
+def _run_rows(plan, cfg, cat, variant="*", seed=None):
+    """What one DVC matrix stage does: the rows' trainings, each launched in a process of its own."""
+    from experiments.run import run_rows
+    from tasks.launch import config_file
+    from tasks.run_context import RunContext
+
+    ctx = RunContext.resolve(cat.root)
+    return run_rows(plan, cfg, cat, ctx, config_file(cfg, cat, "test"), variant, seed)
+
+
 def test_experiment_end_to_end_on_tiny_data(cfg, tmp_path, monkeypatch):
     from experiments.report import report_experiment
-    from experiments.run import run_rows
     from tasks.catalog import Catalog
+    from tasks.run_context import RunContext
 
     monkeypatch.setenv("KD_PROJECT_ROOT", str(tmp_path))
     cat = Catalog(tmp_path)
     plan = build_plan("ta-sweep", cfg)
-    part = run_rows(plan, cfg, cat, "via-*", 1)  # what one DVC matrix stage does: that row and its guides
+    part = _run_rows(plan, cfg, cat, "via-*", 1)  # that row and its guides
     assert {r.split("-s")[0] for r in part} == {"teacher-plain-6", "assistant-plain-4", "student-plain-2"}
-    results = run_rows(plan, cfg, cat)
+    results = _run_rows(plan, cfg, cat)
     assert all(results[j]["reused"] for j in part)
-    out = report_experiment(plan, cfg, cat, results)
+    ctx = RunContext.resolve(tmp_path)
+    out = report_experiment(plan, cfg, cat, ctx, results)
     folder = cat.experiment("ta-sweep") / "report"
     table = json.loads((folder / "table.json").read_text())
     blkd = next(r for r in table["rows"] if r["variant"] == "blkd")
-    by_seed = {r.seed: results[job_id(cfg, r.job)]["test_acc"] for r in plan.select("blkd")}
+    by_seed = {r.seed: results[r.spec.id]["test_acc"] for r in plan.select("blkd")}
     assert {int(k): v for k, v in blkd["per_seed"].items()} == by_seed  # JSON keys are strings
     assert blkd["mean"] == pytest.approx(sum(by_seed.values()) / 2)
     assert table["rule_of_thumb"]["rule_pick"] == "plain-4"
@@ -128,26 +138,28 @@ def test_experiment_end_to_end_on_tiny_data(cfg, tmp_path, monkeypatch):
     assert metrics["blkd_mean"] == pytest.approx(blkd["mean"]) and "via-plain-4_minus_blkd_low" in metrics
     assert "Rule of thumb" in (folder / "table.md").read_text()
     assert (folder / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
-    assert out["reused"] is False and report_experiment(plan, cfg, cat, results)["reused"] is True
+    assert out["reused"] is False and report_experiment(plan, cfg, cat, ctx, results)["reused"] is True
 
 
 def test_concurrent_runners_give_the_sequential_models(cfg, tmp_path, prefect_server, monkeypatch):
-    """The same plan three ways: in order in this process, on 2 threads, and on a real Dask
-    LocalCluster of 2 worker processes. Every model's weights are identical."""
-    from experiments.run import run_rows
+    """The same plan three ways: one training after another, on 2 threads of a flow, and (its BLKD row, which needs
+    the teacher and its cache) on a real Dask LocalCluster of 2 worker processes; each training in a process of its
+    own. Every model's weights are identical."""
     from flows.experiment import FLOWS, task_runner
     from tasks.catalog import Catalog
 
     cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"seeds": [0]})})
     roots = {name: tmp_path / name for name in ("sequential", "threads", "dask")}
-    run_rows(build_plan("comparison", cfg), cfg, Catalog(roots["sequential"]))
+    monkeypatch.setenv("KD_PROJECT_ROOT", str(roots["sequential"]))
+    _run_rows(build_plan("comparison", cfg), cfg, Catalog(roots["sequential"]))
     expected = _fingerprints(roots["sequential"])
     assert len(expected) == 5  # teacher, TA, and three students
-    for name, runner in (("threads", task_runner()), ("dask", task_runner(dask_workers=2))):
+    for name, runner, variant, made in (("threads", task_runner(), "*", 5), ("dask", task_runner(dask_workers=2), "b*", 2)):
         monkeypatch.setenv("KD_PROJECT_ROOT", str(roots[name]))
-        result = FLOWS["comparison"].with_options(task_runner=runner)(cfg, workers=2)
-        assert len(result["trained"]) == 5 and result["report"]
-        assert _fingerprints(roots[name]) == expected, name
+        result = FLOWS["comparison"].with_options(task_runner=runner)(cfg, variant, workers=2)
+        assert len(result["trained"]) == made and bool(result["report"]) == (variant == "*")
+        found = _fingerprints(roots[name])
+        assert len(found) == made and found.items() <= expected.items(), name
 
 
 def test_experiment_flow_logs_table_and_plot_to_mlflow(cfg, tmp_path, prefect_server, monkeypatch):
@@ -157,6 +169,7 @@ def test_experiment_flow_logs_table_and_plot_to_mlflow(cfg, tmp_path, prefect_se
 
     monkeypatch.setenv("KD_PROJECT_ROOT", str(tmp_path))
     monkeypatch.setenv("KD_TRACKING", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"log_models": False}),
                                  "student": cfg.student.model_copy(update={"seeds": [0]})})
     FLOWS["comparison"](cfg)
@@ -172,6 +185,7 @@ def test_experiment_flow_logs_table_and_plot_to_mlflow(cfg, tmp_path, prefect_se
         json.loads((tmp_path / "data/experiments/comparison/report/table.json").read_text())["rows"][2]["mean"])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 5 and all("test_acc" in r.data.metrics for r in children)
+    assert len(runs) == 6  # the parent and its five trainings: the report logged into the parent, opened nothing
 
 
 def test_experiments_dvc_yaml_is_generated_and_every_stage_trains_rows_of_its_plan():

@@ -288,21 +288,21 @@ def _flat(d, prefix=""):
 
 def test_every_method_trains_end_to_end_on_tiny_data(methods_cfg):
     """The methods experiment's rows (each loss, DML, born-again, self, ensembles, TAKD with DKD
-    at both hops) all train through tasks.train_job and learn something."""
+    at both hops) all train as the experiments run them, each in a process of its own, and learn something."""
     import json
 
     from experiments.plans import build_plan
     from experiments.run import run_rows
-    from tasks.train_job import job_id
+    from tasks.launch import config_file
+    from tasks.run_context import RunContext
 
     cfg, cat = methods_cfg
     plan = build_plan("methods", cfg)
-    results = run_rows(plan, cfg, cat)
+    results = run_rows(plan, cfg, cat, RunContext.resolve(cat.root), config_file(cfg, cat, "test"))
     for row in plan.rows:
-        r = results[job_id(cfg, row.job)]
+        r = results[row.spec.id]
         assert r["test_acc"] > 0.2, (row.variant, r["test_acc"])  # 10 classes: chance is 0.1
-    meta = {row.variant: json.loads((cat.job(job_id(cfg, row.job)) / "model" / "model.json").read_text())
-            for row in plan.rows}
+    meta = {row.variant: json.loads((cat.root / row.spec.out / "model.json").read_text()) for row in plan.rows}
     assert meta["at"]["loss"] == "at" and meta["at"]["teacher_features"] in ("cached", "online")
     assert meta["fitnets"]["teacher_features_mb"] > 0
     assert meta["ensemble-weighted"]["ensemble_weights"].count(",") == 1
@@ -315,7 +315,7 @@ def test_every_method_trains_end_to_end_on_tiny_data(methods_cfg):
     assert meta["crd"]["params"] == meta["nokd"]["params"]  # the heads and memory banks are dropped
 
     def history(variant: str) -> list[dict]:
-        return json.loads((cat.job(job_id(cfg, plan.select(variant)[0].job)) / "model" / "history.json").read_text())
+        return json.loads((cat.root / plan.select(variant)[0].spec.out / "history.json").read_text())
 
     # The low-lr rows train on the same schedule, scaled to experiments.low_lr.
     assert history("dml-low-lr")[0]["lr"] / history("dml")[0]["lr"] == pytest.approx(
@@ -331,8 +331,9 @@ def test_features_cached_or_online_give_the_same_student(methods_cfg):
     trains the same student, up to the cache's rounding; the choice is recorded."""
     import json
 
+    from experiments.plans import zoo
     from tasks.stages import run_stage
-    from tasks.train_job import Job, job_id, train_job
+    from tasks.train import train_here
 
     cfg, cat = methods_cfg
     run_stage("prepare-data", cfg, cat)
@@ -340,11 +341,10 @@ def test_features_cached_or_online_give_the_same_student(methods_cfg):
     for mode in ("cached", "online"):
         c = cfg.model_copy(update={"cache": cfg.cache.model_copy(update={"features": mode})})
         kd = c.kd.model_copy(update={"loss": "at", "lam": 0.0})
-        job = Job(role="student", arch="plain-2", seed=3, epochs=1, kd=kd,
-                  guides=[Job(role="teacher", arch="plain-4")])
-        r = train_job(c, cat, job, force=True)
+        spec = zoo(c, "student", "plain-2", 3, [zoo(c, "teacher", "plain-4", 0)], epochs=1, kd=kd)
+        r = train_here(spec, c, cat, force=True)
         accs.append(r["test_acc"])
-        modes.append(json.loads((cat.job(job_id(c, job)) / "model" / "model.json").read_text())["teacher_features"])
+        modes.append(json.loads((cat.root / spec.out / "model.json").read_text())["teacher_features"])
     assert modes == ["cached", "online"]
     assert abs(accs[0] - accs[1]) <= 0.05
 
@@ -352,30 +352,30 @@ def test_features_cached_or_online_give_the_same_student(methods_cfg):
 def test_any_loss_at_each_hop_of_the_pipeline_chain(project):
     """assistant.kd and student.kd pick each hop's loss; unset keys inherit from the top-level kd."""
     from tasks.config import load_config
-    from tasks.stages import models
-    from tasks.train_model import hop_kd, training
+    from tasks.stages import specs
 
     cfg, cat = project
     over = {"kd.temperature": 5.0, "assistant.kd.loss": "dkd", "student.kd.loss": "fitnets"}
     cfg2 = load_config(None, {**_flat(cfg.model_dump(exclude={"assistant": {"kd"}, "student": {"kd"}})), **over})
-    m = models(cfg2)
-    assert hop_kd(cfg2, m["assistant"]).loss == "dkd" and hop_kd(cfg2, m["assistant"]).temperature == 5.0
-    assert training(cfg2, cat, m["student-takd-s1"]).loss == "fitnets"
-    assert training(cfg2, cat, m["student-nokd-s0"]).loss == "ce"
-    assert training(cfg2, cat, m["teacher"]).loss == "ce"
+    s = specs(cfg2)
+    assert s["assistant"].loss == "dkd" and s["assistant"].kd.temperature == 5.0
+    assert s["student-takd-s1"].loss == "fitnets" and s["student-takd-s1"].kd.temperature == 5.0
+    assert s["student-nokd-s0"].loss == "ce" and s["student-nokd-s0"].kd is None
+    assert s["teacher"].loss == "ce"
 
 
 def test_a_bad_layer_name_is_one_clear_error(project):
     from engine.errors import KDError
+    from experiments.plans import zoo
     from tasks.stages import run_stage
-    from tasks.train_job import Job, train_job
+    from tasks.train import train_here
 
     cfg, cat = project
     run_stage("prepare-data", cfg, cat)
     kd = cfg.kd.model_copy(update={"loss": "fitnets", "student_layers": ["features.9"], "teacher_layers": ["features.0"]})
-    job = Job(role="student", arch="plain-2", epochs=1, kd=kd, guides=[Job(role="teacher", arch="plain-4")])
+    spec = zoo(cfg, "student", "plain-2", 0, [zoo(cfg, "teacher", "plain-4", 0)], epochs=1, kd=kd)
     with pytest.raises(KDError, match=r"kd.student_layers: no stage named \['features.9'\]; the model has"):
-        train_job(cfg, cat, job)
+        train_here(spec, cfg, cat)
 
 
 def test_weighting_an_ensemble_needs_every_teachers_validation_accuracy(tmp_path):
@@ -384,23 +384,21 @@ def test_weighting_an_ensemble_needs_every_teachers_validation_accuracy(tmp_path
     import json
 
     from engine.config import TrainConfig
+    from engine.distill import _ensemble_weights
     from engine.errors import KDError
-    from tasks.train_model import Training, _ensemble_weights
+    from engine.spec import TrainSpec
 
     dirs = []
     for name, acc in (("a", 0.8), ("b", 0.6), ("imported", None)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.json").write_text(json.dumps({"best_val_acc": acc}))
-        dirs.append((tmp_path / name, tmp_path / name))
-    kd = KDConfig(ensemble={"weighted": True})
+        dirs.append(tmp_path / name)
+    spec = TrainSpec(role="student", arch="plain-2", train=TrainConfig(), loss="kd", kd=KDConfig(ensemble={"weighted": True}))
 
-    def training(guides):
-        return Training(name="s", role="student", method="kd", arch="plain-2", seed=0, train=TrainConfig(),
-                        run_name="s", guides=tuple(guides), loss="kd", kd=kd)
-
-    assert _ensemble_weights(kd, training(dirs[:2])) == [0.8, 0.6]
+    assert _ensemble_weights(spec, dirs[:2]) == [0.8, 0.6]
+    assert _ensemble_weights(spec, dirs[:1]) is None  # one teacher: nothing to weigh
     with pytest.raises(KDError, match=r"imported has none; set kd.ensemble.weights"):
-        _ensemble_weights(kd, training(dirs))
+        _ensemble_weights(spec, dirs)
 
 
 def test_each_loss_reports_the_settings_it_reads():

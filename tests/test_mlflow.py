@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from tasks.stages import instances, models, run_instance
+from tasks.stages import instances, run_instance, specs
 
 METHODS = {"teacher": ("teacher", "teacher"), "assistant": ("assistant", "KD"), "student-nokd": ("student", "NOKD"),
            "student-blkd": ("student", "BLKD"), "student-takd": ("student", "TAKD"), "student-takd-ft": ("student", "FT"),
@@ -14,9 +14,13 @@ METHODS = {"teacher": ("teacher", "teacher"), "assistant": ("assistant", "KD"), 
 
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory, fashion_dir):
-    """One tracked pipeline, stage by stage as `dvc repro` runs them, shared by this module's tests."""
+    """One tracked pipeline, stage by stage as one `dvc repro` runs them (one invocation), shared by this module's
+    tests."""
+    from dataclasses import replace
+
     from tasks.catalog import Catalog
     from tasks.config import load_config
+    from tasks.run_context import RunContext
     from tests.conftest import tiny_overrides
 
     root = tmp_path_factory.mktemp("tracked")
@@ -28,8 +32,8 @@ def tracked(tmp_path_factory, fashion_dir):
         mp.delenv("KD_MLFLOW_PARENT_RUN", raising=False)
         cfg = load_config(None, tiny_overrides(fashion_dir, root) | {"quantize.qad_epochs": 1})  # QAD trains, is logged
         cat = Catalog(root)
-        for inst in instances(cfg):
-            run_instance(inst, cfg, cat)
+        for inst in instances(cfg):  # each stage resolves its context, as each of DVC's processes does
+            run_instance(inst, cfg, cat, replace(RunContext.resolve(root), invocation="dvc-repro-under-test"))
         yield cfg, cat, uri
 
 
@@ -63,20 +67,24 @@ def test_runs_metrics_models_and_registry(tracked):
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs, not GenAI
     from tasks.tracking import runs_pages  # the links `takd mlflow-ui` prints: that experiment's runs, ML mode
 
-    assert runs_pages(cfg, cat) == {cfg.tracking.experiment:
+    from tasks.run_context import RunContext
+
+    assert runs_pages(cfg, RunContext.resolve(cat.root)) == {cfg.tracking.experiment:
                                     f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"}
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("kind") == "pipeline"]
+    # One invocation, one parent: found by its tag by every stage after the first, closed by the report.
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
+    assert parent.data.tags["takd.invocation"] == "dvc-repro-under-test" and parent.data.tags["source"] == "dvc"
     children = {r.data.tags["model"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == set(models(cfg))
-    for name, m in models(cfg).items():
+    assert set(children) == set(specs(cfg))
+    for name, s in specs(cfg).items():
         run = children[name]
-        base = name.removesuffix(f"-s{m.seed}") if m.role == "student" else name
+        base = name.removesuffix(f"-s{s.seed}") if s.role == "student" else name
         assert (run.data.tags["role"], run.data.tags["method"]) == METHODS[base]
-        assert run.data.tags["seed"] == str(m.seed) == run.data.params["seed"]  # MLflow groups by method and seed
-        assert run.data.params["arch"] == getattr(cfg, m.role).arch
+        assert run.data.tags["seed"] == str(s.seed) == run.data.params["seed"]  # MLflow groups by method and seed
+        assert run.data.params["arch"] == getattr(cfg, s.role).arch
         assert {"test_acc", "params", "size_bytes", "flops", "latency_ms_b1", "teacher_agreement"} <= set(run.data.metrics)
         assert run.data.tags["model_uri"].startswith("models:/")
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
@@ -137,22 +145,44 @@ def test_tracking_uri_is_not_logged(tracked):
 
 
 def test_each_project_root_keeps_its_own_store_unless_the_user_names_one(tmp_path, monkeypatch):
-    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; a store we chose must not then be taken
-    for the user's choice by the next project root in the same process."""
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: the fluent API is pointed at a context's store for a
+    block only, so the next project root in the same process is not taken for the user's choice."""
+    import os
+
     from tasks import tracking
-    from tasks.catalog import Catalog
     from tasks.config import PipelineConfig
+    from tasks.run_context import RunContext
 
     monkeypatch.setenv("KD_TRACKING", "1")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("KD_MLFLOW_PARENT_RUN", raising=False)
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        tracking.start_parent(PipelineConfig(), Catalog(tmp_path / name), "test")
-        tracking.end_parent(Catalog(tmp_path / name))
+        ctx = RunContext.resolve(tmp_path / name)
+        tracking.close_parent(ctx, tracking.open_parent(ctx, PipelineConfig(), "test"))
+        with tracking.fluent(ctx) as mlflow:
+            assert mlflow.get_tracking_uri() == ctx.store
+        assert "MLFLOW_TRACKING_URI" not in os.environ
     assert (tmp_path / "a" / "mlflow.db").exists() and (tmp_path / "b" / "mlflow.db").exists()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'users.db'}")
     (tmp_path / "c").mkdir()
-    tracking.start_parent(PipelineConfig(), Catalog(tmp_path / "c"), "test")
-    tracking.end_parent(Catalog(tmp_path / "c"))
+    ctx = RunContext.resolve(tmp_path / "c")
+    tracking.close_parent(ctx, tracking.open_parent(ctx, PipelineConfig(), "test"))
     assert (tmp_path / "users.db").exists() and not (tmp_path / "c" / "mlflow.db").exists()
+
+
+def test_a_stage_run_alone_joins_no_other_invocation(tracked, monkeypatch):
+    """Outside a flow and outside `dvc repro`, a training is a run of its own: it is never attached to a parent
+    that another invocation opened (the report it runs would open, and close, its own)."""
+    from mlflow import MlflowClient
+
+    from tasks.run_context import RunContext
+    from tasks.stages import Instance, STAGES
+
+    cfg, cat, uri = tracked
+    for key, value in (("KD_PROJECT_ROOT", str(cat.root)), ("KD_TRACKING", "1"), ("MLFLOW_TRACKING_URI", uri)):
+        monkeypatch.setenv(key, value)
+    run_instance(Instance(STAGES["train-student-nokd"], 0), cfg, cat, RunContext.resolve(cat.root), force=True)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    latest = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert latest.data.tags["model"] == "student-nokd-s0" and "mlflow.parentRunId" not in latest.data.tags

@@ -129,13 +129,13 @@ def test_exported_student_matches_pytorch_and_has_a_model_card(project):
     assert labels["0"] == "T-shirt/top" and len(labels) == 10
     import onnxruntime as ort
 
-    from tasks.context import Workspace
+    from engine.workspace import Workspace
 
-    ws = Workspace(cat, "cpu")
+    ws = Workspace(cat.prepared, "cpu")
     images = (ws.test.x[:16].float() / 255).numpy()
     session = ort.InferenceSession(str(cat.export / "model.onnx"), providers=["CPUExecutionProvider"])
     onnx_pred = session.run(["logits"], {"image": images})[0].argmax(1)
-    torch_pred = ws.load_model(result["model"]).eval()(ws.test.normalize(ws.test.x[:16])).argmax(1).numpy()
+    torch_pred = ws.load_model_dir(cat.model(result["model"])).eval()(ws.test.normalize(ws.test.x[:16])).argmax(1).numpy()
     assert np.array_equal(onnx_pred, torch_pred)
     card = (cat.export / "model_card.md").read_text()
     for phrase in ("% smaller", "of the teacher's accuracy", "teacher plain-4", "Data it was distilled on",
@@ -172,7 +172,10 @@ def test_worked_example_end_to_end(fashion_dir, tmp_path, monkeypatch):
         run_instance(inst, cfg, cat)
     pngs = sorted(str(p) for p in (images / "test").rglob("*.png"))[:6]
     uri = f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
-    answers = {engine: predict(pngs, cat.export, engine, uri) for engine in ("onnx", "torchscript", "mlflow")}
+    from tasks.run_context import RunContext
+
+    ctx = RunContext.resolve(root)
+    answers = {engine: predict(pngs, cat.export, engine, uri, ctx) for engine in ("onnx", "torchscript", "mlflow")}
     assert answers["onnx"] == answers["torchscript"]
     assert [a["class"] for a in answers["mlflow"]] == [a["class"] for a in answers["onnx"]]
     assert all(a["class"] in made["classes"] for a in answers["onnx"])
@@ -181,9 +184,9 @@ def test_worked_example_end_to_end(fashion_dir, tmp_path, monkeypatch):
 
     # 2b and 3 again: the teacher absent, only its probabilities on the training images, keyed by path
     example.teacher_predictions(images, tmp_path / "teacher.ts", tmp_path / "predictions.npz")
-    from tasks.context import load_splits_file
+    from engine.workspace import load_splits_file
 
-    val = load_splits_file(cat).val
+    val = load_splits_file(cat.prepared).val
     with torch.no_grad():
         own = torch.jit.load(str(tmp_path / "teacher.ts"))((val.x.float() / 255 - 0.5) / 0.5).argmax(1)
     (tmp_path / "teacher.ts").unlink()

@@ -101,10 +101,10 @@ def test_probabilities_give_every_temperature_exactly(tmp_path, made_at):
 def _teacher_logits(cfg, cat) -> tuple[np.ndarray, np.ndarray]:
     """The trained teacher's logits for every training image, keyed by its index in the listing."""
     from engine.trainer import predict
-    from tasks.context import Workspace
+    from engine.workspace import Workspace
 
-    ws = Workspace(cat, "cpu")
-    return predict(ws.load_model("teacher"), ws.train).numpy(), ws.splits.train.ids.numpy()
+    ws = Workspace(cat.prepared, "cpu")
+    return predict(ws.load_model_dir(cat.model("teacher")), ws.train).numpy(), ws.splits.train.ids.numpy()
 
 
 def test_a_file_of_a_models_answers_distils_as_its_cache_does(project, tmp_path_factory):
@@ -140,9 +140,9 @@ def test_a_file_of_a_models_answers_distils_as_its_cache_does(project, tmp_path_
 def test_a_changed_file_is_read_again_and_model_losses_are_refused(project, fashion_dir, tmp_path_factory):
     cfg, cat = project
     run_stage("prepare-data", cfg, cat)
-    from tasks.context import load_splits_file
+    from engine.workspace import load_splits_file
 
-    n = max(load_splits_file(cat).train.ids.tolist()) + 1
+    n = max(load_splits_file(cat.prepared).train.ids.tolist()) + 1
     file = tmp_path_factory.mktemp("answers") / "answers.npy"
     np.save(file, np.random.default_rng(0).normal(size=(n, 10)))
     base = {**tiny_overrides(fashion_dir, cat.root), "teacher.predictions": str(file), "cache.views": 1}

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -80,48 +81,78 @@ def test_the_gpu_tag_goes_only_on_stages_that_run_on_a_gpu(monkeypatch):
     cfg = PipelineConfig(device="cpu")
     assert not any(fp.tags(i, cfg) for i in instances(cfg))
     monkeypatch.setattr(fp, "resolve_device", lambda name: __import__("torch").device("cuda"))
+    from tasks.stages import STAGES
+
     tagged = {i.stage.name for i in instances(cfg) if fp.tags(i, cfg) == [fp.GPU_TAG]}
-    assert tagged == {s for s in fp.STAGES if fp.STAGES[s].accelerator}
+    assert tagged == {s for s in STAGES if STAGES[s].accelerator}
     assert "prepare-data" not in tagged and "report" not in tagged and "train-teacher" in tagged
 
 
-def test_failed_stage_retries_and_resumes_from_its_last_epoch(project, prefect_server, monkeypatch, tmp_path_factory):
-    import torch
+def _kill_the_training_once(path: Path, timeout: float = 120.0) -> list[int]:
+    """When `path` appears, kill -9 every process the fork server launched (tasks/launch.py); the pids killed."""
+    import os
+    import threading
+    import time
 
-    import tasks.train_model as tm
-    from flows.pipeline import run_stage
+    import psutil
+
+    killed: list[int] = []
+
+    def watch() -> None:
+        end = time.time() + timeout
+        while not path.exists() and time.time() < end:
+            time.sleep(0.01)
+        servers = [c for c in psutil.Process(os.getpid()).children() if "forkserver" in " ".join(c.cmdline())]
+        for child in (c for server in servers for c in server.children()):
+            child.kill()
+            killed.append(child.pid)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return killed
+
+
+def test_a_killed_stage_is_retried_by_the_flow_and_resumes_from_its_last_epoch(project, prefect_server, monkeypatch,
+                                                                               tmp_path_factory):
+    """kill -9 of a stage's own process in the middle of its training: its task fails, Prefect retries it, the new
+    process resumes from the last epoch checkpoint, and the model is the one an uninterrupted run makes."""
+    import asyncio
+
+    import torch
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import nodes
+    from flows.runners import run_graph
     from tasks.catalog import Catalog
+    from tasks.launch import config_file
+    from tasks.run_context import RunContext
     from tasks.stages import run_stage as run_direct
 
     cfg, cat = project
     cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={
-        "train": cfg.teacher.train.model_copy(update={"epochs": 2})})})
-    real_fit, calls = tm.fit, []
-
-    def flaky_fit(*args, **kw):
-        calls.append(kw["callback"])
-        if len(calls) == 1:
-            def crash(metrics, _cb=kw["callback"]):
-                _cb(metrics)
-                raise RuntimeError("GPU fell off the bus")
-            kw["callback"] = crash
-        return real_fit(*args, **kw)
-
-    monkeypatch.setattr(tm, "fit", flaky_fit)
-    from prefect import flow
+        "arch": "plain-10", "train": cfg.teacher.train.model_copy(update={"epochs": 4})})})
+    monkeypatch.chdir(cat.root)
+    ctx = RunContext.resolve(cat.root)
+    wanted = {k: v for k, v in nodes(cfg, cat, ctx, str(config_file(cfg, cat, "t")), False).items()
+              if k in ("prepare-data", "train-teacher")}
+    killed = _kill_the_training_once(cat.work("teacher") / "last.pt")
 
     @flow
     def two_stages():
-        args = (str(cat.root), None, torch.get_num_threads(), 1)
-        run_stage.with_options(retry_delay_seconds=0)("prepare-data", None, cfg, *args)
-        return run_stage.with_options(retry_delay_seconds=0)("train-teacher", None, cfg, *args)
+        return run_graph(wanted, ctx, 1)
 
-    two_stages()
-    assert len(calls) == 2
-    history = (cat.model("teacher") / "history.json").read_text()
-    assert '"epoch": 1' in history and '"epoch": 2' in history
+    state = two_stages(return_state=True)
+    assert state.is_completed() and len(killed) == 1
+    history = json.loads((cat.model("teacher") / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
 
-    monkeypatch.setattr(tm, "fit", real_fit)
+    async def run_count() -> int:
+        async with get_client() as client:
+            runs = await client.read_task_runs()
+        return next(r.run_count for r in runs if r.flow_run_id == state.state_details.flow_run_id
+                    and r.name == "train teacher plain-10 from labels (teacher)")
+
+    assert asyncio.run(run_count()) == 2
     clean = Catalog(tmp_path_factory.mktemp("clean"))
     run_direct("prepare-data", cfg, clean)
     run_direct("train-teacher", cfg, clean)
@@ -131,16 +162,17 @@ def test_failed_stage_retries_and_resumes_from_its_last_epoch(project, prefect_s
 
 
 def test_the_flow_is_a_dag_nokd_students_train_while_the_teacher_trains(project, prefect_server, monkeypatch):
-    """Read from Prefect's API: each NOKD student's task run overlaps the teacher's, and every task run
-    starts only after the task runs it needs have ended. Stages side by side on threads count FLOPs and
-    log models (torch.export) without tripping over each other: no task needed a retry."""
+    """Read from Prefect's API: each NOKD student's task run overlaps the teacher's, every task run starts only
+    after the task runs it needs have ended, and no task needed a retry; each training ran in its own process."""
     import asyncio
 
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
 
+    import os
+
     from flows.pipeline import takd_pipeline
-    from tasks.stages import instances, upstream
+    from tasks.stages import instances, specs, upstream
 
     cfg, cat = project
     cfg = cfg.model_copy(update={"device": "cpu"})
@@ -148,7 +180,8 @@ def test_the_flow_is_a_dag_nokd_students_train_while_the_teacher_trains(project,
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{cat.root / 'mlflow.db'}")
     monkeypatch.delenv("KD_MLFLOW_PARENT_RUN", raising=False)
     cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={
-        "arch": "plain-8", "train": cfg.teacher.train.model_copy(update={"epochs": 3})})})
+        "arch": "plain-8", "train": cfg.teacher.train.model_copy(update={"epochs": 3})}),
+        "tracking": cfg.tracking.model_copy(update={"log_models": False})})
     state = takd_pipeline(cfg, workers=4, return_state=True)
     assert state.is_completed()
 
@@ -170,6 +203,8 @@ def test_the_flow_is_a_dag_nokd_students_train_while_the_teacher_trains(project,
             assert by_id[up.id].end_time <= by_id[inst.id].start_time, (up.id, inst.id)
     assert not any(r.tags for r in runs.values())  # device cpu: no stage holds the gpu concurrency slot
     assert [r.name for r in runs.values() if r.run_count != 1] == []
+    pids = {json.loads((cat.model(name) / "model.json").read_text())["pid"] for name in specs(cfg)}
+    assert len(pids) == len(specs(cfg)) and os.getpid() not in pids
     client = MlflowClient(f"sqlite:///{cat.root / 'mlflow.db'}")
     statuses = [r.info.status for r in client.search_runs([client.get_experiment_by_name("takd").experiment_id])]
     assert statuses.count("FINISHED") == len(statuses) == 13  # twelve models (two seeds) and the parent

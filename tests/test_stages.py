@@ -6,7 +6,7 @@ import torch
 
 from engine.errors import CacheMismatchError, CheckpointError
 from tasks.config import load_config
-from tasks.stages import STAGES, instances, run_instance, run_stage
+from tasks.stages import STAGES, dotted, instances, run_instance, run_stage
 from tests.conftest import tiny_overrides
 
 
@@ -144,3 +144,74 @@ def test_the_readme_shows_the_stage_table_as_the_code_declares_it():
     root = Path(__file__).resolve().parents[1]
     assert markdown(load_config(root / "params.yaml")) in (root / "README.md").read_text(), \
         "paste `python -m tasks stages` into the README's Architecture section"
+
+
+def _other_value(key: str, field, value):
+    """A different valid-looking value for a config field, or None when there is none to try."""
+    import typing
+
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2 if value else 0.5
+    if isinstance(value, list):
+        return value + value[-1:] if value else None
+    options = [a for t in (field.annotation, *typing.get_args(field.annotation))
+               for a in typing.get_args(t) if isinstance(a, str)]
+    if options:
+        return next((o for o in options if o != value), None)
+    if key.endswith("arch") or key.endswith("peers"):
+        return "plain-6"
+    if value is None:
+        return {"teacher.checkpoint": "own/teacher.pt", "teacher.predictions": None}.get(key, None)
+    return {"data.name": "cifar10", "device": "cpu"}.get(key, value + "-changed" if isinstance(value, str) else None)
+
+
+def test_a_trainings_spec_reads_only_what_dvc_yaml_tracks_for_it():
+    """DVC reruns a stage when a param it lists changes; a training's key moves when its TrainSpec does. So the spec
+    may depend only on the config fields its stage lists, or a stage upstream of it (whose output then changes):
+    every other field is changed in turn here, and no training's spec may move."""
+    from tasks.cli import _leaf_fields
+    from tasks.config import ConfigError, PipelineConfig
+    from tasks.stages import needed
+
+    cfg = PipelineConfig()
+    tried = 0
+    for inst in instances(cfg, seed=0):
+        if not inst.stage.model:
+            continue
+        listed = {"profile"} | {p for up in needed(cfg, [inst.stage.name]) for p in up.stage.params}
+        before = inst.spec(cfg).identity()
+        for key, field in _leaf_fields(PipelineConfig):
+            if any(key == p or key.startswith(p + ".") for p in listed):
+                continue
+            try:
+                current = dotted(cfg, key)
+            except TypeError:  # inside an unset optional section (student.kd): the field's own default
+                current = field.get_default(call_default_factory=True)
+            value = _other_value(key, field, current)
+            try:
+                changed = load_config(None, {key: value}) if value is not None else None
+            except ConfigError:
+                changed = None
+            if changed is None or changed == cfg:
+                continue
+            tried += 1
+            assert inst.spec(changed).identity() == before, f"{inst.id}'s TrainSpec reads {key}, which dvc.yaml " \
+                                                              f"does not list for it"
+    assert tried > 500  # most fields of the schema, for each of the seven trainings
+
+
+def test_a_stage_and_every_stage_it_reads_from():
+    from tasks.config import PipelineConfig
+    from tasks.stages import needed
+
+    cfg = PipelineConfig(student={"seeds": [0, 1]})
+    assert [i.id for i in needed(cfg, ["distill-student-takd"])] == [
+        "prepare-data", "train-teacher", "cache-teacher", "distill-assistant", "cache-assistant",
+        "distill-student-takd@0", "distill-student-takd@1"]
+    assert [i.id for i in needed(cfg, ["prepare-data"])] == ["prepare-data"]
+    with pytest.raises(Exception, match=r"unknown stage 'distil-assistant'; stages: prepare-data, train-teacher"):
+        needed(cfg, ["distil-assistant"])

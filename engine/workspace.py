@@ -1,4 +1,5 @@
-"""What every stage needs: the prepared splits on the device, models by name, their files."""
+"""What every training and evaluation needs: the prepared splits on the device, and models built, loaded and saved
+for them. Plain PyTorch: it knows files, not stages."""
 from __future__ import annotations
 
 import hashlib
@@ -16,15 +17,15 @@ from engine.fingerprint import model_fingerprint
 from engine.teacher_import import TORCHSCRIPT, load_torchscript
 from models import build_model
 from models.profile import profile
-from tasks.catalog import Catalog
 
 DATASET_FILE, MODEL_FILE, MODEL_META, HISTORY_FILE = "dataset.pt", "model.pt", "model.json", "history.json"
 SCRIPT_FILE = "model.ts"  # an imported TorchScript teacher is kept as TorchScript
 PREDICTIONS, PREDICTIONS_FILE = "predictions", "predictions.pt"  # a teacher known only by its outputs: no model
 
 
-def load_splits_file(cat: Catalog) -> Splits:
-    path = cat.prepared / DATASET_FILE
+def load_splits_file(prepared: Path) -> Splits:
+    """The splits the prepare-data stage wrote into its folder."""
+    path = prepared / DATASET_FILE
     if not path.exists():
         raise KDError(f"{path}: prepared data set not found; run the prepare-data stage first")
     return Splits.from_dict(load_torch(path))
@@ -33,10 +34,9 @@ def load_splits_file(cat: Catalog) -> Splits:
 class Workspace:
     """The prepared data on one device, plus helpers to build and load models for it."""
 
-    def __init__(self, cat: Catalog, device: str):
-        self.cat = cat
+    def __init__(self, prepared: Path, device: str):
         self.device = resolve_device(device)
-        self.splits = load_splits_file(cat)
+        self.splits = load_splits_file(prepared)
         self.mean, self.std = self.splits.mean_std()
         self.train, self.val, self.test = (DeviceSet(getattr(self.splits, s), self.mean, self.std, self.device)
                                            for s in ("train", "val", "test"))
@@ -61,9 +61,6 @@ class Workspace:
             raise CheckpointError(f"{source}: checkpoint does not fit {what}: {detail}")
         model.load_state_dict(state)
         return model
-
-    def load_model(self, name: str) -> nn.Module:
-        return self.load_model_dir(self.cat.model(name))
 
     def load_model_dir(self, model_dir: Path) -> nn.Module:
         meta = read_meta(model_dir)
