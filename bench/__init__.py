@@ -25,4 +25,5 @@ SUITES = {
     "scaling": Suite("5. Scaling with data and model size", "bench.scaling"),
     "gpu": Suite("6. GPU path", "bench.gpu"),
     "teacher": Suite("7. Time to accuracy of the default teacher", "bench.teacher"),
+    "storage": Suite("8. Data streamed from disk against data in memory", "bench.storage"),
 }

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from engine.config import AugmentConfig, DataConfig, KDConfig, TrainConfig
-from engine.data import DeviceSet, Splits, load_splits
+from engine.data import Splits, load_splits
+from engine.feed import DeviceSet
 from engine.device import cpu_name
 from engine.losses import build_loss
 from engine.trainer import FitResult, fit

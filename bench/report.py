@@ -15,6 +15,7 @@ COLUMNS = {
     "e2e": ["stage", "dvc_repro_s", "prefect_flow_s"],
     "gpu": ["model", "compile", "train_images", "trainer_img_s", "bare_img_s", "ratio", "ratio_range"],
     "teacher": ["epoch", "seconds", "val_acc", "test_acc"],
+    "storage": ["case", "way", "cache", "img_s", "ratio_to_memory", "ratio_range"],
 }
 
 

@@ -3,7 +3,7 @@ so params.yaml, the Prefect form and the CLI flags all validate through one defi
 from __future__ import annotations
 
 from pathlib import PurePath
-from typing import Annotated, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -45,6 +45,16 @@ class DataConfig(Strict):
                                                           "train split's own")
     std: Optional[list[float]] = Field(None, description="per-channel normalisation std; unset: the train split's own")
     augment: Optional[AugmentConfig] = Field(None, description="default per data set when unset")
+    storage: Literal["auto", "memory", "disk"] = Field(
+        "auto", description="where a training holds the prepared splits: memory, or streamed from the prepared "
+                            "store's shards on disk; auto: memory while a split fits memory_budget_mb")
+    memory_budget_mb: Optional[int] = Field(None, ge=0, description="auto storage: memory the splits may take; unset: "
+                                                                    "half of what is available (on CUDA, also half "
+                                                                    "the device's free memory)")
+    loader_workers: int = Field(2, ge=0, le=64, description="processes reading a streamed split ahead of training")
+
+    # How a training reads the prepared data, not what is prepared: never part of a stage's key.
+    READ_TIME: ClassVar[tuple[str, ...]] = ("storage", "memory_budget_mb", "loader_workers")
 
     @field_validator("name")
     @classmethod

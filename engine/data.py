@@ -66,6 +66,7 @@ class Splits:
     test: ImageSet
     augment: AugmentConfig
     norm: tuple[list[float], list[float]] | None = None  # configured mean and std; None: the train split's
+    recorded: str | None = None  # the fingerprint a stored copy's manifest holds
 
     @property
     def num_classes(self) -> int:
@@ -79,32 +80,44 @@ class Splits:
         """The configured normalisation, or per-channel statistics of the train split only (never val or test)."""
         if self.norm is not None:
             return list(self.norm[0]), list(self.norm[1])
-        x = self.train.x.double() / 255
-        return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+        return channel_stats(self.train.x)
 
     def fingerprint(self) -> str:
+        if self.recorded:
+            return self.recorded
         h = hashlib.sha256("\n".join([self.name, *self.classes]).encode())
         for part in (self.train, self.val, self.test):
             h.update(part.x.numpy().tobytes())
             h.update(part.y.numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def to_dict(self) -> dict:
-        d = {"name": self.name, "classes": self.classes, "augment": self.augment.model_dump(),
-             "norm": None if self.norm is None else [list(self.norm[0]), list(self.norm[1])]}
-        for split in ("train", "val", "test"):
-            part = getattr(self, split)
-            d[f"{split}_x"], d[f"{split}_y"] = part.x, part.y
-            d[f"{split}_ids"], d[f"{split}_paths"] = part.ids, part.paths
-        return d
+    def write(self, folder: Path) -> dict:
+        """Store the splits in `folder` as engine/store.py lays them out (decoding image files a shard at a time);
+        returns the manifest."""
+        from engine.store import write_store
+
+        return write_store(self, folder)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Splits":
-        parts = {s: ImageSet(d[f"{s}_x"], d[f"{s}_y"], d.get(f"{s}_ids"), d.get(f"{s}_paths"))
-                 for s in ("train", "val", "test")}
-        norm = d.get("norm")
-        return cls(d["name"], list(d["classes"]), augment=AugmentConfig(**d["augment"]),
-                   norm=None if norm is None else (list(norm[0]), list(norm[1])), **parts)
+    def read(cls, folder: Path) -> "Splits":
+        """The splits a `write` stored, images left on disk; normalisation and fingerprint as recorded."""
+        from engine.store import augment_of, open_split, read_manifest
+
+        m = read_manifest(folder)
+        parts = {s: open_split(folder, m, s) for s in ("train", "val", "test")}
+        return cls(m["name"], list(m["classes"]), augment=augment_of(m), norm=(m["mean"], m["std"]),
+                   recorded=m["fingerprint"], **parts)
+
+
+def channel_stats(x, rows: int = 8192) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (unbiased) std of uint8 images [N, C, H, W] in [0, 1] (a tensor, or anything sliced
+    into one, such as a stored split), in float64 and two passes over chunks: never a float copy of the split."""
+    c, per_channel = x.shape[1], x.shape[0] * x.shape[2] * x.shape[3]
+    chunks = range(0, len(x), rows)
+    mean = sum(x[i:i + rows].double().sum(dim=(0, 2, 3)) for i in chunks) / 255 / per_channel
+    squares = sum(((x[i:i + rows].double() / 255 - mean.view(1, c, 1, 1)) ** 2).sum(dim=(0, 2, 3)) for i in chunks)
+    std = (squares / max(1, per_channel - 1)).sqrt()
+    return mean.tolist(), std.clamp_min(1e-3).tolist()
 
 
 # ---------------------------------------------------------------- IDX (Fashion-MNIST)
@@ -254,24 +267,61 @@ def load_cifar(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str]]:
 
 # ---------------------------------------------------------------- image folders
 
-def _read_images(items: list[tuple[Path, int]], cfg: DataConfig, where: str, base: Path) -> ImageSet:
-    """Decode, convert and resize every image; every unreadable one is reported with its path."""
-    from PIL import Image
+class Undecoded:
+    """A split's image files, listed but not decoded: `x[index]` selects files as a tensor selects rows, and
+    `decode(start, stop)` converts and resizes a run of them. The store decodes a split chunk by chunk as it writes
+    it, so preparing a folder of images never holds more than a chunk of pixels."""
 
-    images, labels, bad = [], [], []
-    for p, label in items:
-        try:
-            with Image.open(p) as im:
-                im = im.convert("L" if cfg.channels == 1 else "RGB").resize((cfg.image_size, cfg.image_size))
-                images.append(np.asarray(im, dtype=np.uint8).reshape(cfg.image_size, cfg.image_size, cfg.channels))
-                labels.append(label)
-        except Exception as e:
-            bad.append(f"{p} ({type(e).__name__})")
+    def __init__(self, files: list[Path], size: int, channels: int, where: str):
+        self.files, self.size, self.channels, self.where = files, size, channels, where
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.files), self.channels, self.size, self.size)
+
+    def __getitem__(self, index: torch.Tensor) -> "Undecoded":
+        return Undecoded([self.files[i] for i in index.tolist()], self.size, self.channels, self.where)
+
+    def decode(self, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, list[str]]:
+        """uint8 [n, C, H, W] for files start..stop, and each file that could not be read (path and why); the rows
+        of unreadable files are left zero."""
+        from PIL import Image
+
+        files = self.files[start:stop]
+        out, bad = np.zeros((len(files), self.size, self.size, self.channels), np.uint8), []
+        for i, p in enumerate(files):
+            try:
+                with Image.open(p) as im:
+                    im = im.convert("L" if self.channels == 1 else "RGB").resize((self.size, self.size))
+                    out[i] = np.asarray(im, dtype=np.uint8).reshape(self.size, self.size, self.channels)
+            except Exception as e:
+                bad.append(f"{p} ({type(e).__name__})")
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), bad
+
+
+def unreadable(where: str, bad: list[str]) -> DataError:
+    """One error naming every unreadable image (the first ten, by path)."""
+    bad = sorted(bad)
+    return DataError(f"{where}: {len(bad)} unreadable image(s): " + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
+
+
+def _decoded(parts: list[ImageSet]) -> list[ImageSet]:
+    """The splits with their images in memory; every unreadable image of every split is reported with its path."""
+    found = [p.x.decode() if isinstance(p.x, Undecoded) else (p.x, []) for p in parts]
+    bad = [(p.x.where, b) for p, (_, fails) in zip(parts, found) for b in fails]
     if bad:
-        raise DataError(f"{where}: {len(bad)} unreadable image(s): " + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        raise unreadable(bad[0][0], [b for _, b in bad])
+    return [ImageSet(x, p.y, p.ids, p.paths) for p, (x, _) in zip(parts, found)]
+
+
+def _read_images(items: list[tuple[Path, int]], cfg: DataConfig, where: str, base: Path) -> ImageSet:
+    """The listed images, to be decoded, converted and resized to data.image_size and data.channels."""
+    x = Undecoded([p for p, _ in items], cfg.image_size, cfg.channels, where)
     paths = [Path(os.path.relpath(p, base)).as_posix() for p, _ in items]
-    return ImageSet(x, torch.tensor(labels, dtype=torch.long), paths=paths)
+    return ImageSet(x, torch.tensor([label for _, label in items], dtype=torch.long), paths=paths)
 
 
 def _read_folder(root: Path, classes: list[str], cfg: DataConfig, base: Path) -> ImageSet:
@@ -392,8 +442,9 @@ def _shuffled(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """Load a data set by name and carve the seeded validation split from its train split."""
+def load_splits(cfg: DataConfig, decode: bool = True) -> Splits:
+    """Load a data set by name and carve the seeded validation split from its train split. `decode=False` leaves
+    the images of a folder or CSV undecoded (Undecoded), for the store to decode chunk by chunk."""
     if cfg.name == "fashion-mnist":
         (train, test), classes = load_fashion_mnist(cfg), FASHION_CLASSES
     elif cfg.name in ("cifar10", "cifar100"):
@@ -420,21 +471,7 @@ def load_splits(cfg: DataConfig) -> Splits:
     if cfg.mean is not None and len(cfg.mean) != channels:
         raise DataError(f"data.mean has {len(cfg.mean)} values; {cfg.name} has {channels} channel(s)")
     norm = None if cfg.mean is None else (list(cfg.mean), list(cfg.std))
-    return Splits(cfg.name.split(":")[0], list(classes), train.subset(order[n_val:]), train.subset(order[:n_val]), test,
-                  augment, norm)
-
-
-class DeviceSet:
-    """A split resident on the device, normalised on the fly with the train split's statistics."""
-
-    def __init__(self, part: ImageSet, mean: list[float], std: list[float], device: torch.device):
-        self.x = part.x.to(device)
-        self.y = part.y.to(device)
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+    parts = [train.subset(order[n_val:]), train.subset(order[:n_val]), test]
+    if decode:
+        parts = _decoded(parts)
+    return Splits(cfg.name.split(":")[0], list(classes), *parts, augment, norm)

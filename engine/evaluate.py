@@ -8,7 +8,7 @@ import time
 import torch
 from torch import nn
 
-from engine.data import DeviceSet
+from engine.feed import DeviceSet
 from engine.trainer import predict
 from models.profile import profile
 

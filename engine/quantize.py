@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from engine.atomic import atomic_path
-from engine.data import DeviceSet
+from engine.feed import DeviceSet
 from engine.evaluate import median_seconds
 from models.registry import TRACE_LOCK
 
@@ -24,7 +24,7 @@ def calibration_images(train: DeviceSet, n: int, seed: int) -> torch.Tensor:
     files normalise inside)."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(train), generator=g)[: min(n, len(train))]
-    return train.x[idx.to(train.x.device)].cpu().float() / 255
+    return train.x[idx.to(train.device)].cpu().float() / 255
 
 
 def _batches(images: torch.Tensor, size: int = CALIBRATION_BATCH):

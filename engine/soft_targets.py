@@ -19,7 +19,7 @@ from torch import nn
 from engine import augment
 from engine.atomic import load_torch, save_json, save_torch
 from engine.config import AugmentConfig
-from engine.data import DeviceSet
+from engine.feed import DeviceSet
 from engine.errors import CacheMismatchError
 from models.features import with_features
 
@@ -147,12 +147,10 @@ class DenseGuides:
 
 def _over_views(fn, train: DeviceSet, spec: AugmentConfig, k_views: int, seed: int, batch_size: int, progress=None):
     """fn(x) for each batch of each fixed view, in order: yields (k, output)."""
-    views = augment.fixed_views(len(train), spec, seed, k_views).to(train.x.device)
-    n = len(train)
+    views = augment.fixed_views(len(train), spec, seed, k_views).to(train.device)
     for k in range(k_views):
-        for start in range(0, n, batch_size):
-            idx = torch.arange(start, min(start + batch_size, n), device=train.x.device)
-            yield k, fn(train.normalize(augment.apply(train.x[idx], views[k, idx], spec)))
+        for idx, x in train.batches(torch.arange(len(train)), batch_size):
+            yield k, fn(train.normalize(augment.apply(x, views[k, idx], spec)))
             if progress:
                 progress(len(idx))
 

@@ -1,7 +1,7 @@
 """One training loop for teacher, assistant, student, baselines and fine-tuning.
 
-Data lives on the device as uint8; each step takes a batch by index, augments it on the
-device, and, when distilling, looks up the teacher's logits for exactly the view the
+Data lives on the device as uint8, or streams from disk when it does not fit (engine/feed.py); each step takes a
+batch by index, augments it on the device, and, when distilling, looks up the teacher's logits for exactly the view the
 student sees. All randomness flows through one generator, saved in every checkpoint,
 so a resumed run ends with the same metrics as an uninterrupted one.
 """
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from engine import augment
 from engine.atomic import load_torch, save_torch
 from engine.config import AugmentConfig, KDConfig, TrainConfig
-from engine.data import DeviceSet
+from engine.feed import DeviceSet
 from engine.device import autocast
 from engine.errors import DivergedError
 from engine.losses import Batch, DistillLoss, lam_at
@@ -74,11 +74,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
 def predict(model: nn.Module, data: DeviceSet, batch_size: int = 1024) -> torch.Tensor:
     """Logits for a whole split, un-augmented, in order."""
     model.eval()
-    device = data.x.device
     out = []
-    for start in range(0, len(data), batch_size):
-        with autocast(device):
-            out.append(model(data.normalize(data.x[start:start + batch_size])).float())
+    for _, x in data.batches(torch.arange(len(data)), batch_size):
+        with autocast(data.device):
+            out.append(model(data.normalize(x)).float())
     return torch.cat(out)
 
 
@@ -106,11 +105,10 @@ def _resume(path: Path, run_key: str, model, opt, sched, gen, result) -> int:
     return ckpt["epoch"]
 
 
-def _batch(train: DeviceSet, idx: torch.Tensor, spec: AugmentConfig, generator: torch.Generator,
+def _batch(train: DeviceSet, idx: torch.Tensor, x: torch.Tensor, spec: AugmentConfig, generator: torch.Generator,
            teacher: Teacher | None) -> tuple[torch.Tensor, torch.Tensor | Targets | None]:
-    """The augmented, normalised batch and, when distilling, the teacher's logits for exactly
+    """Images `x` (rows `idx`) augmented and normalised and, when distilling, the teacher's logits for exactly
     the views the student sees (one of the K cached views per image)."""
-    x = train.x[idx]
     if teacher is None:
         views = augment.random_views(len(idx), spec, generator).to(x.device)
         return train.normalize(augment.apply(x, views, spec)), None
@@ -154,14 +152,14 @@ def _train_epoch(forward, train: DeviceSet, cfg: TrainConfig, loss_fn: DistillLo
     """One pass over the training set; returns the epoch's summed losses and correct count.
 
     `forward` returns logits, or (logits, {name: feature}) when the loss reads features."""
-    device, n = train.x.device, len(train)
+    device, n = train.device, len(train)
     check_every = 1 if device.type == "cpu" else 50  # a finiteness check syncs an accelerator; free on the CPU
     sums: dict[str, torch.Tensor] = {}
     correct = torch.zeros((), device=device)
-    perm = torch.randperm(n, generator=generator).to(device)
+    perm = torch.randperm(n, generator=generator)
     steps = math.ceil(n / cfg.batch_size)
-    for step, idx in enumerate(tqdm(perm.split(cfg.batch_size), leave=False, **bar)):
-        x, targets = _batch(train, idx, spec, generator, teacher)
+    for step, (idx, images) in enumerate(tqdm(train.batches(perm, cfg.batch_size), total=steps, leave=False, **bar)):
+        x, targets = _batch(train, idx, images, spec, generator, teacher)
         t = Targets.of(targets)
         y = train.y[idx]
         with autocast(device):
@@ -195,7 +193,7 @@ def fit(model: nn.Module, train: DeviceSet, val: DeviceSet, cfg: TrainConfig, lo
 
     `test`: also record each epoch's test accuracy, for comparison with papers that keep the best test
     epoch; it never selects anything. `progress`: None shows a bar only on a terminal; True or False forces it."""
-    device, n = train.x.device, len(train)
+    device, n = train.device, len(train)
     # What the optimiser trains: the model as the loss wraps it (feature taps, peers, exits)
     # plus the loss's own parameters (a regressor). Only `model` is evaluated and kept.
     wrapped = loss_fn.wrap(model)

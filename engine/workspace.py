@@ -10,36 +10,42 @@ import torch
 from torch import nn
 
 from engine.atomic import atomic_path, load_torch, save_json, save_torch
-from engine.data import DeviceSet, Splits
+from engine.config import DataConfig
+from engine.data import Splits
+from engine.feed import DeviceSet
 from engine.device import resolve_device
 from engine.errors import CheckpointError, KDError
 from engine.fingerprint import model_fingerprint
+from engine.placement import placement
+from engine.store import SPLITS
 from engine.teacher_import import TORCHSCRIPT, load_torchscript
 from models import build_model
 from models.profile import profile
 
-DATASET_FILE, MODEL_FILE, MODEL_META, HISTORY_FILE = "dataset.pt", "model.pt", "model.json", "history.json"
+MODEL_FILE, MODEL_META, HISTORY_FILE = "model.pt", "model.json", "history.json"
 SCRIPT_FILE = "model.ts"  # an imported TorchScript teacher is kept as TorchScript
 PREDICTIONS, PREDICTIONS_FILE = "predictions", "predictions.pt"  # a teacher known only by its outputs: no model
 
 
 def load_splits_file(prepared: Path) -> Splits:
-    """The splits the prepare-data stage wrote into its folder."""
-    path = prepared / DATASET_FILE
-    if not path.exists():
-        raise KDError(f"{path}: prepared data set not found; run the prepare-data stage first")
-    return Splits.from_dict(load_torch(path))
+    """The splits the prepare-data stage stored in its folder, images left on disk."""
+    return Splits.read(prepared)
 
 
 class Workspace:
-    """The prepared data on one device, plus helpers to build and load models for it."""
+    """The prepared data on one device, plus helpers to build and load models for it. `data` (its storage, memory
+    budget and loader workers) says which splits are read into memory and which stream from disk (engine/placement.py);
+    a split that streams is verified against the manifest first."""
 
-    def __init__(self, prepared: Path, device: str):
+    def __init__(self, prepared: Path, device: str, data: DataConfig | None = None):
+        data = data or DataConfig()
         self.device = resolve_device(device)
         self.splits = load_splits_file(prepared)
         self.mean, self.std = self.splits.mean_std()
-        self.train, self.val, self.test = (DeviceSet(getattr(self.splits, s), self.mean, self.std, self.device)
-                                           for s in ("train", "val", "test"))
+        self.placement = placement(prepared, data, self.device)
+        self.train, self.val, self.test = (
+            DeviceSet(getattr(self.splits, s), self.mean, self.std, self.device, stream=self.placement[s] == "disk",
+                      workers=data.loader_workers) for s in SPLITS)
         self.fingerprint = self.splits.fingerprint()
 
     def build(self, arch: str, seed: int | None = None) -> nn.Module:
@@ -79,7 +85,8 @@ class Workspace:
     def data_meta(self) -> dict:
         return {"classes": self.splits.classes, "class_to_idx": {c: i for i, c in enumerate(self.splits.classes)},
                 "input_shape": list(self.splits.input_shape), "mean": self.mean, "std": self.std,
-                "data": self.splits.name, "data_fingerprint": self.fingerprint}
+                "data": self.splits.name, "data_fingerprint": self.fingerprint,
+                "data_placement": self.placement}
 
     def save_predictions(self, out_dir: Path, logits: torch.Tensor, meta: dict) -> dict:
         """A teacher known only by its outputs: its logits for the train split, in order, and its meta."""

@@ -52,7 +52,7 @@ def timing(cfg: PipelineConfig, ws: Workspace) -> dict:
 def work(run: StageRun) -> dict:
     cfg, cat = run.cfg, run.cat
     models = specs(cfg)
-    ws = Workspace(cat.prepared, cfg.device)
+    ws = Workspace(cat.prepared, cfg.device, cfg.data)
     teacher = ws.load_guide(cat.model("teacher"))
     teacher_pred = None if teacher is None else predict(teacher, ws.test).argmax(1)
     quantized = int8_candidates(models) if cfg.quantize.evaluate else set()

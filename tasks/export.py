@@ -80,7 +80,7 @@ def work(run: StageRun) -> dict:
     cfg, cat, out = run.cfg, run.cat, run.out
     models = specs(cfg)
     name = chosen_model(cfg, cat, models)
-    ws = Workspace(cat.prepared, "cpu")
+    ws = Workspace(cat.prepared, "cpu", cfg.data)
     model = Deployable(ws.load_model_dir(cat.model(name)), ws.mean, ws.std)
     images = ws.test.x[: cfg.export.check_images].float() / 255
     to_torchscript(model, images[:4], out / TORCHSCRIPT_FILE)

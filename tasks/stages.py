@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from engine.config import DataConfig
 from engine.data import fetch, fetched, sources
 from engine.errors import KDError
 from engine.spec import CacheSpec, GuideUse, Role, TrainSpec
@@ -37,6 +38,7 @@ STUDENT = ("student.arch", "student.train")
 HOP = ("kd", *CACHE_USE)
 DISTILLED = (*STUDENT, "student.kd", *HOP)
 CALIBRATION = ("quantize.calibration_images", "quantize.calibration_seed")
+PREPARED = tuple(f"data.{f}" for f in DataConfig.model_fields if f not in DataConfig.READ_TIME)
 
 
 def _lazy(module: str, name: str) -> Callable:
@@ -138,7 +140,7 @@ TRAINING = _trainings(
 ALL_MODELS = tuple(s.name for s in TRAINING if s.model)
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("prepare-data", out=lambda cat, _: cat.prepared, work=_lazy("tasks.prepare_data", "work"), params=("data",),
+    Stage("prepare-data", out=lambda cat, _: cat.prepared, work=_lazy("tasks.prepare_data", "work"), params=PREPARED,
           code=("tasks/prepare_data.py",), reads=lambda cfg: sources(cfg.data),
           fetch=Fetch(lambda cfg: fetch(cfg.data), lambda cfg: fetched(cfg.data),
                       params=("data.name", "data.root", "data.source_dir"), code=("engine/data.py",)),

@@ -114,7 +114,7 @@ def training(s: TrainSpec, cfg: PipelineConfig, cat: Catalog, ctx: RunContext, n
     name = name or f"train-{s.name}"
 
     def make(key: str, staging: Path) -> dict:
-        ws = Workspace(cat.prepared, cfg.device)
+        ws = Workspace(cat.prepared, cfg.device, cfg.data)
         folders = Folders(cat.root, cat.work(s.name), staging)
         with tracking.model_run(ctx, cfg, s) as mlflow_run:
             result = run(s, ws, folders, key, _logged(s, mlflow_run.hooks))
@@ -131,7 +131,7 @@ def caching(s: TrainSpec, made: CacheSpec, cfg: PipelineConfig, cat: Catalog, na
     model_dir = cat.root / s.out
 
     def make(key: str, staging: Path) -> dict:
-        return write_cache(Workspace(cat.prepared, cfg.device), model_dir, made, staging, cfg.cache.batch_size)
+        return write_cache(Workspace(cat.prepared, cfg.device, cfg.data), model_dir, made, staging, cfg.cache.batch_size)
 
     inputs = key_inputs(made.model_dump(), [], [cat.prepared, model_dir], cat, name)
     return Work(name, cat.root / s.targets, inputs, CACHE_CODE, make)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from engine.config import TrainConfig
-from engine.data import DeviceSet, load_splits
+from engine.data import load_splits
+from engine.feed import DeviceSet
 from engine.device import seed_everything
 from engine.losses import build_loss
 from engine.trainer import fit
@@ -26,3 +27,12 @@ def train(data_cfg, arch="plain-2", epochs=2, seed=0, workdir=None, callback=Non
     result = fit(model, tr, va, cfg, build_loss("ce", None), gen, s.augment, workdir=workdir, run_key="k",
                  callback=callback)
     return model, result
+
+
+def fit_on(splits, train, val, arch="plain-2", epochs=2, seed=0, workdir=None):
+    """A model trained on given device sets (memory or streamed), for comparing where the data lived."""
+    gen = seed_everything(seed)
+    model = build_model(arch, 1, 10, 28).to(memory_format=torch.channels_last)
+    fit(model, train, val, TrainConfig(epochs=epochs, batch_size=64), build_loss("ce", None), gen, splits.augment,
+        workdir=workdir, run_key="k")
+    return model

@@ -61,6 +61,21 @@ def test_micro_suites_write_json_and_markdown(tmp_path, fashion_dir):
     assert results["overhead"]["machine"]["device"] == "cpu"
 
 
+def test_storage_suite_streams_from_disk_and_measures_peak_memory_in_a_child(tmp_path, fashion_dir):
+    result = _run(tmp_path, fashion_dir, ["storage"], scale=0.01)["storage"]
+    ways = {(r["case"], r["way"]) for r in result["rows"]}
+    assert ways >= {(c, w) for c in ("Fashion-MNIST 28 px", "generated 64 px")
+                    for w in ("memory", "disk, 0 workers", "disk, 2 workers")}
+    for row in result["rows"]:
+        memory = next(r["img_s"] for r in result["rows"] if r["case"] == row["case"] and r["way"] == "memory")
+        if row["cache"] == "warm":  # one repeat: the ratio is that round's
+            assert row["ratio_to_memory"] == pytest.approx(row["img_s"] / memory)
+    cap = result["peak_memory"]
+    assert cap["placement"] == {"train": "disk", "val": "memory", "test": "memory"}
+    assert len(cap["worker_peaks_mb"]) == 2 and cap["peak_mb"] == pytest.approx(
+        cap["main_peak_mb"] + sum(cap["worker_peaks_mb"]))
+
+
 def test_teacher_time_to_accuracy_records_each_epoch(tmp_path, fashion_dir):
     params = tmp_path / "params.yaml"
     params.write_text("teacher: {arch: plain-2, train: {epochs: 2, warmup_epochs: 0.5}}\n")

@@ -9,7 +9,8 @@ import torch
 
 from engine import augment
 from engine.config import AugmentConfig, DataConfig
-from engine.data import DeviceSet, load_splits
+from engine.data import load_splits
+from engine.feed import DeviceSet
 from engine.errors import DataError
 from tests.fakes import idx_bytes, write_cifar, write_image_folder
 
@@ -82,7 +83,7 @@ def test_bad_input_writes_nothing_and_leaves_no_staging(fashion_dir, tmp_path, m
     cfg = load_config(None, {"data.source_dir": bad.source_dir, "data.root": bad.root})
     with pytest.raises(DataError):
         run_stage("prepare-data", cfg, Catalog(tmp_path))
-    assert not (tmp_path / "data" / "prepared" / "dataset.pt").exists()
+    assert not (tmp_path / "data" / "prepared" / "store.json").exists()
     assert not (tmp_path / "data" / "prepared" / "stage.json").exists()
     assert not (tmp_path / "data" / "prepared.partial").exists()  # the failed stage removed its staging folder
 

@@ -42,7 +42,8 @@ def test_csv_faults_are_named(tmp_path):
     (tmp_path / "imgs" / "broken.png").write_bytes(b"not a png")
     rows = [("imgs/class_0/0.png", "a", "train"), ("imgs/missing.png", "a", "train"), ("imgs/broken.png", "b", "train"),
             ("imgs/class_1/0.png", "b", "train")]
-    with pytest.raises(DataError, match=r"2 unreadable image\(s\): .*missing.png \(FileNotFoundError\); .*broken.png"):
+    with pytest.raises(DataError, match=r"2 unreadable image\(s\): .*broken.png \(UnidentifiedImageError\); .*missing.png "
+                                         r"\(FileNotFoundError\)"):
         load_splits(DataConfig(name=f"csv:{_csv(tmp_path, rows)}", channels=3))
     with pytest.raises(DataError, match=r"needs a header with columns path,label \(found \['file', 'split', 'y'\]\)"):
         load_splits(DataConfig(name=f"csv:{_csv(tmp_path, rows, header='file,y,split')}"))
@@ -188,7 +189,7 @@ def test_worked_example_end_to_end(fashion_dir, tmp_path, monkeypatch):
 
     val = load_splits_file(cat.prepared).val
     with torch.no_grad():
-        own = torch.jit.load(str(tmp_path / "teacher.ts"))((val.x.float() / 255 - 0.5) / 0.5).argmax(1)
+        own = torch.jit.load(str(tmp_path / "teacher.ts"))((val.x[:].float() / 255 - 0.5) / 0.5).argmax(1)
     (tmp_path / "teacher.ts").unlink()
     other = Catalog(tmp_path / "from-file")
     monkeypatch.setenv("KD_PROJECT_ROOT", str(other.root))

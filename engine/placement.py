@@ -1,0 +1,52 @@
+"""Which prepared splits live in memory and which stream from disk (`data.storage`).
+
+`auto` keeps a split resident when it fits the memory budget: `data.memory_budget_mb` when set, else half of what
+the host has available (and, on CUDA, half of the device's free memory), filled smallest split first, so the test
+and validation splits stay resident while a train split too large to hold streams. Where a split lives never changes
+its bytes, so it is not part of any stage's key.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from engine.config import DataConfig
+from engine.store import SPLITS, read_manifest, split_bytes, verify
+
+BUDGET_SHARE = 0.5  # the rest is the model's, the optimiser's, the caches' and the loader's
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a split could take: the host's MemAvailable, and on CUDA the device's free memory too."""
+    host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo") as f:
+            host = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        pass
+    if device.type == "cuda":
+        return min(host, torch.cuda.mem_get_info(device)[0])
+    return host
+
+
+def budget_bytes(data: DataConfig, device: torch.device) -> int:
+    if data.memory_budget_mb is not None:
+        return data.memory_budget_mb << 20
+    return int(available_bytes(device) * BUDGET_SHARE)
+
+
+def placement(prepared: Path, data: DataConfig, device: torch.device) -> dict[str, str]:
+    """{split: "memory" | "disk"}; every split's files checked against the store's manifest first."""
+    manifest = read_manifest(prepared)
+    for split in SPLITS:
+        verify(prepared, manifest, split)
+    if data.storage != "auto":
+        return {s: data.storage for s in SPLITS}
+    left, out = budget_bytes(data, device), {}
+    for split in sorted(SPLITS, key=lambda s: split_bytes(manifest, s)):
+        size = split_bytes(manifest, split)
+        out[split] = "memory" if size <= left else "disk"
+        left -= size if size <= left else 0
+    return out

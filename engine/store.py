@@ -1,0 +1,250 @@
+"""Prepared splits on disk: uint8 image shards (NumPy .npy, read by row), labels, ids and a manifest.
+
+One layout, whatever the data's size; whether a split is then read into memory or streamed from the shards is
+decided when it is opened (`data.storage`, engine/workspace.py), so the choice never changes the bytes a training
+sees. The manifest (store.json) is written last and holds each shard's size and SHA-256, the normalisation and the
+content fingerprint, so a reader never sees half a store and a truncated, missing or changed shard is named.
+
+    <folder>/store.json
+    <folder>/<split>/images-00000.npy ...   uint8 [rows, C, H, W]
+    <folder>/<split>/labels.npy             int64 [N]
+    <folder>/<split>/ids.npy                int64 [N], when the rows carry ids
+    <folder>/<split>/paths.json             when the rows carry paths
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from engine.atomic import atomic_path, save_json
+from engine.config import AugmentConfig
+from engine.errors import DataError
+
+STORE_FILE = "store.json"
+FORMAT = 1
+SHARD_BYTES = 64 << 20  # large enough for sequential reads, small enough to verify and copy one at a time
+SPLITS = ("train", "val", "test")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _save_npy(array: np.ndarray, path: Path) -> dict:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+    return {"file": path.name, "rows": len(array), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _chunk(x, start: int, stop: int) -> tuple[torch.Tensor, list[str]]:
+    """Rows start..stop of images in memory, or decoded from their files (engine.data.Undecoded)."""
+    return x.decode(start, stop) if hasattr(x, "decode") else (x[start:stop], [])
+
+
+def _write_split(part, folder: Path, shard_bytes: int, digest, bad: list[tuple[str, str]]) -> dict:
+    """A split's shards, each decoded (when it is files), hashed into `digest` and written in turn: a split is never
+    whole in memory here. Unreadable images are added to `bad`, and the split is still walked to the end, so that
+    every one is named."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n, row_shape = len(part.x), tuple(part.x.shape[1:])
+    rows = max(1, shard_bytes // max(1, int(np.prod(row_shape))))
+    shards = []
+    for start in range(0, n, rows):
+        x, fails = _chunk(part.x, start, start + rows)
+        bad += [(getattr(part.x, "where", str(folder)), f) for f in fails]
+        if not bad:
+            digest.update(x.numpy().tobytes())
+            shards.append(_save_npy(np.ascontiguousarray(x.numpy()), folder / f"images-{len(shards):05d}.npy"))
+    digest.update(part.y.numpy().tobytes())
+    files = {"labels": _save_npy(part.y.numpy().astype(np.int64), folder / "labels.npy")}
+    if part.ids is not None:
+        files["ids"] = _save_npy(part.ids.numpy().astype(np.int64), folder / "ids.npy")
+    if part.paths is not None:
+        save_json(part.paths, folder / "paths.json")
+        files["paths"] = {"file": "paths.json", "bytes": (folder / "paths.json").stat().st_size,
+                          "sha256": _sha256(folder / "paths.json")}
+    return {"rows": n, "shape": list(row_shape), "shards": shards, "files": files}
+
+
+def write_store(splits, folder: Path, shard_bytes: int | None = None) -> dict:
+    """Write `splits` (engine.data.Splits: images in memory, or files decoded here a shard at a time) into `folder`;
+    the manifest last. Its fingerprint equals `splits.fingerprint()` of the same splits in memory. Returns it."""
+    from engine.data import channel_stats, unreadable
+
+    digest, bad = hashlib.sha256("\n".join([splits.name, *splits.classes]).encode()), []
+    entries = {s: _write_split(getattr(splits, s), folder / s, shard_bytes or SHARD_BYTES, digest, bad)
+               for s in SPLITS}
+    if bad:
+        raise unreadable(bad[0][0], [b for _, b in bad])
+    if splits.norm is not None:
+        mean, std = list(splits.norm[0]), list(splits.norm[1])
+    else:  # the train split's statistics, read back from its shards
+        train = entries["train"]
+        mean, std = channel_stats(ShardedImages([folder / "train" / x["file"] for x in train["shards"]],
+                                                [x["rows"] for x in train["shards"]], train["shape"]))
+    manifest = {"format": FORMAT, "name": splits.name, "classes": splits.classes,
+                "augment": splits.augment.model_dump(), "configured_norm": splits.norm is not None,
+                "mean": mean, "std": std, "fingerprint": digest.hexdigest()[:16], "splits": entries}
+    save_json(manifest, folder / STORE_FILE)
+    return manifest
+
+
+class ShardedImages:
+    """A split's images read by row from its shards: `x[index]` gives a uint8 CPU tensor of those rows, never the
+    whole array. Rows are read with pread, so they pass through the page cache and not into this process's resident
+    memory, as a memory map's pages would; a run of consecutive rows is one read. Pickles as its file list, so a
+    DataLoader worker opens its own files."""
+
+    def __init__(self, files: list[Path], rows: list[int], shape: tuple[int, ...]):
+        self.files, self.rows, self.row_shape = files, rows, tuple(shape)
+        self.row_bytes = int(np.prod(self.row_shape))
+        self.starts = np.cumsum([0, *rows])
+        self._open_files: list[tuple[int, int]] | None = None  # (fd, offset of row 0) per shard
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open_files": None}
+
+    def __del__(self):
+        for fd, _ in self._open_files or []:
+            os.close(fd)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (int(self.starts[-1]), *self.row_shape)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _open(self) -> list[tuple[int, int]]:
+        if self._open_files is None:
+            opened = []
+            for path, n in zip(self.files, self.rows):
+                offset = _npy_offset(path, (n, *self.row_shape), np.uint8)
+                opened.append((os.open(path, os.O_RDONLY), offset))
+            self._open_files = opened
+        return self._open_files
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, slice):
+            index = np.arange(*index.indices(len(self)))
+        index = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64).reshape(-1)
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"rows {index.min()}..{index.max()} outside 0..{len(self) - 1} of {self.files[0].parent}")
+        out = np.empty((len(index), *self.row_shape), np.uint8)
+        flat = out.reshape(len(index), -1)
+        shard = np.searchsorted(self.starts, index, side="right") - 1
+        breaks = np.flatnonzero((np.diff(index) != 1) | (np.diff(shard) != 0)) + 1
+        opened = self._open()
+        for lo, hi in zip([0, *breaks], [*breaks, len(index)]):
+            s = shard[lo]
+            fd, offset = opened[s]
+            want = (hi - lo) * self.row_bytes
+            got = os.pread(fd, want, offset + int(index[lo] - self.starts[s]) * self.row_bytes)
+            if len(got) != want:
+                raise DataError(f"{self.files[s]}: truncated: {len(got)} of {want} bytes at row "
+                                f"{index[lo] - self.starts[s]}; rerun the prepare-data stage")
+            flat[lo:hi] = np.frombuffer(got, np.uint8).reshape(hi - lo, -1)
+        return torch.from_numpy(out)
+
+
+def _npy_offset(path: Path, shape: tuple, dtype) -> int:
+    """Where a .npy file's data begins, once its header says the shape and type the manifest recorded and its size
+    holds them."""
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            found, fortran, kind = read_header(f)
+            offset = f.tell()
+    except FileNotFoundError:
+        raise DataError(f"{path}: shard not found; rerun the prepare-data stage") from None
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: not a NumPy array file ({e}); rerun the prepare-data stage") from None
+    if tuple(found) != tuple(shape) or kind != np.dtype(dtype) or fortran:
+        raise DataError(f"{path}: holds {kind} {tuple(found)}; the manifest says {np.dtype(dtype)} {tuple(shape)}")
+    need = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if path.stat().st_size < need:
+        raise DataError(f"{path}: truncated: {path.stat().st_size} bytes, its header needs {need}; "
+                        "rerun the prepare-data stage")
+    return offset
+
+
+def _load_npy(path: Path, shape: tuple, dtype) -> np.ndarray:
+    offset = _npy_offset(path, shape, dtype)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return np.fromfile(f, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / STORE_FILE
+    if not path.exists():
+        raise DataError(f"{path}: prepared data set not found; run the prepare-data stage first")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: store format {manifest.get('format')!r}; this code reads format {FORMAT}: "
+                        "rerun the prepare-data stage")
+    return manifest
+
+
+def verify(folder: Path, manifest: dict, split: str) -> None:
+    """Every file of a split has the size and SHA-256 the manifest recorded: a truncated, missing or changed file is
+    named, before a training reads a row of it. One sequential read of the split, no more memory than a block."""
+    entry = manifest["splits"][split]
+    for item in [*entry["shards"], *entry["files"].values()]:
+        path = folder / split / item["file"]
+        if not path.exists():
+            raise DataError(f"{path}: missing from the prepared store; rerun the prepare-data stage")
+        if path.stat().st_size != item["bytes"]:
+            raise DataError(f"{path}: {path.stat().st_size} bytes, the manifest says {item['bytes']} (truncated or "
+                            "changed); rerun the prepare-data stage")
+        if _sha256(path) != item["sha256"]:
+            raise DataError(f"{path}: content differs from the manifest's SHA-256 (changed after prepare-data); "
+                            "rerun the prepare-data stage")
+
+
+def open_split(folder: Path, manifest: dict, split: str):
+    """A split as an engine.data.ImageSet whose images stay on disk (ShardedImages); labels and ids in memory."""
+    from engine.data import ImageSet
+
+    entry, where = manifest["splits"][split], folder / split
+    n = entry["rows"]
+    images = ShardedImages([where / s["file"] for s in entry["shards"]], [s["rows"] for s in entry["shards"]],
+                           entry["shape"])
+    y = torch.from_numpy(_load_npy(where / "labels.npy", (n,), np.int64))
+    ids = (torch.from_numpy(_load_npy(where / "ids.npy", (n,), np.int64))
+           if "ids" in entry["files"] else None)
+    paths = json.loads((where / "paths.json").read_text()) if "paths" in entry["files"] else None
+    return ImageSet(images, y, ids, paths)
+
+
+def in_memory(images: ShardedImages) -> torch.Tensor:
+    """The whole split as one tensor, read shard by shard into it (no second copy)."""
+    out = torch.empty(images.shape, dtype=torch.uint8)
+    flat = out.numpy().reshape(len(images), -1)
+    for n, (path, (_, offset)) in enumerate(zip(images.files, images._open())):
+        with open(path, "rb") as f:
+            f.seek(offset)
+            rows = flat[images.starts[n]:images.starts[n + 1]]
+            if f.readinto(memoryview(rows).cast("B")) != rows.nbytes:
+                raise DataError(f"{path}: truncated while being read; rerun the prepare-data stage")
+    return out
+
+
+def split_bytes(manifest: dict, split: str) -> int:
+    return sum(s["bytes"] for s in manifest["splits"][split]["shards"])
+
+
+def augment_of(manifest: dict) -> AugmentConfig:
+    return AugmentConfig(**manifest["augment"])
