@@ -12,6 +12,7 @@ VmHWM) plus that of each loader worker is compared with the cap.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -116,7 +117,7 @@ def _capped_epoch(folder: str, cap_mb: int, device: str) -> None:
     seconds, _ = run_fit(ctx, model, ws.train, ws.val, batch=BATCH, spec=ws.splits.augment)
     workers = [_vm_hwm_mb(p.pid) for p in psutil.Process().children(recursive=True)]
     main = _vm_hwm_mb()
-    print(json.dumps({"placement": ws.placement, "train_mb": ws.train.x.images.shape[0] * 3 * 64 * 64 / 2**20,
+    print(json.dumps({"placement": ws.placement, "train_mb": math.prod(ws.train.x.images.shape) / 2**20,
                       "main_peak_mb": main, "worker_peaks_mb": workers, "peak_mb": main + sum(workers),
                       "epoch_s": seconds}))
 

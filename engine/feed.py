@@ -99,9 +99,11 @@ class DeviceSet:
 
     def batches(self, perm: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(indices on the device, their uint8 images) for each batch of `perm`, in order."""
+        if self.streamed:  # the loader reads by CPU indices; the trainer looks targets up on the device
+            order = list(perm.cpu().split(batch_size))
+            return zip((i.to(self.device) for i in order), self.x.batches(order))
         order = list(perm.to(self.device).split(batch_size))
-        images = self.x.batches([i.cpu() for i in order]) if self.streamed else (self.x[i] for i in order)
-        return zip(order, images)
+        return zip(order, (self.x[i] for i in order))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return ((x.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)

@@ -90,9 +90,7 @@ def write_store(splits, folder: Path, shard_bytes: int | None = None) -> dict:
     if splits.norm is not None:
         mean, std = list(splits.norm[0]), list(splits.norm[1])
     else:  # the train split's statistics, read back from its shards
-        train = entries["train"]
-        mean, std = channel_stats(ShardedImages([folder / "train" / x["file"] for x in train["shards"]],
-                                                [x["rows"] for x in train["shards"]], train["shape"]))
+        mean, std = channel_stats(_images(folder / "train", entries["train"]))
     manifest = {"format": FORMAT, "name": splits.name, "classes": splits.classes,
                 "augment": splits.augment.model_dump(), "configured_norm": splits.norm is not None,
                 "mean": mean, "std": std, "fingerprint": digest.hexdigest()[:16], "splits": entries}
@@ -214,14 +212,19 @@ def verify(folder: Path, manifest: dict, split: str) -> None:
                             "rerun the prepare-data stage")
 
 
+def _images(where: Path, entry: dict) -> ShardedImages:
+    """A split's images as its manifest entry lists them."""
+    return ShardedImages([where / s["file"] for s in entry["shards"]], [s["rows"] for s in entry["shards"]],
+                         entry["shape"])
+
+
 def open_split(folder: Path, manifest: dict, split: str):
     """A split as an engine.data.ImageSet whose images stay on disk (ShardedImages); labels and ids in memory."""
     from engine.data import ImageSet
 
     entry, where = manifest["splits"][split], folder / split
     n = entry["rows"]
-    images = ShardedImages([where / s["file"] for s in entry["shards"]], [s["rows"] for s in entry["shards"]],
-                           entry["shape"])
+    images = _images(where, entry)
     y = torch.from_numpy(_load_npy(where / "labels.npy", (n,), np.int64))
     ids = (torch.from_numpy(_load_npy(where / "ids.npy", (n,), np.int64))
            if "ids" in entry["files"] else None)
