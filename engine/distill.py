@@ -111,7 +111,9 @@ def _sources(spec: TrainSpec, ws: Workspace, folders: Folders, models: list[nn.M
         fingerprint = model_fingerprint(model) if model is not None else read_meta(folders.model(guide))["model_fingerprint"]
         key = soft_targets.CacheKey(fingerprint, ws.fingerprint, ws.splits.augment.model_dump(), use.views, use.seed,
                                     use.topk, ws.splits.num_classes, len(ws.train))
-        sources.append(soft_targets.load(folders.targets(guide), key, ws.device))
+        where = folders.targets(guide)
+        kept = ws.keeps_resident(soft_targets.read_manifest(where)["bytes"])
+        sources.append(soft_targets.load(where, key, ws.device, resident=kept))
     return sources
 
 
@@ -132,10 +134,12 @@ def _teacher(spec: TrainSpec, ws: Workspace, folders: Folders, models: list[nn.M
         if mode == "online":
             sources[0] = soft_targets.OnlineTeacher(models[0], loss.teacher_features, loss.reduce_teacher)
         else:
+            on_disk = not ws.keeps_resident(int(mb * 2**20))
             feats = soft_targets.compute_features(models[0], ws.train, augment_spec, use.views, use.seed,
                                                   loss.teacher_features, loss.reduce_teacher,
-                                                  spec.train.eval_batch_size)
+                                                  spec.train.eval_batch_size, folders.work / "features" if on_disk else None)
             sources[0] = soft_targets.CachedFeatures(sources[0], feats)
+            mode += " on disk" if on_disk else ""
         extra |= {"teacher_features": mode, "teacher_features_mb": round(mb, 1)}
     if loss.teacher_online:  # on views no cache holds (MLKD's strong views), whatever cache.online says
         extra["teacher_runs_online"] = True
@@ -298,13 +302,13 @@ def write_cache(ws: Workspace, model_dir: Path, cache: CacheSpec, out: Path, bat
         if cache.views != 1:
             raise KDError(f"{model_dir}: the teacher is known only by its predictions on the clean training images "
                           f"(teacher.predictions), which make one view; set cache.views: 1 (it is {cache.views})")
-        targets = soft_targets.from_logits(load_torch(model_dir / PREDICTIONS_FILE), cache.topk)
         fingerprint = read_meta(model_dir)["model_fingerprint"]
     else:
-        targets = soft_targets.compute(model, ws.train, augment_spec, cache.views, cache.seed, cache.topk, batch_size)
         fingerprint = model_fingerprint(model)
     key = soft_targets.CacheKey(fingerprint, ws.fingerprint, augment_spec.model_dump(), cache.views, cache.seed,
                                 cache.topk, ws.splits.num_classes, len(ws.train))
-    soft_targets.save(out, targets, key)
-    manifest = soft_targets.read_manifest(out)
+    if model is None:
+        manifest = soft_targets.write_logits(out, load_torch(model_dir / PREDICTIONS_FILE), key)
+    else:
+        manifest = soft_targets.write(out, model, ws.train, augment_spec, key, batch_size)
     return {"views": cache.views, "topk": cache.topk, "bytes": manifest["bytes"], "shape": manifest["shape"]}

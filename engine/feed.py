@@ -12,13 +12,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from engine.data import ImageSet
-from engine.store import ShardedImages, in_memory
+from engine.store import ShardedRows, in_memory
 
 
 class _Rows(Dataset):
     """Item `idx` (a tensor of indices) is those rows' images."""
 
-    def __init__(self, images: ShardedImages):
+    def __init__(self, images: ShardedRows):
         self.images = images
 
     def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,7 @@ class _Order(Sampler):
 class Streamed:
     """Images on disk that index like a device tensor: `x[rows]` reads those rows and moves them to the device."""
 
-    def __init__(self, images: ShardedImages, device: torch.device, workers: int):
+    def __init__(self, images: ShardedRows, device: torch.device, workers: int):
         self.images, self.device, self.workers = images, device, workers
         self.shape = images.shape
         self._order = _Order()
@@ -79,9 +79,9 @@ class DeviceSet:
     def __init__(self, part: ImageSet, mean: list[float], std: list[float], device: torch.device,
                  stream: bool = False, workers: int = 0):
         images = part.x
-        if isinstance(images, ShardedImages) and not stream:
+        if isinstance(images, ShardedRows) and not stream:
             images = in_memory(images)
-        self.x = Streamed(images, device, workers) if isinstance(images, ShardedImages) else images.to(device)
+        self.x = Streamed(images, device, workers) if isinstance(images, ShardedRows) else images.to(device)
         self.y = part.y.to(device)
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255

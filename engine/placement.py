@@ -3,7 +3,8 @@
 `auto` keeps a split resident when it fits the memory budget: `data.memory_budget_mb` when set, else half of what
 the host has available (and, on CUDA, half of the device's free memory), filled smallest split first, so the test
 and validation splits stay resident while a train split too large to hold streams. Where a split lives never changes
-its bytes, so it is not part of any stage's key.
+its bytes, so it is not part of any stage's key. A teacher's soft-target or feature cache is placed the same way,
+against what the resident splits left of the budget (`resident`).
 """
 from __future__ import annotations
 
@@ -50,3 +51,11 @@ def placement(prepared: Path, data: DataConfig, device: torch.device) -> dict[st
         out[split] = "memory" if size <= left else "disk"
         left -= size if size <= left else 0
     return out
+
+
+def resident(data: DataConfig, device: torch.device, nbytes: int, taken: int) -> bool:
+    """Whether a cache of `nbytes` is read into memory (else read by row from disk): as `data.storage` says, or under
+    auto when it fits the budget less the `taken` bytes of resident splits."""
+    if data.storage != "auto":
+        return data.storage == "memory"
+    return nbytes <= budget_bytes(data, device) - taken

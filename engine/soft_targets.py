@@ -1,29 +1,36 @@
 """The soft-target cache: a teacher's raw logits for K fixed views of every training image.
 
-Files: `logits.pt` (fp16 values, and int16 class indices when only the top-k are kept),
-then `manifest.json`, written last. A cache is only used when its manifest matches the
-request field by field; otherwise it is refused with the differences named.
+Files: `values.npy` (fp16 logits, row k*N + i for view k of image i), with only the top-k kept also `indices.npy`
+(int16 classes) and `rest.npy` (fp32 leftover mass), then `manifest.json`, written last with each file's size and
+SHA-256. Rows are written as the teacher makes them and read back by row, so neither building nor reading a cache
+needs memory for the whole array; a cache that fits the memory budget is read into memory once instead
+(`data.storage`, engine/placement.py). A cache is only used when its manifest matches the request field by field;
+otherwise it is refused with the differences named.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from engine import augment
-from engine.atomic import load_torch, save_json, save_torch
+from engine.atomic import save_json
 from engine.config import AugmentConfig
-from engine.feed import DeviceSet
 from engine.errors import CacheMismatchError
+from engine.feed import DeviceSet
+from engine.store import RowFile, ShardedRows, _sha256, in_memory
 from models.features import with_features
 
-LOGITS_FILE, MANIFEST_FILE = "logits.pt", "manifest.json"
+MANIFEST_FILE = "manifest.json"
+PARTS = ("values", "indices", "rest")  # the files of a cache, in this order; a full-logits cache has only values
+REBUILD = "rebuild the cache with its cache stage (`takd cache-teacher --force`, `takd cache-assistant --force`)"
 
 
 @dataclass(frozen=True)
@@ -77,11 +84,26 @@ class SoftTargets:
         dense = fill[:, None].expand(len(idx), self.num_classes).clone()
         return dense.scatter_(1, self.indices[view, idx].long(), vals)
 
-    def to(self, device: torch.device) -> "SoftTargets":
-        def move(t):
-            return None if t is None else t.to(device)
 
-        return SoftTargets(self.values.to(device), move(self.indices), self.num_classes, move(self.rest))
+class ByView:
+    """A cache file's rows [K*N, ...] looked up as [view, image] and returned on `device`: read into memory there
+    once (`resident`), or read row by row from disk at each lookup."""
+
+    def __init__(self, rows: ShardedRows, images: int, device: torch.device, resident: bool):
+        self.images, self.device = images, device
+        self.rows = in_memory(rows).to(device) if resident else rows
+        self.resident = resident
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.rows.shape[0] // self.images, self.images, *self.rows.shape[1:])
+
+    def __getitem__(self, key: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        view, idx = key
+        flat = view.to(idx.device) * self.images + idx
+        if self.resident:
+            return self.rows[flat.to(self.device)]
+        return self.rows[flat.cpu()].to(self.device, non_blocking=True)
 
 
 class OnlineTeacher:
@@ -157,16 +179,19 @@ def _over_views(fn, train: DeviceSet, spec: AugmentConfig, k_views: int, seed: i
 
 @torch.no_grad()
 def compute_features(model: nn.Module, train: DeviceSet, spec: AugmentConfig, k_views: int, seed: int,
-                     names: tuple[str, ...], reduce=None, batch_size: int = 1024) -> dict[str, torch.Tensor]:
-    """The teacher's named features (reduced) for K fixed views of every image: {name: [K, N, ...]}
-    in fp16, on the data's device."""
+                     names: tuple[str, ...], reduce=None, batch_size: int = 1024,
+                     folder: Path | None = None) -> dict[str, "torch.Tensor | ByView"]:
+    """The teacher's named features (reduced) for K fixed views of every image, fp16: {name: [K, N, ...]} on the
+    data's device, or, with `folder`, written there a batch at a time and read back by row (ByView)."""
     body = with_features(model.eval(), list(names)).eval()
     reduce = reduce or (lambda f: f)
-    rows: dict[str, list[list[torch.Tensor]]] = {n: [[] for _ in range(k_views)] for n in names}
-    for k, (_, feats) in _over_views(body, train, spec, k_views, seed, batch_size):
-        for n, f in reduce(feats).items():
-            rows[n][k].append(f.half())
-    return {n: torch.stack([torch.cat(r) for r in per_view]) for n, per_view in rows.items()}
+    chunks = ((k, {n: f.half().cpu().numpy() for n, f in reduce(feats).items()})
+              for k, (_, feats) in _over_views(body, train, spec, k_views, seed, batch_size))
+    if folder is None:
+        return {n: f.to(train.device) for n, f in _gathered(chunks, k_views).items()}
+    files = _written(folder, chunks, k_views * len(train))
+    return {n: ByView(_rows(folder, e, "rerun the training"), len(train), train.device, resident=False)
+            for n, e in files.items()}
 
 
 def _top(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,66 +201,129 @@ def _top(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torc
     return top.values, top.indices, rest
 
 
-@torch.no_grad()
+def _stored(logits: torch.Tensor, topk: int | None) -> dict[str, np.ndarray]:
+    """What a cache keeps of fp32 logits [B, C]: fp16 values, and with top-k the int16 classes and the rest."""
+    if not topk:
+        return {"values": logits.half().cpu().numpy()}
+    values, indices, rest = _top(logits, topk)
+    return {"values": values.half().cpu().numpy(), "indices": indices.to(torch.int16).cpu().numpy(),
+            "rest": rest.cpu().numpy()}
+
+
+def _logit_chunks(logits_of, train: DeviceSet, spec: AugmentConfig, k_views: int, seed: int, topk: int | None,
+                  batch_size: int, progress=None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    with torch.no_grad():
+        for k, logits in _over_views(logits_of, train, spec, k_views, seed, batch_size, progress):
+            yield k, _stored(logits, topk)
+
+
+def _gathered(chunks, k_views: int) -> dict[str, torch.Tensor]:
+    """Chunks of rows, view after view, as one [K, N, ...] tensor per name."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for _, chunk in chunks:
+        for name, rows in chunk.items():
+            parts.setdefault(name, []).append(rows)
+    return {n: torch.from_numpy(np.concatenate(p)).view(k_views, -1, *p[0].shape[1:]) for n, p in parts.items()}
+
+
+def _written(folder: Path, chunks, rows: int) -> dict[str, dict]:
+    """Chunks of rows written in order, one .npy per name, each renamed into place when whole: {name: entry}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        files: dict[str, RowFile] = {}
+        for _, chunk in chunks:
+            for name, block in chunk.items():
+                if name not in files:
+                    files[name] = stack.enter_context(RowFile(folder / f"{name}.npy", rows))
+                files[name].write(block)
+    return {n: f.entry for n, f in files.items()}
+
+
 def compute(model: nn.Module, train: DeviceSet, spec: AugmentConfig, k_views: int, seed: int,
             topk: int | None, batch_size: int = 1024, progress=None) -> SoftTargets:
-    model.eval()
-    parts: dict[str, list[list[torch.Tensor]]] = {n: [[] for _ in range(k_views)] for n in ("values", "indices", "rest")}
-    c = None
-    for k, logits in _over_views(lambda x: model(x).float(), train, spec, k_views, seed, batch_size, progress):
-        c = logits.shape[1]
-        for name, part in zip(("values", "indices", "rest"), _stored(logits, topk)):
-            parts[name][k].append(part)
-    stacked = {n: torch.stack([torch.cat(r) for r in per_view]) if per_view[0] else None for n, per_view in parts.items()}
-    return SoftTargets(stacked["values"], stacked["indices"], c, stacked["rest"])
+    """The soft targets in memory, on the data's device: for a cache small enough to build where it is used."""
+    classes = []
+
+    def logits_of(x):
+        logits = model.eval()(x).float()
+        classes.append(logits.shape[1])
+        return logits
+
+    parts = _gathered(_logit_chunks(logits_of, train, spec, k_views, seed, topk, batch_size, progress), k_views)
+    parts = {n: p.to(train.device) for n, p in parts.items()}
+    return SoftTargets(parts["values"], parts.get("indices"), classes[0], parts.get("rest"))
 
 
-def _stored(logits: torch.Tensor, topk: int | None) -> tuple:
-    """What a cache keeps of fp32 logits [N, C]: fp16 values, and with top-k the int16 classes and the rest."""
-    if not topk:
-        return (logits.half().cpu(),)
-    values, indices, rest = _top(logits, topk)
-    return values.half().cpu(), indices.to(torch.int16).cpu(), rest.cpu()
+def write(out: Path, model: nn.Module, train: DeviceSet, spec: AugmentConfig, key: CacheKey, batch_size: int = 1024,
+          progress=None) -> dict:
+    """The cache of `key` (its views, seed and top-k) of `model` over `train`, written into `out` a batch at a
+    time, manifest last. Returns the manifest."""
+    logits_of = lambda x: model.eval()(x).float()  # noqa: E731
+    return write_chunks(out, _logit_chunks(logits_of, train, spec, key.views, key.view_seed, key.topk, batch_size,
+                                           progress), key)
 
 
-def from_logits(logits: torch.Tensor, topk: int | None) -> SoftTargets:
+def write_logits(out: Path, logits: torch.Tensor, key: CacheKey) -> dict:
     """A cache of one view (the clean image) from logits already computed [N, C]: a teacher's predictions file."""
-    values, indices, rest = ([p[None] for p in _stored(logits.float(), topk)] + [None, None])[:3]
-    return SoftTargets(values, indices, logits.shape[1], rest)
+    return write_chunks(out, [(0, _stored(logits.float(), key.topk))], key)
 
 
-def save(directory: str | Path, targets: SoftTargets, key: CacheKey) -> None:
-    directory = Path(directory)
-    payload = {"values": targets.values}
-    if targets.indices is not None:
-        payload |= {"indices": targets.indices, "rest": targets.rest}
-    save_torch(payload, directory / LOGITS_FILE)
-    digest = hashlib.sha256((directory / LOGITS_FILE).read_bytes()).hexdigest()
-    manifest = {"key": asdict(key), "logits_sha256": digest, "bytes": (directory / LOGITS_FILE).stat().st_size,
-                "dtype": "float16", "shape": list(targets.values.shape)}
-    save_json(manifest, directory / MANIFEST_FILE)
+def write_chunks(out: Path, chunks, key: CacheKey) -> dict:
+    """A cache from (view, {file: rows}) chunks in row order, view after view, then its manifest. Returns that."""
+    files = _written(out, chunks, key.views * key.num_images)
+    shape = [key.views, key.num_images, *_rows(out, files["values"]).row_shape]
+    manifest = {"key": asdict(key), "files": files, "bytes": sum(f["bytes"] for f in files.values()),
+                "dtype": "float16", "shape": shape}
+    save_json(manifest, out / MANIFEST_FILE)
+    return manifest
 
 
 def read_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST_FILE
     if not path.exists():
         raise CacheMismatchError(f"{path}: no manifest; the soft-target cache is missing or incomplete")
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
+    if "files" not in manifest:
+        raise CacheMismatchError(f"{path}: a soft-target cache in an older format (one logits.pt); {REBUILD}")
+    return manifest
 
 
-def load(directory: str | Path, expected: CacheKey, device: torch.device | str = "cpu") -> SoftTargets:
-    directory = Path(directory)
+def _rows(folder: Path, entry: dict, fix: str = REBUILD) -> ShardedRows:
+    """One cache file's rows, as its manifest entry says, read by row."""
+    path = folder / entry["file"]
+    with open(path, "rb") as f:
+        try:
+            np.lib.format.read_magic(f)
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        except ValueError as e:
+            raise CacheMismatchError(f"{path}: not a NumPy array file ({e}); {fix}") from None
+    return ShardedRows([path], [entry["rows"]], shape[1:], dtype, fix)
+
+
+def _check_files(directory: Path, manifest: dict) -> None:
+    """Each file of the cache has the size and SHA-256 its manifest recorded, read a block at a time."""
+    for entry in manifest["files"].values():
+        path = directory / entry["file"]
+        if not path.exists():
+            raise CacheMismatchError(f"{path}: missing from the soft-target cache; {REBUILD}")
+        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            raise CacheMismatchError(f"{path}: contents do not match its manifest (size or sha256 differs); {REBUILD}")
+
+
+def load(directory: str | Path, expected: CacheKey, device: torch.device | str = "cpu",
+         resident: bool = True) -> SoftTargets:
+    """The cache in `directory`, checked against `expected` and its manifest; read into memory on `device`
+    (`resident`), or left on disk and read by row at each lookup."""
+    directory, device = Path(directory), torch.device(device)
     manifest = read_manifest(directory)
     found, wanted = manifest["key"], asdict(expected)
     diffs = [f"{k}: cache has {found.get(k)!r}, request needs {v!r}" for k, v in wanted.items() if found.get(k) != v]
     if diffs:
         raise CacheMismatchError(f"{directory}: soft-target cache does not match the request; " + "; ".join(diffs))
-    digest = hashlib.sha256((directory / LOGITS_FILE).read_bytes()).hexdigest()
-    if digest != manifest["logits_sha256"]:
-        raise CacheMismatchError(f"{directory / LOGITS_FILE}: contents do not match its manifest (sha256 differs)")
-    payload = load_torch(directory / LOGITS_FILE)
+    _check_files(directory, manifest)
+    parts = {n: ByView(_rows(directory, e), expected.num_images, device, resident)
+             for n, e in manifest["files"].items()}
     try:
-        targets = SoftTargets(payload["values"], payload.get("indices"), expected.num_classes, payload.get("rest"))
+        return SoftTargets(parts["values"], parts.get("indices"), expected.num_classes, parts.get("rest"))
     except CacheMismatchError as e:
-        raise CacheMismatchError(f"{directory / LOGITS_FILE}: {e}") from None
-    return targets.to(torch.device(device))
+        raise CacheMismatchError(f"{directory}: {e}") from None

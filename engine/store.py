@@ -14,8 +14,10 @@ content fingerprint, so a reader never sees half a store and a truncated, missin
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterator
 
@@ -40,11 +42,50 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+class RowFile:
+    """One .npy file of `rows` rows, written in order a block at a time under a temp name and renamed into place when
+    all of them are in (engine/atomic.py): how an array larger than memory is written. `entry` (file, rows, bytes,
+    SHA-256) is made from the bytes as they were written, for the manifest written after it."""
+
+    def __init__(self, path: Path, rows: int):
+        self.path, self.rows, self.written, self.headed = Path(path), rows, 0, False
+        self.entry: dict = {}
+        self._hash, self._stack = hashlib.sha256(), ExitStack()
+
+    def __enter__(self) -> "RowFile":
+        tmp = self._stack.enter_context(atomic_path(self.path))
+        self._file = self._stack.enter_context(open(tmp, "wb"))
+        return self
+
+    def write(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block)
+        if not self.headed:
+            self.headed, header = True, io.BytesIO()
+            np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(block.dtype),
+                                                          "fortran_order": False,
+                                                          "shape": (self.rows, *block.shape[1:])})
+            self._put(header.getvalue())
+        self._put(block.tobytes())
+        self.written += len(block)
+
+    def _put(self, data: bytes) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None and (self.written != self.rows or not self.headed):
+            kind, error = ValueError, ValueError(f"{self.path}: {self.written} rows written, {self.rows} declared")
+        self._stack.__exit__(kind, error, trace)  # on an error, the temp file is removed
+        if error is not None:
+            raise error
+        self.entry = {"file": self.path.name, "rows": self.rows, "bytes": self.path.stat().st_size,
+                      "sha256": self._hash.hexdigest()}
+
+
 def _save_npy(array: np.ndarray, path: Path) -> dict:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-    return {"file": path.name, "rows": len(array), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    with RowFile(path, len(array)) as f:
+        f.write(array)
+    return f.entry
 
 
 def _chunk(x, start: int, stop: int) -> tuple[torch.Tensor, list[str]]:
@@ -98,15 +139,17 @@ def write_store(splits, folder: Path, shard_bytes: int | None = None) -> dict:
     return manifest
 
 
-class ShardedImages:
-    """A split's images read by row from its shards: `x[index]` gives a uint8 CPU tensor of those rows, never the
-    whole array. Rows are read with pread, so they pass through the page cache and not into this process's resident
-    memory, as a memory map's pages would; a run of consecutive rows is one read. Pickles as its file list, so a
-    DataLoader worker opens its own files."""
+class ShardedRows:
+    """An array's rows read from its .npy shards: `x[index]` gives a CPU tensor of those rows, never the whole array
+    (a prepared split's uint8 images, a soft-target cache's fp16 logits). Rows are read with pread, so they pass
+    through the page cache and not into this process's resident memory, as a memory map's pages would; a run of
+    consecutive rows is one read. Pickles as its file list, so a DataLoader worker opens its own files. `fix` says
+    how to remake a faulty file."""
 
-    def __init__(self, files: list[Path], rows: list[int], shape: tuple[int, ...]):
-        self.files, self.rows, self.row_shape = files, rows, tuple(shape)
-        self.row_bytes = int(np.prod(self.row_shape))
+    def __init__(self, files: list[Path], rows: list[int], shape: tuple[int, ...], dtype=np.uint8,
+                 fix: str = "rerun the prepare-data stage"):
+        self.files, self.rows, self.row_shape, self.dtype, self.fix = files, rows, tuple(shape), np.dtype(dtype), fix
+        self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
         self.starts = np.cumsum([0, *rows])
         self._open_files: list[tuple[int, int]] | None = None  # (fd, offset of row 0) per shard
 
@@ -121,6 +164,10 @@ class ShardedImages:
     def shape(self) -> tuple[int, ...]:
         return (int(self.starts[-1]), *self.row_shape)
 
+    @property
+    def nbytes(self) -> int:
+        return len(self) * self.row_bytes
+
     def __len__(self) -> int:
         return int(self.starts[-1])
 
@@ -128,7 +175,7 @@ class ShardedImages:
         if self._open_files is None:
             opened = []
             for path, n in zip(self.files, self.rows):
-                offset = _npy_offset(path, (n, *self.row_shape), np.uint8)
+                offset = _npy_offset(path, (n, *self.row_shape), self.dtype, self.fix)
                 opened.append((os.open(path, os.O_RDONLY), offset))
             self._open_files = opened
         return self._open_files
@@ -139,7 +186,7 @@ class ShardedImages:
         index = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64).reshape(-1)
         if index.size and (index.min() < 0 or index.max() >= len(self)):
             raise IndexError(f"rows {index.min()}..{index.max()} outside 0..{len(self) - 1} of {self.files[0].parent}")
-        out = np.empty((len(index), *self.row_shape), np.uint8)
+        out = np.empty((len(index), *self.row_shape), self.dtype)
         flat = out.reshape(len(index), -1)
         shard = np.searchsorted(self.starts, index, side="right") - 1
         breaks = np.flatnonzero((np.diff(index) != 1) | (np.diff(shard) != 0)) + 1
@@ -151,12 +198,12 @@ class ShardedImages:
             got = os.pread(fd, want, offset + int(index[lo] - self.starts[s]) * self.row_bytes)
             if len(got) != want:
                 raise DataError(f"{self.files[s]}: truncated: {len(got)} of {want} bytes at row "
-                                f"{index[lo] - self.starts[s]}; rerun the prepare-data stage")
-            flat[lo:hi] = np.frombuffer(got, np.uint8).reshape(hi - lo, -1)
+                                f"{index[lo] - self.starts[s]}; {self.fix}")
+            flat[lo:hi] = np.frombuffer(got, self.dtype).reshape(hi - lo, -1)
         return torch.from_numpy(out)
 
 
-def _npy_offset(path: Path, shape: tuple, dtype) -> int:
+def _npy_offset(path: Path, shape: tuple, dtype, fix: str = "rerun the prepare-data stage") -> int:
     """Where a .npy file's data begins, once its header says the shape and type the manifest recorded and its size
     holds them."""
     try:
@@ -166,15 +213,14 @@ def _npy_offset(path: Path, shape: tuple, dtype) -> int:
             found, fortran, kind = read_header(f)
             offset = f.tell()
     except FileNotFoundError:
-        raise DataError(f"{path}: shard not found; rerun the prepare-data stage") from None
+        raise DataError(f"{path}: shard not found; {fix}") from None
     except (ValueError, OSError) as e:
-        raise DataError(f"{path}: not a NumPy array file ({e}); rerun the prepare-data stage") from None
+        raise DataError(f"{path}: not a NumPy array file ({e}); {fix}") from None
     if tuple(found) != tuple(shape) or kind != np.dtype(dtype) or fortran:
         raise DataError(f"{path}: holds {kind} {tuple(found)}; the manifest says {np.dtype(dtype)} {tuple(shape)}")
     need = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
     if path.stat().st_size < need:
-        raise DataError(f"{path}: truncated: {path.stat().st_size} bytes, its header needs {need}; "
-                        "rerun the prepare-data stage")
+        raise DataError(f"{path}: truncated: {path.stat().st_size} bytes, its header needs {need}; {fix}")
     return offset
 
 
@@ -212,14 +258,14 @@ def verify(folder: Path, manifest: dict, split: str) -> None:
                             "rerun the prepare-data stage")
 
 
-def _images(where: Path, entry: dict) -> ShardedImages:
+def _images(where: Path, entry: dict) -> ShardedRows:
     """A split's images as its manifest entry lists them."""
-    return ShardedImages([where / s["file"] for s in entry["shards"]], [s["rows"] for s in entry["shards"]],
+    return ShardedRows([where / s["file"] for s in entry["shards"]], [s["rows"] for s in entry["shards"]],
                          entry["shape"])
 
 
 def open_split(folder: Path, manifest: dict, split: str):
-    """A split as an engine.data.ImageSet whose images stay on disk (ShardedImages); labels and ids in memory."""
+    """A split as an engine.data.ImageSet whose images stay on disk (ShardedRows); labels and ids in memory."""
     from engine.data import ImageSet
 
     entry, where = manifest["splits"][split], folder / split
@@ -232,17 +278,17 @@ def open_split(folder: Path, manifest: dict, split: str):
     return ImageSet(images, y, ids, paths)
 
 
-def in_memory(images: ShardedImages) -> torch.Tensor:
-    """The whole split as one tensor, read shard by shard into it (no second copy)."""
-    out = torch.empty(images.shape, dtype=torch.uint8)
-    flat = out.numpy().reshape(len(images), -1)
-    for n, (path, (_, offset)) in enumerate(zip(images.files, images._open())):
+def in_memory(rows: ShardedRows) -> torch.Tensor:
+    """The whole array as one tensor, read shard by shard into it (no second copy)."""
+    out = np.empty(rows.shape, rows.dtype)
+    flat = out.reshape(len(rows), -1)
+    for n, (path, (_, offset)) in enumerate(zip(rows.files, rows._open())):
         with open(path, "rb") as f:
             f.seek(offset)
-            rows = flat[images.starts[n]:images.starts[n + 1]]
-            if f.readinto(memoryview(rows).cast("B")) != rows.nbytes:
-                raise DataError(f"{path}: truncated while being read; rerun the prepare-data stage")
-    return out
+            part = flat[rows.starts[n]:rows.starts[n + 1]]
+            if f.readinto(memoryview(part).cast("B")) != part.nbytes:
+                raise DataError(f"{path}: truncated while being read; {rows.fix}")
+    return torch.from_numpy(out)
 
 
 def split_bytes(manifest: dict, split: str) -> int:

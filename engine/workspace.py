@@ -16,7 +16,7 @@ from engine.feed import DeviceSet
 from engine.device import resolve_device
 from engine.errors import CheckpointError, KDError
 from engine.fingerprint import model_fingerprint
-from engine.placement import placement
+from engine.placement import placement, resident
 from engine.store import SPLITS
 from engine.teacher_import import TORCHSCRIPT, load_torchscript
 from models import build_model
@@ -38,7 +38,7 @@ class Workspace:
     a split that streams is verified against the manifest first."""
 
     def __init__(self, prepared: Path, device: str, data: DataConfig | None = None):
-        data = data or DataConfig()
+        self.data = data = data or DataConfig()
         self.device = resolve_device(device)
         self.splits = load_splits_file(prepared)
         self.mean, self.std = self.splits.mean_std()
@@ -47,6 +47,11 @@ class Workspace:
             DeviceSet(getattr(self.splits, s), self.mean, self.std, self.device, stream=self.placement[s] == "disk",
                       workers=data.loader_workers) for s in SPLITS)
         self.fingerprint = self.splits.fingerprint()
+
+    def keeps_resident(self, nbytes: int) -> bool:
+        """Whether a cache of `nbytes` is read into memory, or left on disk and read by row (engine/placement.py)."""
+        taken = sum(getattr(self, s).x.numel() for s in SPLITS if self.placement[s] == "memory")
+        return resident(self.data, self.device, nbytes, taken)
 
     def build(self, arch: str, seed: int | None = None) -> nn.Module:
         c, h, _ = self.splits.input_shape

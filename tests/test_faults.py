@@ -83,8 +83,8 @@ def trained_teacher(tmp_path_factory, fashion_dir) -> Path:
     return root
 
 
-# The process kills itself with SIGKILL at one exact point of writing the cache: after logits.pt's temp file is
-# written but before it is renamed into place; the same for manifest.json (written after logits.pt), for stage.json
+# The process kills itself with SIGKILL at one exact point of writing the cache: after values.npy's temp file is
+# written but before it is renamed into place; the same for manifest.json (written after values.npy), for stage.json
 # (written last), and at the rename of the staging folder onto the final one.
 DIE_AT = """
 import contextlib, os, pathlib, signal, sys
@@ -109,7 +109,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-@pytest.mark.parametrize("point", ["logits.pt", "manifest.json", "stage.json", "rename"])
+@pytest.mark.parametrize("point", ["values.npy", "manifest.json", "stage.json", "rename"])
 def test_kill_9_during_caching_never_leaves_a_cache_that_reads_as_complete(tmp_path, trained_teacher, point):
     """The cache is written into cache-teacher's staging folder (soft_targets/teacher.partial) and renamed into
     place only when whole: killed at any point of writing it, the final folder is absent, and a rerun makes it."""

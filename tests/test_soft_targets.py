@@ -6,7 +6,7 @@ import torch
 from engine import augment, soft_targets
 from engine.config import KDConfig, TrainConfig
 from engine.device import seed_everything
-from engine.errors import CacheMismatchError
+from engine.errors import CacheMismatchError, KDError
 from engine.fingerprint import model_fingerprint
 from engine.losses import Batch, build_loss
 from engine.trainer import Teacher, fit
@@ -23,19 +23,22 @@ def setup(data_cfg):
     return s, tr, va, teacher, key
 
 
-def test_cache_round_trip_and_manifest_written_last(setup, tmp_path):
+@pytest.mark.parametrize("resident", [True, False])
+def test_cache_round_trip_and_manifest_written_last(setup, tmp_path, resident):
     s, tr, _, teacher, key = setup
     t = soft_targets.compute(teacher, tr, s.augment, 3, 7, None, batch_size=100)
     assert t.values.dtype == torch.float16 and t.values.shape == (3, len(tr), 10)
-    soft_targets.save(tmp_path, t, key)
+    soft_targets.write(tmp_path, teacher, tr, s.augment, key, batch_size=64)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["key"]["views"] == 3 and manifest["key"]["model_fingerprint"] == key.model_fingerprint
-    loaded = soft_targets.load(tmp_path, key)
-    assert torch.equal(loaded.values, t.values)
-    # view k of image i is the teacher on exactly that augmented image
+    assert manifest["shape"] == [3, len(tr), 10] and set(manifest["files"]) == {"values"}
+    loaded = soft_targets.load(tmp_path, key, resident=resident)
+    assert loaded.values.resident == resident and loaded.values.shape == (3, len(tr), 10)
+    # view k of image i is the teacher on exactly that augmented image, and the one compute() gives in memory
     views = augment.fixed_views(len(tr), s.augment, 7, 3)
-    i, k = torch.tensor([5, 17]), torch.tensor([2, 1])
+    i, k = torch.tensor([5, 17, 18, 300]), torch.tensor([2, 1, 1, 0])
     x = tr.normalize(augment.apply(tr.x[i], views[k, i], s.augment))
+    assert torch.equal(loaded(i, k), t(i, k))
     assert torch.allclose(loaded(i, k), teacher(x), atol=2e-2, rtol=1e-2)
 
 
@@ -43,18 +46,41 @@ def test_mismatched_or_incomplete_cache_is_refused(setup, tmp_path):
     s, tr, _, teacher, key = setup
     with pytest.raises(CacheMismatchError, match="no manifest"):
         soft_targets.load(tmp_path, key)
-    soft_targets.save(tmp_path, soft_targets.compute(teacher, tr, s.augment, 3, 7, None), key)
+    soft_targets.write(tmp_path, teacher, tr, s.augment, key)
     other = soft_targets.CacheKey(**{**key.__dict__, "model_fingerprint": "0" * 16, "views": 4})
     with pytest.raises(CacheMismatchError, match=r"model_fingerprint: cache has '[0-9a-f]+', request needs '0+'.*views: cache has 3, request needs 4"):
         soft_targets.load(tmp_path, other)
-    raw = bytearray((tmp_path / "logits.pt").read_bytes())
+    values = tmp_path / "values.npy"
+    raw = bytearray(values.read_bytes())
     raw[-30] ^= 0xFF
-    (tmp_path / "logits.pt").write_bytes(bytes(raw))
-    with pytest.raises(CacheMismatchError, match="contents do not match its manifest"):
+    values.write_bytes(bytes(raw))
+    with pytest.raises(CacheMismatchError, match=f"{values}: contents do not match its manifest"):
+        soft_targets.load(tmp_path, key)
+    values.write_bytes(bytes(raw[:-40]))
+    with pytest.raises(CacheMismatchError, match=f"{values}: contents do not match its manifest"):
+        soft_targets.load(tmp_path, key)
+    values.unlink()
+    with pytest.raises(CacheMismatchError, match=f"{values}: missing from the soft-target cache"):
         soft_targets.load(tmp_path, key)
 
 
-def test_topk_cache(setup, tmp_path):
+def test_a_cache_read_by_row_needs_no_memory_for_the_whole_array(setup, tmp_path):
+    """The values file is read a few rows at a time: truncated after it was opened, a lookup names it rather than
+    returning rows of zeros, and the rows it reads before the cut are the right ones."""
+    s, tr, _, teacher, key = setup
+    soft_targets.write(tmp_path, teacher, tr, s.augment, key)
+    loaded = soft_targets.load(tmp_path, key, resident=False)
+    whole = soft_targets.compute(teacher, tr, s.augment, 3, 7, None)
+    idx, view = torch.tensor([0, 1]), torch.tensor([0, 0])
+    assert torch.equal(loaded(idx, view), whole(idx, view))
+    values = tmp_path / "values.npy"
+    values.write_bytes(values.read_bytes()[:1000])
+    with pytest.raises(KDError, match=f"{values}: truncated"):
+        loaded(torch.tensor([5]), torch.tensor([2]))
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_topk_cache(setup, tmp_path, resident):
     s, tr, _, teacher, key = setup
     full = soft_targets.compute(teacher, tr, s.augment, 1, 7, None)
     top = soft_targets.compute(teacher, tr, s.augment, 1, 7, 3)
@@ -66,8 +92,10 @@ def test_topk_cache(setup, tmp_path):
     # every dropped class of a row gets one logit: the rest's logsumexp spread over the 7 of them
     rest = dense.float().masked_fill(kept, float("-inf")).logsumexp(1) - torch.log(torch.tensor(7.0))
     assert torch.allclose(sparse.masked_fill(kept, 0).sum(1) / 7, rest, atol=1e-4)
-    soft_targets.save(tmp_path, top, soft_targets.CacheKey(**{**key.__dict__, "views": 1, "topk": 3}))
-    loaded = soft_targets.load(tmp_path, soft_targets.CacheKey(**{**key.__dict__, "views": 1, "topk": 3}))
+    top_key = soft_targets.CacheKey(**{**key.__dict__, "views": 1, "topk": 3})
+    soft_targets.write(tmp_path, teacher, tr, s.augment, top_key)
+    loaded = soft_targets.load(tmp_path, top_key, resident=resident)
+    assert set(json.loads((tmp_path / "manifest.json").read_text())["files"]) == {"values", "indices", "rest"}
     assert torch.equal(loaded(idx, view), sparse)
 
 
@@ -99,9 +127,10 @@ def test_distillation_from_cache_and_online_train_alike(setup):
     assert results[0]["loss_kd"] == pytest.approx(results[1]["loss_kd"], rel=1e-2)
 
 
-def test_cached_teacher_features_equal_the_online_teachers_up_to_fp16(data_cfg):
-    """For the same images and views, the feature cache (computed once, fp16) returns what
-    running the teacher at that step returns, to fp16's precision."""
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_cached_teacher_features_equal_the_online_teachers_up_to_fp16(data_cfg, tmp_path, on_disk):
+    """For the same images and views, the feature cache (computed once, fp16; held in memory, or written to disk and
+    read by row) returns what running the teacher at that step returns, to fp16's precision."""
     from engine.soft_targets import CachedFeatures, OnlineTeacher, compute_features
     from models import feature_names
 
@@ -110,7 +139,10 @@ def test_cached_teacher_features_equal_the_online_teachers_up_to_fp16(data_cfg):
     teacher = build_model("plain-4", 1, 10, 28).eval()
     names = tuple(feature_names(teacher))
     cache = CachedFeatures(lambda idx, view, x: None,
-                           compute_features(teacher, train, s.augment, 2, seed=5, names=names, batch_size=64))
+                           compute_features(teacher, train, s.augment, 2, seed=5, names=names, batch_size=64,
+                                            folder=tmp_path / "features" if on_disk else None))
+    if on_disk:
+        assert sorted(p.name for p in (tmp_path / "features").iterdir()) == sorted(f"{n}.npy" for n in names)
     views = augment.fixed_views(len(train), s.augment, 5, 2)
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:50]
     view = torch.randint(0, 2, (50,), generator=torch.Generator().manual_seed(2))

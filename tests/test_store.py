@@ -175,20 +175,30 @@ def test_where_the_data_lives_is_not_part_of_any_stage_key(project):
     assert len(keys) == 1
 
 
-def test_the_teacher_stage_trained_from_disk_equals_the_one_trained_in_memory(project):
+def test_teacher_cache_and_student_stages_from_disk_equal_those_in_memory(project, monkeypatch):
+    """The teacher trained from streamed splits, its soft targets written from them, and a student distilled with the
+    cache read by row from disk: the same weights as all of it in memory."""
     import json
 
+    import engine.soft_targets
     from tasks.stages import run_stage
 
     cfg, cat = project
     run_stage("prepare-data", cfg, cat)
-    made = {}
+    made, kept = {}, []
+    real = engine.soft_targets.ByView.__init__
+    monkeypatch.setattr(engine.soft_targets.ByView, "__init__",
+                        lambda self, rows, n, device, resident: kept.append(resident) or real(self, rows, n, device,
+                                                                                              resident))
     for storage in ("memory", "disk"):
         other = cfg.model_copy(update={"data": cfg.data.model_copy(update={"storage": storage})})
-        run_stage("train-teacher", other, cat, force=True)
-        meta = json.loads((cat.model("teacher") / "model.json").read_text())
-        assert set(meta["data_placement"].values()) == {storage}
-        made[storage] = meta["model_fingerprint"]
+        for stage, seed in (("train-teacher", None), ("cache-teacher", None), ("distill-student-blkd", 0)):
+            run_stage(stage, other, cat, seed=seed, force=True)
+        metas = [json.loads((cat.model(m) / "model.json").read_text()) for m in ("teacher", "student-blkd-s0")]
+        assert all(set(m["data_placement"].values()) == {storage} for m in metas)
+        made[storage] = [m["model_fingerprint"] for m in metas]
+        assert set(kept) == {storage == "memory"}
+        kept.clear()
     assert made["memory"] == made["disk"]
 
 
