@@ -5,7 +5,8 @@ Throughput is the trainer's own epoch clock (images/s, augmentation included), p
 then disk with 0 and with 2 loader workers, alternating after a warm-up round, the page cache warm (the store was
 just written and read). Ratio: the median over rounds of disk images/s ÷ memory images/s in the same round. Cases:
 Fashion-MNIST (28 px, grey) and a generated set (64 px, RGB); on each, also a KD epoch from a soft-target cache of
-2 views, everything in memory against everything on disk (splits streamed, cache read by row). Cold cache: the
+2 views, everything in memory against everything on disk (splits streamed with the default number of loader workers
+for this machine, cache read by row). Cold cache: the
 disk runs again after dropping the page cache, when /proc/sys/vm/drop_caches can be written. Peak memory: a child
 process opens a generated store of 1,000 classes three times the cap, with a soft-target cache of 4 views (full
 fp16 logits) twice the cap, sets `data.memory_budget_mb` to the cap and trains one KD epoch from the cache. Its
@@ -35,6 +36,7 @@ from bench.common import Context, run_fit
 from engine import augment, soft_targets
 from engine.config import AugmentConfig, DataConfig
 from engine.data import ImageSet, Splits
+from engine.placement import loader_workers
 from engine.store import write_store
 from engine.trainer import Teacher
 from engine.workspace import Workspace
@@ -67,7 +69,10 @@ def epoch_img_s(ctx: Context, folder: Path, stream: bool, workers: int, cache: P
     c, h, _ = ws.splits.input_shape
     model = build_model(ARCH, c, ws.splits.num_classes, h, 0).to(ctx.device, memory_format=torch.channels_last)
     teacher = cached_teacher(ws, cache, resident=not stream) if cache else None
-    _, result = run_fit(ctx, model, ws.train, ws.val, batch=BATCH, spec=ws.splits.augment, teacher=teacher)
+    try:
+        _, result = run_fit(ctx, model, ws.train, ws.val, batch=BATCH, spec=ws.splits.augment, teacher=teacher)
+    finally:
+        ws.close()  # its loader workers end here, not inside the next way's clock
     return result.history[0]["images_per_second"]
 
 
@@ -109,9 +114,10 @@ def drop_page_cache() -> bool:
 
 def throughput(ctx: Context, case: str, folder: Path) -> list[dict]:
     cache = teacher_cache(folder, folder.with_name(folder.name + "-cache"))
+    auto = loader_workers(DataConfig(), ctx.device)  # what a user gets by default on this machine
     ways = {"memory": (False, 0, None), **{f"disk, {w} workers": (True, w, None) for w in WORKERS},
             "KD, memory (cache in memory)": (False, 0, cache),
-            f"KD, disk, {WORKERS[-1]} workers (cache by row)": (True, WORKERS[-1], cache)}
+            f"KD, disk, {auto} workers (cache by row)": (True, auto, cache)}
     runs: dict[str, list[float]] = {way: [] for way in ways}
     for i in range(ctx.repeats + 1):
         found = {way: epoch_img_s(ctx, folder, *how) for way, how in ways.items()}

@@ -51,7 +51,9 @@ class DataConfig(Strict):
     memory_budget_mb: Optional[int] = Field(None, ge=0, description="auto storage: memory the splits may take; unset: "
                                                                     "half of what is available (on CUDA, also half "
                                                                     "the device's free memory)")
-    loader_workers: int = Field(2, ge=0, le=64, description="processes reading a streamed split ahead of training")
+    loader_workers: Optional[int] = Field(None, ge=0, le=64, description="processes reading a streamed split ahead "
+                                                                         "of training; unset: the cores a training "
+                                                                         "leaves free, at most 8 (engine/placement.py)")
 
     # How a training reads the prepared data, not what is prepared: never part of a stage's key.
     READ_TIME: ClassVar[tuple[str, ...]] = ("storage", "memory_budget_mb", "loader_workers")

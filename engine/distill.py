@@ -123,6 +123,8 @@ def _teacher(spec: TrainSpec, ws: Workspace, folders: Folders, models: list[nn.M
     use, n, augment_spec = spec.use, len(ws.train), ws.splits.augment
     sources = _sources(spec, ws, folders, models)
     extra = {"teacher_mode": "online" if use.online else "cached", "guides": len(sources)}
+    if not use.online:
+        extra["cache_read"] = "memory" if all(s.values.resident for s in sources) else "by row"
     if use.topk and not use.online:
         _check_topk(spec, loss)
     if loss.teacher_features:

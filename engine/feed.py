@@ -6,6 +6,7 @@ DataLoader worker processes (pinned memory on CUDA); the indices, and so every r
 """
 from __future__ import annotations
 
+import gc
 from typing import Iterator
 
 import torch
@@ -52,6 +53,13 @@ class Streamed:
 
     def __getitem__(self, index) -> torch.Tensor:
         return self.images[index].to(self.device)
+
+    def close(self) -> None:
+        """Ends the loader's worker processes now, not whenever the garbage collector reaches them: a pause at an
+        arbitrary later point (up to the workers' status interval) otherwise lands in whatever runs then."""
+        if self._loader is not None:
+            self._loader = None
+            gc.collect()
 
     def cpu(self) -> torch.Tensor:
         """The whole split in memory: for the evaluations that need it at once (ONNX, INT8)."""
@@ -104,6 +112,10 @@ class DeviceSet:
             return zip((i.to(self.device) for i in order), self.x.batches(order))
         order = list(perm.to(self.device).split(batch_size))
         return zip(order, (self.x[i] for i in order))
+
+    def close(self) -> None:
+        if self.streamed:
+            self.x.close()
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return ((x.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)

@@ -17,6 +17,7 @@ from engine.config import DataConfig
 from engine.store import SPLITS, read_manifest, split_bytes, verify
 
 BUDGET_SHARE = 0.5  # the rest is the model's, the optimiser's, the caches' and the loader's
+MAX_WORKERS = 8
 
 
 def available_bytes(device: torch.device) -> int:
@@ -59,3 +60,15 @@ def resident(data: DataConfig, device: torch.device, nbytes: int, taken: int) ->
     if data.storage != "auto":
         return data.storage == "memory"
     return nbytes <= budget_bytes(data, device) - taken
+
+
+def loader_workers(data: DataConfig, device: torch.device) -> int:
+    """`data.loader_workers`, or the cores the training leaves free: on CUDA all but one, on the CPU those torch's
+    threads do not use. Measured here (docs/benchmarks.md): on two cores, two workers beside a two-thread CPU
+    training cost 40 % of its speed, and reading the rows in the training's own process costs nothing measurable
+    while the page cache holds them."""
+    if data.loader_workers is not None:
+        return data.loader_workers
+    cores = len(os.sched_getaffinity(0))
+    busy = 1 if device.type == "cuda" else torch.get_num_threads()
+    return max(0, min(MAX_WORKERS, cores - busy))

@@ -23,7 +23,7 @@ from torch import nn
 from engine import augment
 from engine.atomic import save_json
 from engine.config import AugmentConfig
-from engine.errors import CacheMismatchError
+from engine.errors import CacheMismatchError, KDError
 from engine.feed import DeviceSet
 from engine.store import RowFile, ShardedRows, _sha256, in_memory
 from models.features import with_features
@@ -214,7 +214,12 @@ def _logit_chunks(logits_of, train: DeviceSet, spec: AugmentConfig, k_views: int
                   batch_size: int, progress=None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     with torch.no_grad():
         for k, logits in _over_views(logits_of, train, spec, k_views, seed, batch_size, progress):
-            yield k, _stored(logits, topk)
+            stored = _stored(logits, topk)
+            if not np.isfinite(stored["values"]).all():
+                raise KDError(f"the guide's logits are not finite in fp16 in view {k} (largest |logit| "
+                              f"{logits.abs().max().item():.3g}; fp16 holds 65504): the guide has diverged, or its "
+                              "logits need scaling before they can be cached")
+            yield k, stored
 
 
 def _gathered(chunks, k_views: int) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from engine.feed import DeviceSet
 from engine.device import resolve_device
 from engine.errors import CheckpointError, KDError
 from engine.fingerprint import model_fingerprint
-from engine.placement import placement, resident
+from engine.placement import loader_workers, placement, resident
 from engine.store import SPLITS
 from engine.teacher_import import TORCHSCRIPT, load_torchscript
 from models import build_model
@@ -43,10 +43,16 @@ class Workspace:
         self.splits = load_splits_file(prepared)
         self.mean, self.std = self.splits.mean_std()
         self.placement = placement(prepared, data, self.device)
+        workers = loader_workers(data, self.device)
         self.train, self.val, self.test = (
             DeviceSet(getattr(self.splits, s), self.mean, self.std, self.device, stream=self.placement[s] == "disk",
-                      workers=data.loader_workers) for s in SPLITS)
+                      workers=workers) for s in SPLITS)
         self.fingerprint = self.splits.fingerprint()
+
+    def close(self) -> None:
+        """Ends the loader workers of streamed splits."""
+        for part in (self.train, self.val, self.test):
+            part.close()
 
     def keeps_resident(self, nbytes: int) -> bool:
         """Whether a cache of `nbytes` is read into memory, or left on disk and read by row (engine/placement.py)."""

@@ -53,7 +53,7 @@ def test_a_profile_is_named_once_and_the_given_keys_override_it(tmp_path, monkey
     assert by_cli == PipelineConfig.model_validate(named) == _prefect_config(named)
     over = PipelineConfig.model_validate({"profile": "paper", "kd": {"lam": 0.2}, "student": {"arch": "plain-4"}})
     assert (over.kd.lam, over.kd.temperature, over.student.arch, over.student.train.epochs) == (0.2, 4.0, "plain-4", 150)
-    with pytest.raises(ConfigError, match=r"profile: unknown profile 'papr'; available: paper"):
+    with pytest.raises(ConfigError, match=r"profile: unknown profile 'papr'; available: imagenet, paper"):
         PipelineConfig.model_validate({"profile": "papr"})
     (tmp_path / "nested.yaml").write_text("profile: paper\n")
     with pytest.raises(ConfigError, match="nested.yaml: a profile cannot name another profile"):

@@ -79,6 +79,18 @@ def test_a_cache_read_by_row_needs_no_memory_for_the_whole_array(setup, tmp_path
         loaded(torch.tensor([5]), torch.tensor([2]))
 
 
+def test_a_guide_whose_logits_overflow_fp16_is_refused_and_no_cache_is_left(setup, tmp_path):
+    s, tr, _, teacher, key = setup
+
+    class Diverged(torch.nn.Module):
+        def forward(self, x):
+            return teacher(x) * 1e9  # a diverged model: finite in fp32, past fp16's 65504
+
+    with pytest.raises(KDError, match="not finite in fp16 in view 0.*has diverged"):
+        soft_targets.write(tmp_path / "cache", Diverged(), tr, s.augment, key)
+    assert not list((tmp_path / "cache").iterdir())  # the half-written file was removed, no manifest
+
+
 @pytest.mark.parametrize("resident", [True, False])
 def test_topk_cache(setup, tmp_path, resident):
     s, tr, _, teacher, key = setup

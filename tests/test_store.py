@@ -198,6 +198,7 @@ def test_teacher_cache_and_student_stages_from_disk_equal_those_in_memory(projec
         assert all(set(m["data_placement"].values()) == {storage} for m in metas)
         made[storage] = [m["model_fingerprint"] for m in metas]
         assert set(kept) == {storage == "memory"}
+        assert metas[1]["cache_read"] == ("memory" if storage == "memory" else "by row")
         kept.clear()
     assert made["memory"] == made["disk"]
 
