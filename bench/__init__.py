@@ -26,4 +26,5 @@ SUITES = {
     "gpu": Suite("6. GPU path", "bench.gpu"),
     "teacher": Suite("7. Time to accuracy of the default teacher", "bench.teacher"),
     "storage": Suite("8. Data streamed from disk against data in memory", "bench.storage"),
+    "formats": Suite("9. The store's format against maintained streaming formats", "bench.formats"),
 }

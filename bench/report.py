@@ -16,6 +16,7 @@ COLUMNS = {
     "gpu": ["model", "compile", "train_images", "trainer_img_s", "bare_img_s", "ratio", "ratio_range"],
     "teacher": ["epoch", "seconds", "val_acc", "test_acc"],
     "storage": ["case", "way", "cache", "img_s", "ratio_to_memory", "ratio_range"],
+    "formats": ["case", "format", "version", "write_s", "mb_on_disk", "by_index_rows_s", "own_order_rows_s"],
 }
 
 

@@ -76,7 +76,22 @@ def test_storage_suite_streams_from_disk_and_measures_peak_memory_in_a_child(tmp
     cap = result["peak_memory"]
     assert cap["placement"] == {"train": "disk", "val": "memory", "test": "memory"}
     assert cap["cache_mb"] > cap["cap_mb"] and not cap["cache_resident"]  # twice the cap: read by row
-    assert len(cap["worker_vm_hwm_mb"]) == 2 and cap["peak_pss_mb"] > 0 and not cap["enforced"]
+    from engine.config import DataConfig
+    from engine.placement import loader_workers
+
+    workers = loader_workers(DataConfig(), torch.device("cpu"))  # the default the capped child runs with
+    assert len(cap["worker_vm_hwm_mb"]) == workers and cap["peak_pss_mb"] > 0 and not cap["enforced"]
+
+
+def test_formats_suite_reads_our_rows_back_and_names_what_is_not_installed(tmp_path, fashion_dir):
+    from bench.formats import FORMATS, version
+
+    result = _run(tmp_path, fashion_dir, ["formats"], scale=0.01)["formats"]
+    installed = [f.name for f in FORMATS if not f.package or version(f.package)]
+    assert sorted({r["format"] for r in result["rows"]}) == sorted(installed)
+    assert all(r["by_index_rows_s"] > 0 and r["own_order_rows_s"] > 0 for r in result["rows"])
+    missing = [f.package for f in FORMATS if f.package and not version(f.package)]
+    assert result["summary"]["not installed here"] == (", ".join(missing) or "none")
 
 
 def test_teacher_time_to_accuracy_records_each_epoch(tmp_path, fashion_dir):
