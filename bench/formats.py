@@ -1,7 +1,8 @@
 """The prepared store's format (plain .npy shards read by row) against maintained streaming formats, on the same rows.
 
 For each format whose package is installed (WebDataset with its indexed reader `wids`, LitData, MosaicML
-`streaming`), the Fashion-MNIST train split and a generated 64 px set are written once, then read two ways:
+`streaming`), the Fashion-MNIST train split and a generated 64 px set are written once, then read two ways (each format importable
+and working is part of what is measured: MosaicML streaming 0.13 imports transformers when it is imported):
 - by index: one epoch in the order a training draws (a seeded permutation, batches of 128), each batch's rows
   gathered into one uint8 array and checked against the source. This is what our trainer needs: its order and
   every augmented view are a function of (seed, epoch, index), so resuming mid-epoch and splitting an epoch over
@@ -34,7 +35,7 @@ GENERATED_64 = 20_000
 
 class Npy:
     """Ours: .npy shards of uint8 rows, read by row with pread (engine/store.py)."""
-    name, package = "npy shards (ours)", None
+    name, packages = "npy shards (ours)", ()
 
     def write(self, x: np.ndarray, y: np.ndarray, folder: Path) -> None:
         per = max(1, SHARD_BYTES // x[0].nbytes)
@@ -57,7 +58,7 @@ class Npy:
 
 class WebDataset:
     """WebDataset tar shards; by index through `wids` (its indexed reader), in its own order by the tar stream."""
-    name, package = "WebDataset (tar; wids by index)", "webdataset"
+    name, packages = "WebDataset (tar; wids by index)", ("webdataset", "wids")
 
     def write(self, x, y, folder):
         import webdataset as wds
@@ -117,14 +118,14 @@ class _Streaming:
 
 class LitData(_Streaming):
     """LitData's chunked binary format (litdata.optimize), read by StreamingDataset."""
-    name, package = "LitData (optimize chunks)", "litdata"
+    name, packages = "LitData (optimize chunks)", ("litdata",)
 
     def write(self, x, y, folder):
         from litdata import optimize
 
-        _SOURCE[:] = [x, y]  # read by the forked writer process
-        optimize(fn=_litdata_item, inputs=list(range(len(x))), output_dir=str(folder), chunk_bytes=SHARD_BYTES,
-                 num_workers=1, mode="overwrite")
+        rows = [(x[i].tobytes(), int(y[i])) for i in range(len(x))]  # its workers are spawned: rows travel in
+        optimize(fn=_litdata_item, inputs=rows, output_dir=str(folder), chunk_bytes=SHARD_BYTES, num_workers=1,
+                 mode="overwrite")
 
     def open(self, folder, n, row_shape):
         from litdata import StreamingDataset
@@ -132,17 +133,13 @@ class LitData(_Streaming):
         self.ds, self.row_shape = StreamingDataset(str(folder), shuffle=False), row_shape
 
 
-_SOURCE: list = []
-
-
-def _litdata_item(i: int) -> dict:
-    x, y = _SOURCE
-    return {"x": x[i].tobytes(), "y": int(y[i])}
+def _litdata_item(row: tuple[bytes, int]) -> dict:
+    return {"x": row[0], "y": row[1]}
 
 
 class Mosaic(_Streaming):
     """MosaicML streaming's MDS shards, read by StreamingDataset from a local folder."""
-    name, package = "MosaicML streaming (MDS)", "mosaicml-streaming"
+    name, packages = "MosaicML streaming (MDS)", ("mosaicml-streaming",)
 
     def write(self, x, y, folder):
         from streaming import MDSWriter
@@ -163,11 +160,12 @@ class Mosaic(_Streaming):
 FORMATS = (Npy, WebDataset, LitData, Mosaic)
 
 
-def version(package: str | None) -> str | None:
-    if package is None:
-        return None
+def versions(fmt) -> str | None:
+    """"webdataset 1.0.2, wids 0.1.11"; "ours" for ours; None when a package is missing."""
+    if not fmt.packages:
+        return "ours"
     try:
-        return importlib.metadata.version(package)
+        return ", ".join(f"{p} {importlib.metadata.version(p)}" for p in fmt.packages)
     except importlib.metadata.PackageNotFoundError:
         return None
 
@@ -206,7 +204,7 @@ def measure(ctx: Context, fmt, case: str, x: np.ndarray, y: np.ndarray) -> dict:
 
     by_index_rate = rows_per_s(by_index, len(x), ctx.repeats)
     own_rate = rows_per_s(own, len(x), ctx.repeats)
-    row = {"case": case, "format": fmt.name, "version": version(fmt.package) or "ours", "write_s": write_s,
+    row = {"case": case, "format": fmt.name, "version": versions(fmt), "write_s": write_s,
            "mb_on_disk": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20,
            "by_index_rows_s": by_index_rate, "own_order_rows_s": own_rate}
     ctx.log(f"  {case}, {fmt.name}: by index {by_index_rate:,.0f} rows/s, own order {own_rate:,.0f} rows/s, "
@@ -221,13 +219,17 @@ def run(ctx: Context) -> dict:
     big = generated(max(256, int(GENERATED_64 * ctx.scale)), 64).train
     cases = {"Fashion-MNIST 28 px": (fashion.x[:n].numpy(), fashion.y[:n].numpy()),
              "generated 64 px": (big.x.numpy(), big.y.numpy())}
-    rows, missing = [], []
+    rows, missing, failed = [], [], []
     for fmt in FORMATS:
-        if fmt.package and version(fmt.package) is None:
-            missing.append(fmt.package)
+        if versions(fmt) is None:
+            missing.append(" + ".join(fmt.packages))
             continue
-        rows += [measure(ctx, fmt, case, x, y) for case, (x, y) in cases.items()]
-    summary = {"not installed here": ", ".join(missing) or "none"}
+        try:
+            rows += [measure(ctx, fmt, case, x, y) for case, (x, y) in cases.items()]
+        except Exception as e:  # a library that does not import or work here is a finding, not a crash
+            failed.append(f"{fmt.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            ctx.log(f"  {failed[-1]}")
+    summary = {"not installed here": ", ".join(missing) or "none", "failed here": "; ".join(failed) or "none"}
     for r in rows:
         ours = next(o for o in rows if o["case"] == r["case"] and o["format"] == Npy.name)
         summary[f"{r['case']}, {r['format']}: by index ÷ ours"] = r["by_index_rows_s"] / ours["by_index_rows_s"]

@@ -84,13 +84,13 @@ def test_storage_suite_streams_from_disk_and_measures_peak_memory_in_a_child(tmp
 
 
 def test_formats_suite_reads_our_rows_back_and_names_what_is_not_installed(tmp_path, fashion_dir):
-    from bench.formats import FORMATS, version
+    from bench.formats import FORMATS, versions
 
     result = _run(tmp_path, fashion_dir, ["formats"], scale=0.01)["formats"]
-    installed = [f.name for f in FORMATS if not f.package or version(f.package)]
+    installed = [f.name for f in FORMATS if versions(f)]
     assert sorted({r["format"] for r in result["rows"]}) == sorted(installed)
     assert all(r["by_index_rows_s"] > 0 and r["own_order_rows_s"] > 0 for r in result["rows"])
-    missing = [f.package for f in FORMATS if f.package and not version(f.package)]
+    missing = [" + ".join(f.packages) for f in FORMATS if not versions(f)]
     assert result["summary"]["not installed here"] == (", ".join(missing) or "none")
 
 
