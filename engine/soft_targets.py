@@ -124,8 +124,8 @@ class OnlineTeacher:
 
 
 class CachedFeatures:
-    """Logits from another source plus the teacher's features for (view k, image i), held in
-    memory: computed once per training, instead of a teacher forward pass at every step."""
+    """Logits from another source plus the teacher's features for (view k, image i), held in memory or read by row
+    from disk (compute_features): computed once per training, instead of a teacher forward pass at every step."""
 
     def __init__(self, logits, features: dict[str, torch.Tensor]):
         self.logits, self.features = logits, features
