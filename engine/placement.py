@@ -64,9 +64,8 @@ def resident(data: DataConfig, device: torch.device, nbytes: int, taken: int) ->
 
 def loader_workers(data: DataConfig, device: torch.device) -> int:
     """`data.loader_workers`, or the cores the training leaves free: on CUDA all but one, on the CPU those torch's
-    threads do not use. Measured here (docs/benchmarks.md): on two cores, two workers beside a two-thread CPU
-    training cost 40 % of its speed, and reading the rows in the training's own process costs nothing measurable
-    while the page cache holds them."""
+    threads do not use. Measured (docs/benchmarks.md §8, 2-core EPYC): two workers beside a two-thread CPU training
+    left it 0.67 of its in-memory speed; reading the rows in the training's own process, 0.97."""
     if data.loader_workers is not None:
         return data.loader_workers
     cores = len(os.sched_getaffinity(0))
