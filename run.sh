@@ -51,7 +51,7 @@ case "$cmd" in
     ;;
   test)
     setup
-    python -m pytest -q -n 2 "$@"  # two workers: the suite waits on processes as much as it computes
+    python -m pytest -q -n 2 --dist worksteal "$@"  # two workers, each taking tests as it frees up: the suite waits on processes as much as it computes
     ;;
   "" | -h | --help)
     sed -n '2,6p' "$0"

@@ -27,4 +27,5 @@ SUITES = {
     "teacher": Suite("7. Time to accuracy of the default teacher", "bench.teacher"),
     "storage": Suite("8. Data streamed from disk against data in memory", "bench.storage"),
     "formats": Suite("9. The store's format against maintained streaming formats", "bench.formats"),
+    "distributed": Suite("10. One training over one process and over two (DDP)", "bench.distributed"),
 }

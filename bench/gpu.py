@@ -18,7 +18,7 @@ def run(ctx: Context) -> dict:
     if ctx.device.type != "cuda" and not ctx.extra.get("force_gpu_suite"):
         return {"rows": [], "summary": {"skipped": f"no CUDA device here (device {ctx.device})"}}
     rows = []
-    for arch in MODELS:
+    for arch in ctx.extra.get("gpu_models", MODELS):  # the tests run the path with the first model only
         for compile in ctx.extra.get("compile_modes", (False, True)):
             row = compare(ctx, arch, ctx.images(TRAIN_IMAGES), compile=compile, epochs=EPOCHS, batch=BATCH)
             ctx.log(f"  {arch} compile={compile}: trainer {row['trainer_img_s']:.0f} img/s, ratio {row['ratio']:.3f}")

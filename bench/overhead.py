@@ -74,7 +74,7 @@ def bookkeeping(ctx: Context, arch: str = "plain-2", batch: int = BATCH, calls: 
     logits, loss_fn, sums = model(x_bare).detach(), build_loss("ce", KDConfig()), {}
 
     def ours():
-        _batch(train, idx, train.x[idx], NO_AUGMENT, gen, None)
+        _batch(train, idx, train.x[idx], NO_AUGMENT, gen, None, len(idx), slice(None))
         parts = loss_fn(Batch(logits.float(), y, None), 0.0)
         bool(torch.isfinite(parts["total"]))
         sched.step()

@@ -17,6 +17,7 @@ COLUMNS = {
     "teacher": ["epoch", "seconds", "val_acc", "test_acc"],
     "storage": ["case", "way", "cache", "img_s", "ratio_to_memory", "ratio_range"],
     "formats": ["case", "format", "version", "write_s", "mb_on_disk", "by_index_rows_s", "own_order_rows_s"],
+    "distributed": ["case", "processes", "arch", "batch", "train_images", "img_s_median"],
 }
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from engine import augment, predictions, soft_targets
 from engine.atomic import load_torch
 from engine.device import seed_everything
+from engine.distributed import ranks
 from engine.errors import KDError
 from engine.fingerprint import model_fingerprint
 from engine.losses import LOSSES, DistillLoss, LossContext, build_loss, loss_settings
@@ -23,7 +24,7 @@ from engine.losses.logit import HintonKD
 from engine.qad import QADModel
 from engine.spec import CacheSpec, TrainSpec
 from engine.teacher_import import TORCHSCRIPT, check_fits, checkpoint_format, load_torchscript
-from engine.trainer import Teacher, accuracy, fit, predict
+from engine.trainer import Teacher, accuracy, fit, split_accuracy
 from engine.workspace import PREDICTIONS_FILE, Workspace, read_meta
 
 log = logging.getLogger("kd")
@@ -139,7 +140,8 @@ def _teacher(spec: TrainSpec, ws: Workspace, folders: Folders, models: list[nn.M
             on_disk = not ws.keeps_resident(int(mb * 2**20))
             feats = soft_targets.compute_features(models[0], ws.train, augment_spec, use.views, use.seed,
                                                   loss.teacher_features, loss.reduce_teacher,
-                                                  spec.train.eval_batch_size, folders.work / "features" if on_disk else None)
+                                                  spec.train.eval_batch_size,
+                                                  folders.work / f"features-{ranks().rank}" if on_disk else None)
             sources[0] = soft_targets.CachedFeatures(sources[0], feats)
             mode += " on disk" if on_disk else ""
         extra |= {"teacher_features": mode, "teacher_features_mb": round(mb, 1)}
@@ -195,12 +197,26 @@ def _loss(spec: TrainSpec, ws: Workspace, model: nn.Module, guides: list[nn.Modu
     if spec.quantized and (loss.teacher_features or loss.wrap(model) is not model):
         raise KDError(f"{spec.name}: QAD trains the student as INT8 will run it, and distils with a loss that reads "
                       f"logits only; {spec.loss!r} reads features or changes the model (student.kd.loss)")
+    if spec.parallel:
+        _check_parallel(spec, loss)
     if len(guides) > 1 and not isinstance(loss, HintonKD):
         raise KDError(f"{spec.name}: loss {spec.loss!r} learns from one teacher, but {len(guides)} guides were "
                       "given; several guides (DGKD, an ensemble) combine through kd or ctkd")
     if guides and not loss.needs_teacher:
         raise KDError(f"{spec.name}: loss {spec.loss!r} trains without a teacher, but {len(guides)} guide(s) were given")
     return loss
+
+
+def _check_parallel(spec: TrainSpec, loss: DistillLoss) -> None:
+    """What a training over several processes cannot do, refused; what it does per process, said."""
+    why = ("QAD trains fake-quantized observers whose ranges each process would keep for its own share"
+           if spec.quantized else f"loss {spec.loss!r} keeps state one process alone keeps right"
+           if not loss.distributes else "")
+    if why:
+        raise KDError(f"{spec.name}: {why}; train it in one process (distributed.nproc_per_node: 1, nnodes: 1)")
+    if loss.batch_statistics:
+        log.warning("%s: over %d processes, %s of loss %r are computed over each process's share of the batch, "
+                    "not the whole batch", spec.name, spec.parallel.processes, loss.batch_statistics, spec.loss)
 
 
 def _start_model(spec: TrainSpec, ws: Workspace, folders: Folders) -> nn.Module:
@@ -224,6 +240,8 @@ def prepare(spec: TrainSpec, ws: Workspace, folders: Folders, generator) -> tupl
     if not guides:
         return model, loss, None, {"loss": spec.loss} if spec.loss != "ce" else {}
     teacher, extra = _teacher(spec, ws, folders, guides, loss, generator)
+    if spec.parallel and loss.batch_statistics:
+        extra["batch_statistics"] = "per process"
     return model, loss, teacher, {"loss": spec.loss, **extra}
 
 
@@ -239,6 +257,8 @@ def settings(spec: TrainSpec, ws: Workspace, loss: DistillLoss | None, extra: di
         params |= loss_settings(spec.kd, spec.loss)
     if spec.guides:
         params |= {"views": spec.use.views, "topk": spec.use.topk or 0, "guide_survival": spec.survival}
+    if spec.parallel:
+        params |= {f"distributed.{k}": v for k, v in spec.parallel.model_dump().items()}
     return params | extra
 
 
@@ -249,7 +269,7 @@ def _fit(spec: TrainSpec, ws: Workspace, folders: Folders, key: str, generator, 
         return [], {"best_epoch": 0, "best_val_acc": None}
     result = fit(model, ws.train, ws.val, spec.train, loss, generator, ws.splits.augment,
                  kd=spec.kd if teacher else None, teacher=teacher, workdir=folders.work, run_key=key,
-                 callback=hooks.epoch, desc=spec.name, test=ws.test if spec.test else None)
+                 callback=hooks.epoch, desc=spec.name, test=ws.test if spec.test else None, parallel=spec.parallel)
     best = {"best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc}
     if spec.test:  # the protocol of the TAKD and mdistiller code, reported beside ours, never used to select
         best["test_acc_best_epoch"] = max(h["epoch_test_acc"] for h in result.history)
@@ -267,11 +287,14 @@ def run(spec: TrainSpec, ws: Workspace, folders: Folders, key: str, hooks: Hooks
     if isinstance(model, QADModel):
         model = model.to_float()
     if spec.test:
-        best["test_acc"] = accuracy(predict(model, ws.test, spec.train.eval_batch_size), ws.test.y)
+        best["test_acc"] = split_accuracy(model, ws.test, spec.train.eval_batch_size)
         hooks.epoch({"epoch": 0, "test_acc": best["test_acc"]})
+    if not ranks().main:  # one of several processes: rank 0 saves the model
+        return {}
     meta = ws.save_model(folders.out, model, {"name": spec.name, "role": spec.role, "method": spec.method,
                                               "parent_model": settings(spec, ws, None, {})["parent_model"] or None,
                                               **best, **extra, "torch_threads": torch.get_num_threads(),
+                                              "processes": ranks().world,
                                               "pid": os.getpid()}, history)
     hooks.saved(model, ws, meta)
     return {**best, "arch": spec.arch, "params": meta["params"], "flops": meta["flops"],
@@ -282,6 +305,8 @@ def _take_predictions(spec: TrainSpec, ws: Workspace, out: Path, hooks: Hooks) -
     """A teacher known only by its outputs: the file checked against the data set, its logits kept in the train
     split's order, and its accuracy on the validation images when the file covers them."""
     imported = spec.imported
+    if not ranks().main:
+        return {}
     logits, info = predictions.read(imported.predictions, {"train": ws.splits.train, "val": ws.splits.val},
                                     ws.splits.num_classes, imported.predictions_kind, imported.predictions_temperature)
     val = logits.get("val")
@@ -310,7 +335,9 @@ def write_cache(ws: Workspace, model_dir: Path, cache: CacheSpec, out: Path, bat
     key = soft_targets.CacheKey(fingerprint, ws.fingerprint, augment_spec.model_dump(), cache.views, cache.seed,
                                 cache.topk, ws.splits.num_classes, len(ws.train))
     if model is None:
-        manifest = soft_targets.write_logits(out, load_torch(model_dir / PREDICTIONS_FILE), key)
+        manifest = soft_targets.write_logits(out, load_torch(model_dir / PREDICTIONS_FILE), key) if ranks().main else None
     else:
         manifest = soft_targets.write(out, model, ws.train, augment_spec, key, batch_size)
+    if manifest is None:  # a rank other than 0 of several: it ran its share, rank 0 wrote
+        return {}
     return {"views": cache.views, "topk": cache.topk, "bytes": manifest["bytes"], "shape": manifest["shape"]}

@@ -105,12 +105,12 @@ class DeviceSet:
     def streamed(self) -> bool:
         return isinstance(self.x, Streamed)
 
-    def batches(self, perm: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(indices on the device, their uint8 images) for each batch of `perm`, in order."""
+    def batches(self, order: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(indices on the device, their uint8 images) for each batch of indices in `order`, in order."""
         if self.streamed:  # the loader reads by CPU indices; the trainer looks targets up on the device
-            order = list(perm.cpu().split(batch_size))
+            order = [i.cpu() for i in order]
             return zip((i.to(self.device) for i in order), self.x.batches(order))
-        order = list(perm.to(self.device).split(batch_size))
+        order = [i.to(self.device) for i in order]
         return zip(order, (self.x[i] for i in order))
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ from torch import nn
 from engine import augment
 from engine.atomic import save_json
 from engine.config import AugmentConfig
+from engine.distributed import Ranks, ranks
 from engine.errors import CacheMismatchError, KDError
 from engine.feed import DeviceSet
 from engine.store import RowFile, ShardedRows, _sha256, in_memory
@@ -167,14 +168,17 @@ class DenseGuides:
         return Targets(logits, weights=self.weights[keep].to(logits.device))
 
 
-def _over_views(fn, train: DeviceSet, spec: AugmentConfig, k_views: int, seed: int, batch_size: int, progress=None):
-    """fn(x) for each batch of each fixed view, in order: yields (k, output)."""
+def _over_views(fn, train: DeviceSet, spec: AugmentConfig, k_views: int, seed: int, batch_size: int, progress=None,
+                group: Ranks = Ranks()):
+    """fn(x) for each batch of each fixed view, in order: yields (k, output). Over a `group` of processes each
+    runs its share of every batch, and every rank gets the whole batch's output."""
     views = augment.fixed_views(len(train), spec, seed, k_views).to(train.device)
+    whole = list(torch.arange(len(train)).split(batch_size))
     for k in range(k_views):
-        for idx, x in train.batches(torch.arange(len(train)), batch_size):
-            yield k, fn(train.normalize(augment.apply(x, views[k, idx], spec)))
+        for (idx, x), size in zip(train.batches([b[group.share(len(b))] for b in whole]), map(len, whole)):
+            yield k, group.gather_rows(fn(train.normalize(augment.apply(x, views[k, idx], spec))), size)
             if progress:
-                progress(len(idx))
+                progress(size)
 
 
 @torch.no_grad()
@@ -211,9 +215,9 @@ def _stored(logits: torch.Tensor, topk: int | None) -> dict[str, np.ndarray]:
 
 
 def _logit_chunks(logits_of, train: DeviceSet, spec: AugmentConfig, k_views: int, seed: int, topk: int | None,
-                  batch_size: int, progress=None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+                  batch_size: int, progress=None, group: Ranks = Ranks()) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     with torch.no_grad():
-        for k, logits in _over_views(logits_of, train, spec, k_views, seed, batch_size, progress):
+        for k, logits in _over_views(logits_of, train, spec, k_views, seed, batch_size, progress, group):
             stored = _stored(logits, topk)
             if not np.isfinite(stored["values"]).all():
                 raise KDError(f"the guide's logits are not finite in fp16 in view {k} (largest |logit| "
@@ -262,10 +266,16 @@ def compute(model: nn.Module, train: DeviceSet, spec: AugmentConfig, k_views: in
 def write(out: Path, model: nn.Module, train: DeviceSet, spec: AugmentConfig, key: CacheKey, batch_size: int = 1024,
           progress=None) -> dict:
     """The cache of `key` (its views, seed and top-k) of `model` over `train`, written into `out` a batch at a
-    time, manifest last. Returns the manifest."""
+    time, manifest last. Returns the manifest. Over several processes each runs the teacher on its share of every
+    batch and rank 0 writes (the others return None)."""
     logits_of = lambda x: model.eval()(x).float()  # noqa: E731
-    return write_chunks(out, _logit_chunks(logits_of, train, spec, key.views, key.view_seed, key.topk, batch_size,
-                                           progress), key)
+    group = ranks()
+    chunks = _logit_chunks(logits_of, train, spec, key.views, key.view_seed, key.topk, batch_size, progress, group)
+    if not group.main:
+        for _ in chunks:
+            pass
+        return None
+    return write_chunks(out, chunks, key)
 
 
 def write_logits(out: Path, logits: torch.Tensor, key: CacheKey) -> dict:

@@ -48,6 +48,25 @@ class GuideUse(CacheSpec):
         return CacheSpec(**{k: getattr(self, k) for k in CacheSpec.model_fields})
 
 
+class ParallelRecipe(Strict):
+    """What a training over several processes (engine/distributed.py) does differently from one process."""
+
+    batch: Literal["global", "per_process"] = Field(
+        "global", description="global: train.batch_size is the whole step's batch, each process takes its share "
+                              "(the same steps as one process); per_process: each process takes train.batch_size, "
+                              "the step's batch grows with the processes and lr is scaled by as many (Goyal et al. "
+                              "2017's linear rule, as torchdistill does)")
+    sync_batchnorm: bool = Field(True, description="BatchNorm statistics over the whole step's batch (SyncBatchNorm) "
+                                                   "rather than each process's share")
+
+
+class Parallel(ParallelRecipe):
+    """A training's processes and how it splits over them: part of its identity when it has more than one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    processes: int = Field(ge=2, description="ranks in the group: nproc_per_node x nnodes")
+
+
 class Imported(Frozen):
     """A teacher brought by the user: a model file, or a file of its answers."""
 
@@ -75,6 +94,7 @@ class TrainSpec(Frozen):
     init: Optional["TrainSpec"] = Field(None, description="the training it starts from (fine-tuning, QAD)")
     quantized: bool = Field(False, description="trained with fake quantization (QAD), for the INT8 export")
     imported: Optional[Imported] = Field(None, description="import this teacher instead of training one")
+    parallel: Optional[Parallel] = Field(None, description="trained by several processes (DDP); None: one")
     as_is: bool = Field(False, description="the start or the imported model unchanged (0 epochs)")
     test: bool = Field(False, description="also measure test accuracy, each epoch and at the end (experiments)")
     name: str = Field("", description="its name in logs, MLflow and its work folder: student-takd-s1, or its id")
@@ -86,6 +106,8 @@ class TrainSpec(Frozen):
     def identity(self) -> dict:
         """Everything that decides the weights; guides and start by their own identity."""
         own = self.model_dump(mode="json", exclude=NOT_IDENTITY | {"guides", "init"})
+        if self.parallel is None:  # one process: the identity every training had before processes were a setting
+            del own["parallel"]
         return {**own, "guides": [g.identity() for g in self.guides],
                 "init": self.init.identity() if self.init else None}
 

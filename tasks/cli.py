@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import typing
 from typing import Any, Callable
@@ -129,6 +130,8 @@ def guarded(fn: Callable[[], Any], quiet: bool = False) -> int:
         return 2
     if quiet:
         return result
+    if os.environ.get("RANK", "0") != "0":  # one of several processes under torchrun: rank 0 answers
+        return 0
     text = json.dumps(result, indent=2, default=str)
     if os.environ.get(ENV_RESULT):
         from engine.atomic import atomic_path
@@ -176,9 +179,25 @@ def run_command(args: argparse.Namespace) -> Any:
         from tasks.stages import fetch_all
 
         return {"fetched": [str(p) for p in fetch_all(cfg, Catalog(ctx.root))]}
-    from tasks.stages import run_stage
+    from engine import distributed
+    from tasks.stages import needs_group, run_stage
 
-    return run_stage(args.command, cfg, Catalog(ctx.root), getattr(args, "seed", None), args.force, ctx)
+    seed, cat = getattr(args, "seed", None), Catalog(ctx.root)
+    if not distributed.launched():
+        if not needs_group(args.command, cfg, cat, ctx, seed, args.force):
+            return run_stage(args.command, cfg, cat, seed, args.force, ctx)
+        from tasks.torchrun import relaunch
+
+        return relaunch(cfg, args.argv, ctx, f"{args.command}-{seed}")
+    # torchrun stops the other ranks with SIGTERM when one fails: exit through Python, so staging is cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    group, _ = distributed.init(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_s)
+    if not group.main:  # rank 0 reports progress; the others only their warnings and errors
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        return run_stage(args.command, cfg, cat, seed, args.force, ctx)
+    finally:
+        distributed.close()
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -196,4 +215,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     prepare_process()
-    return dispatch(build_parser().parse_args(argv))
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # a stage over several processes starts itself again with them (tasks/torchrun.py)
+    return dispatch(args)

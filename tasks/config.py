@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.config import DataConfig, KDConfig, SafePath, Strict, TrainConfig
-from engine.spec import GuideUse
+from engine.spec import GuideUse, Parallel, ParallelRecipe
 from engine.errors import KDError
 from models import check_name
 
@@ -127,6 +127,37 @@ class QuantizeConfig(Strict):
                                                           "below its fp32 model's is flagged (0.01: one point)")
 
 
+class DistributedConfig(ParallelRecipe):
+    """One training over several processes: torchrun starts them (engine/distributed.py, docs/distributed.md).
+    The training and cache stages launch themselves under torchrun when more than one is asked for."""
+
+    nproc_per_node: int = Field(1, ge=1, le=256, description="processes on each machine: one per GPU (on CPUs, "
+                                                             "each takes its share of the cores)")
+    nnodes: int = Field(1, ge=1, le=4096, description="machines: run the same stage command on each")
+    rdzv_endpoint: str = Field("", description="host:port where the machines meet (torchrun's c10d rendezvous); "
+                                               "needed when nnodes > 1")
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: NCCL on CUDA, gloo on CPUs")
+    join_timeout_s: float = Field(600, ge=1, description="how long the processes wait for each other to start")
+    timeout_s: float = Field(1800, ge=1, description="how long a collective waits for a rank that stopped answering")
+
+    @property
+    def processes(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    def parallel(self) -> Parallel | None:
+        """What the training's weights depend on; None for one process."""
+        if self.processes == 1:
+            return None
+        return Parallel(processes=self.processes, **{k: getattr(self, k) for k in ParallelRecipe.model_fields})
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> "DistributedConfig":
+        if self.nnodes > 1 and ":" not in self.rdzv_endpoint:
+            raise ValueError(f"nnodes is {self.nnodes}: set rdzv_endpoint to host:port of the machine the others "
+                             f"reach (it is {self.rdzv_endpoint!r})")
+        return self
+
+
 class TrackingConfig(Strict):
     experiment: str = Field("takd", description="MLflow experiment")
     registered_model: str = Field("takd-student", description="the best student is registered under this name")
@@ -193,6 +224,7 @@ class PipelineConfig(Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     experiments: ExperimentsConfig = Field(default_factory=ExperimentsConfig)
 
     @model_validator(mode="before")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from engine.atomic import save_json
+from engine.distributed import Ranks, ranks
 from engine.errors import KDError
 from engine.fingerprint import config_fingerprint
 from tasks.catalog import Catalog
@@ -109,11 +110,16 @@ def run_once(cat: Catalog, work: Work, force: bool = False) -> dict:
 
     It writes into a fresh staging folder, which replaces `work.out` only once it is complete, with stage.json
     written last. A failure at any point leaves the previous outputs whole, and the staging folder is removed.
+    Over several processes (torchrun) rank 0 decides, locks and writes; the others do their share of `make`.
     """
-    out_dir, name = work.out, work.name
+    out_dir, name, group = work.out, work.name, ranks()
+    if not group.main:
+        return _share(work, group)
     with stage_lock(cat, name):
         done = work.done()
-        if done is not None and not force:
+        reuse = done is not None and not force
+        group.broadcast((reuse, work.key))
+        if reuse:
             log.info("%s: outputs in %s are up to date; reusing them", name, out_dir)
             return {**done, "reused": True}
         staging, old = out_dir.with_name(out_dir.name + ".partial"), out_dir.with_name(out_dir.name + ".old")
@@ -133,3 +139,11 @@ def run_once(cat: Catalog, work: Work, force: bool = False) -> dict:
         staging.rename(out_dir)
         shutil.rmtree(old, ignore_errors=True)
         return {**result, "reused": False}
+
+
+def _share(work: Work, group: Ranks) -> dict:
+    """A rank other than 0: its share of the work rank 0 decided to do, under rank 0's key; it writes nothing."""
+    reuse, key = group.broadcast(None)
+    if not reuse:
+        work.make(key, work.out.with_name(work.out.name + ".partial"))
+    return {"reused": reuse, "rank": group.rank}

@@ -23,8 +23,9 @@ from typing import Callable
 
 from engine.config import DataConfig
 from engine.data import fetch, fetched, sources
+from engine.distributed import ranks
 from engine.errors import KDError
-from engine.spec import CacheSpec, GuideUse, Role, TrainSpec
+from engine.spec import CacheSpec, GuideUse, ParallelRecipe, Role, TrainSpec
 from tasks import train as training
 from tasks.catalog import CURVES, METRICS_FILE, PLOT_FILE, Catalog
 from tasks.config import PipelineConfig
@@ -39,6 +40,8 @@ HOP = ("kd", *CACHE_USE)
 DISTILLED = (*STUDENT, "student.kd", *HOP)
 CALIBRATION = ("quantize.calibration_images", "quantize.calibration_seed")
 PREPARED = tuple(f"data.{f}" for f in DataConfig.model_fields if f not in DataConfig.READ_TIME)
+# What a training's weights depend on when it runs over several processes (engine/spec.py's Parallel).
+PARALLEL = ("distributed.nproc_per_node", "distributed.nnodes", *(f"distributed.{f}" for f in ParallelRecipe.model_fields))
 
 
 def _lazy(module: str, name: str) -> Callable:
@@ -110,7 +113,8 @@ def _trainings(*rows: tuple[str, Model, tuple[str, ...], dict]) -> tuple[Stage, 
     for name, m, params, kw in rows:
         needs = ["prepare-data", *([m.source, f"cache-{by_stage[m.source].name}"] if m.source else []),
                  *([m.init] if m.init else [])]
-        out.append(Stage(name, out=lambda cat, model: cat.model(model), model=m, needs=tuple(needs), params=params,
+        out.append(Stage(name, out=lambda cat, model: cat.model(model), model=m, needs=tuple(needs),
+                         params=(*params, *PARALLEL),
                          code=training.CODE, accelerator=True, **kw))
         if name in cached:
             out.append(Stage(f"cache-{m.name}", out=lambda cat, _, n=m.name: cat.soft_targets(n), caches=name,
@@ -295,7 +299,7 @@ def _spec(cfg: PipelineConfig, inst: Instance, made: dict[str, TrainSpec]) -> Tr
                       train=_recipe(cfg, m), kd=kd, guides=(source,) if source else (), init=init,
                       quantized=m.quantized, imported=training.imported(cfg) if m.role == "teacher" else None,
                       as_is=_as_is(cfg, m), name=name, out=str(cat.model(name)), targets=str(cat.soft_targets(name)),
-                      method=m.method)
+                      method=m.method, parallel=cfg.distributed.parallel())
     return s.model_copy(update={"title": _title(cfg, s, m)})
 
 
@@ -371,7 +375,7 @@ def run_instance(inst: Instance, cfg: PipelineConfig, cat: Catalog, ctx: RunCont
     if stage.fetch:  # before the key, which hashes what it fetched
         run_fetch(stage, cfg, cat)
     result = run_once(cat, work(inst, cfg, cat, ctx), force)
-    if stage.after:
+    if stage.after and ranks().main:
         with stage_lock(cat, f"{inst.id}-after"):  # two runs register one champion, not two
             result |= stage.after(cfg, cat, ctx, result)
     return result
@@ -412,9 +416,32 @@ def chosen(name: str, cfg: PipelineConfig, seed: int | None = None) -> list[Inst
     return found
 
 
+def distributes(name: str) -> bool:
+    """Whether the stage runs over several processes when distributed asks for them: the trainings and caches."""
+    stage = STAGES.get(name)
+    return bool(stage and (stage.model or stage.caches))
+
+
+def needs_group(name: str, cfg: PipelineConfig, cat: Catalog, ctx: RunContext, seed: int | None = None,
+                force: bool = False) -> bool:
+    """Whether the stage must start its processes: a training or cache over several with something to compute (not
+    up to date, and not a model kept as it comes). Otherwise it runs, or is reused, in this one process."""
+    if cfg.distributed.processes == 1 or not distributes(name):
+        return False
+    for inst in chosen(name, cfg, seed):
+        s = inst.spec(cfg)
+        if inst.stage.model and (s.as_is or (s.imported and s.imported.predictions)):
+            continue
+        if force or done(inst, cfg, cat, ctx) is None:
+            return True
+    return False
+
+
 def run_stage(name: str, cfg: PipelineConfig, cat: Catalog, seed: int | None = None, force: bool = False,
               ctx: RunContext | None = None) -> dict:
     """A stage by name, in this process: every seed of a per-seed stage unless one is given."""
+    if ranks().world > 1 and not distributes(name):
+        raise KDError(f"stage {name} runs in one process; only the training and cache stages run under torchrun")
     found = chosen(name, cfg, seed)
     results = {i.id: run_instance(i, cfg, cat, ctx, force) for i in found}
     return results[found[0].id] if len(found) == 1 else results

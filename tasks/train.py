@@ -15,6 +15,7 @@ from pathlib import Path
 
 from engine.config import KDConfig, TrainConfig
 from engine.distill import Folders, Hooks, run, write_cache
+from engine.distributed import ranks
 from engine.errors import KDError
 from engine.losses import LOSSES
 from engine.spec import CacheSpec, GuideUse, Imported, Role, TrainSpec
@@ -116,6 +117,8 @@ def training(s: TrainSpec, cfg: PipelineConfig, cat: Catalog, ctx: RunContext, n
     def make(key: str, staging: Path) -> dict:
         ws = Workspace(cat.prepared, cfg.device, cfg.data)
         folders = Folders(cat.root, cat.work(s.name), staging)
+        if not ranks().main:  # one of several processes: rank 0 tracks and saves
+            return run(s, ws, folders, key)
         with tracking.model_run(ctx, cfg, s) as mlflow_run:
             result = run(s, ws, folders, key, _logged(s, mlflow_run.hooks))
         shutil.rmtree(folders.work, ignore_errors=True)  # epoch checkpoints are no longer needed

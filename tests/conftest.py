@@ -57,3 +57,21 @@ def prefect_server(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_outlive_captured_streams():
+    """A log handler made during a test (Prefect's console handler when a test first imports Prefect, the root
+    handler a stage command's `main()` adds) keeps that test's captured stream, which is closed after it; a later
+    test on the same worker would then log into a closed file. Point such handlers at the session's stream."""
+    yield
+    import logging
+    import sys
+
+    loggers = [logging.root, *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    for handler in (h for lg in loggers for h in lg.handlers):
+        console = getattr(handler, "console", None)  # rich's Console, in Prefect's handler
+        if console is not None and getattr(console.file, "closed", False):
+            console.file = sys.stderr
+        elif isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+            handler.stream = sys.stderr  # not setStream: it would flush the closed one first

@@ -67,9 +67,9 @@ def test_a_streamed_training_killed_mid_epoch_resumes_to_the_uninterrupted_weigh
     class DiesInEpochTwo(DeviceSet):
         passes = 0
 
-        def batches(self, perm, batch_size):
+        def batches(self, order):
             DiesInEpochTwo.passes += 1
-            for n, batch in enumerate(super().batches(perm, batch_size)):
+            for n, batch in enumerate(super().batches(order)):
                 if DiesInEpochTwo.passes == 2 and n == 3:
                     raise Killed
                 yield batch

@@ -69,6 +69,10 @@ class DistillLoss(nn.Module):
     serves_topk = True
     teacher_online = False  # True: runs the teacher itself on views it makes (MLKD's strong views)
     standardizes = False  # True: honours kd.standardize (logit standardization of its soft terms)
+    # Over several processes (DDP) each computes the loss on its share of the batch. Per-image terms add up to
+    # the whole batch's; a term over the batch is then a term over each share: say which ("" for none).
+    batch_statistics = ""
+    distributes = True  # False: refused over several processes (state that one process alone keeps right)
     student_features: tuple[str, ...] = ()
     teacher_features: tuple[str, ...] = ()
 

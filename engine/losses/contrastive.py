@@ -78,6 +78,7 @@ class CRD(FeatureLoss):
     """Tian et al. 2020: base + beta * (NCE with the student as anchor against the teacher's bank
     + NCE with the teacher as anchor against the student's bank). The normalising constant Z of
     each direction is estimated once, from the first batch, as the reference does."""
+    distributes = False  # each process would update its own memory bank with its own share's rows
 
     title = "CRD (Tian et al. 2020)"
     section = "crd"

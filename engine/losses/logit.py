@@ -110,6 +110,7 @@ class DIST(DistillLoss):
     class scores; intra = the same over classes, each class's scores across the batch. Only the
     relations must match, not the values, which suits a teacher much larger than the student.
     Correlations need every class: a top-k cache cannot serve it."""
+    batch_statistics = "the intra-class relation (each class's scores across the batch)"
 
     title = "DIST (Huang et al. 2022)"
     section, kd_objective = "dist", False

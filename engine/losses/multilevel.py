@@ -91,6 +91,7 @@ class MLKD(DistillLoss):
     batch and class terms are not in the objective. Their code multiplies a batch-mean loss by the
     mask, which scales it by the kept fraction; here the mask selects images, each term a mean over
     the whole batch. `standardize` z-scores the instance terms' logits (Sun et al. 2024)."""
+    batch_statistics = "batch- and class-level alignment and the confidence percentile masks"
 
     title = "MLKD (Jin et al. 2023)"
     standardizes = True

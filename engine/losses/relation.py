@@ -49,6 +49,7 @@ def angles(e: torch.Tensor) -> torch.Tensor:
 class RKD(FeatureLoss):
     """Park et al. 2019: base + w_d * smoothL1(distances) + w_a * smoothL1(angles), on the
     flattened embeddings."""
+    batch_statistics = "distance and angle relations among the batch's images"
 
     title = "RKD (Park et al. 2019)"
     section = "rkd"
@@ -76,6 +77,7 @@ def similarity(f: torch.Tensor) -> torch.Tensor:
 @register("sp")
 class SimilarityPreserving(FeatureLoss):
     """Tung & Mori 2019: base + gamma * ||G_s - G_t||_F^2 / B^2."""
+    batch_statistics = "the batch's similarity matrix"
 
     title = "SP (Tung & Mori 2019)"
     section = "sp"
