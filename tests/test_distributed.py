@@ -226,3 +226,24 @@ def test_more_processes_than_gpus_is_refused_before_anything_starts():
     with pytest.raises(KDError, match="nproc_per_node is 4, but this machine shows 2 CUDA"):
         check_devices(4, torch.device("cuda"), 2)
     check_devices(4, torch.device("cpu"), 0)  # CPU processes share the cores: any number
+
+
+def test_what_cannot_run_per_process_is_refused_and_what_runs_per_process_is_said(caplog):
+    from engine.config import KDConfig, TrainConfig
+    from engine.distill import _check_parallel
+    from engine.losses import LOSSES
+    from engine.spec import Parallel, TrainSpec
+
+    def spec(loss, quantized=False):
+        return TrainSpec(role="student", arch="plain-2", train=TrainConfig(), loss=loss, kd=KDConfig(loss=loss),
+                         quantized=quantized, parallel=Parallel(processes=2), name="s")
+
+    with pytest.raises(KDError, match="loss 'crd' keeps state one process alone keeps right; train it in one process"):
+        _check_parallel(spec("crd"), LOSSES["crd"])
+    with pytest.raises(KDError, match="QAD trains fake-quantized observers"):
+        _check_parallel(spec("kd", quantized=True), LOSSES["kd"])
+    _check_parallel(spec("rkd"), LOSSES["rkd"])
+    assert "distance and angle relations among the batch's images of loss 'rkd' are computed over each " \
+           "process's share" in caplog.text
+    _check_parallel(spec("kd"), LOSSES["kd"])  # per image: nothing to say
+    assert caplog.text.count("computed over each process's share") == 1
