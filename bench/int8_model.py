@@ -7,8 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
-from engine.export import Deployable, to_onnx, to_torchscript
-from engine.quantize import calibration_images, int8_files, measure
+from engine.export import Deployable, to_onnx, to_pt2
+from engine.quantize import calibration_images, int8_file, measure
 from engine.trainer import predict
 from tasks.catalog import Catalog
 from tasks.config import QuantizeConfig
@@ -26,12 +26,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model = Deployable(ws.load_model_dir(cat.model(args.model)), ws.mean, ws.std)
     images, labels = ws.test.x.float() / 255, ws.test.y
     to_onnx(model, images[:4], args.out / "model.onnx")
-    to_torchscript(model, images[:4], args.out / "model.ts")
-    int8 = int8_files(model, args.out / "model.onnx", calibration_images(ws.train, q.calibration_images,
-                                                                        q.calibration_seed), args.out / "model.ts")
+    to_pt2(model, images[:4], args.out / "model.pt2")
+    int8 = int8_file(args.out / "model.onnx", calibration_images(ws.train, q.calibration_images, q.calibration_seed))
     reference = predict(model.model, ws.test).argmax(1)
     rows = [measure(f, images, labels, reference, args.speed_repeats)
-            for f in (args.out / "model.onnx", args.out / "model.ts", int8["onnx"], int8["torchscript"])]
+            for f in (args.out / "model.onnx", args.out / "model.pt2", int8)]
     for r in rows:
         print(json.dumps(r))
     return rows

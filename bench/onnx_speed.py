@@ -1,5 +1,5 @@
 """python -m bench.onnx_speed FILE [--batch B] [--runs N]: run an exported model N times on random images of
-batch B with ONNX Runtime (or TorchScript for a .ts file), on the CPU; print the images per second. Timed from
+batch B with ONNX Runtime (or PyTorch for a torch.export .pt2 file), on the CPU; print the images per second. Timed from
 outside (the whole process, one file against another side by side) it compares fp32 and INT8 files."""
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ from engine.losses.feature import FeatureLoss
 from engine.losses.logit import HintonKD
 from engine.qad import QADModel
 from engine.spec import CacheSpec, TrainSpec
-from engine.teacher_import import TORCHSCRIPT, check_fits, checkpoint_format, load_torchscript
+from engine.teacher_import import (PROGRAM_FILES, TORCHSCRIPT, TORCHSCRIPT_DEPRECATED, check_fits, checkpoint_format,
+                                   load_program)
 from engine.trainer import Teacher, accuracy, fit, split_accuracy
 from engine.workspace import PREDICTIONS_FILE, Workspace, read_meta
 
@@ -158,9 +159,11 @@ def _teacher(spec: TrainSpec, ws: Workspace, folders: Folders, models: list[nn.M
 
 def _check_guides(spec: TrainSpec, guides: list[nn.Module | None]) -> None:
     kind = LOSSES[spec.loss]
-    if any(getattr(g, "arch", "") == TORCHSCRIPT for g in guides) and issubclass(kind, FeatureLoss):
-        raise KDError(f"{spec.name}: loss {spec.loss!r} reads the teacher's features, which a TorchScript teacher "
-                      "does not expose; use a logit loss (kd, dkd) for this hop, or import the teacher as a state_dict")
+    program = next((g.arch for g in guides if getattr(g, "arch", "") in PROGRAM_FILES), None)
+    if program and issubclass(kind, FeatureLoss):
+        raise KDError(f"{spec.name}: loss {spec.loss!r} reads the teacher's features, which an imported {program} "
+                      "teacher does not expose; use a logit loss (kd, dkd) for this hop, or import the teacher as a "
+                      "state_dict")
     if None in guides and (issubclass(kind, FeatureLoss) or kind.teacher_online or spec.use.online):
         how = ("cache.online runs the teacher" if spec.use.online
                else f"loss {spec.loss!r} runs the teacher or reads its features")
@@ -173,14 +176,16 @@ def _import_teacher(spec: TrainSpec, ws: Workspace) -> nn.Module:
     path = spec.imported.checkpoint
     kind = checkpoint_format(path) if spec.imported.format == "auto" else spec.imported.format
     if kind == TORCHSCRIPT:
-        model = load_torchscript(path, ws.device)
+        log.warning(TORCHSCRIPT_DEPRECATED.format(path=path))
+    if kind in PROGRAM_FILES:
+        model = load_program(kind, path, ws.device)
     else:
         state = load_torch(path, ws.device)
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state["model"]  # our own checkpoints wrap the state_dict
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise KDError(f"{path}: not a state_dict (a mapping of names to tensors); save model.state_dict(), "
-                          "or a TorchScript file with torch.jit.save")
+                          "or a torch.export program with torch.export.save")
         model = ws.load_state(ws.build(spec.arch), state, path)
     check_fits(model, ws.splits.input_shape, ws.splits.classes, path)
     return model

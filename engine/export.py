@@ -1,15 +1,19 @@
-"""The student as shipped: TorchScript and ONNX files that take images and return logits,
-each checked by running it and comparing its outputs with PyTorch's."""
+"""The student as shipped: a torch.export program (`.pt2`) and an ONNX file that take images and return logits,
+each checked by loading it back, running it and comparing its outputs with PyTorch's.
+
+TorchScript (`.ts`), which this wrote before, is deprecated upstream in favour of torch.export; it is no longer
+written (a TorchScript teacher is still read: engine.teacher_import)."""
 from __future__ import annotations
 
 import copy
-import warnings
 
 import torch
 from torch import nn
 
 from engine.atomic import atomic_path
 from models.registry import TRACE_LOCK
+
+MAX_BATCH = 65_536
 
 
 class Deployable(nn.Module):
@@ -25,30 +29,38 @@ class Deployable(nn.Module):
         return self.model((image - self.mean) / self.std)
 
 
-def to_torchscript(model: nn.Module, example: torch.Tensor, path) -> None:
-    with warnings.catch_warnings(), TRACE_LOCK:
-        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export; the format still ships
-        traced = torch.jit.trace(model.eval(), example)
-        with atomic_path(path) as tmp:
-            torch.jit.save(traced, str(tmp))
+def _batch_dim() -> torch.export.Dim:
+    return torch.export.Dim("batch", min=1, max=MAX_BATCH)
+
+
+def to_pt2(model: nn.Module, example: torch.Tensor, path) -> None:
+    """torch.export.export in inference mode, with a dynamic batch dimension, saved by torch.export.save: load it
+    with `torch.export.load("model.pt2").module()`."""
+    with TRACE_LOCK:
+        program = torch.export.export(model.eval(), (example,), dynamic_shapes={"image": {0: _batch_dim()}})
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.export.save(program, f)
 
 
 def to_onnx(model: nn.Module, example: torch.Tensor, path) -> None:
-    """torch.onnx (the torch.export-based exporter), with a dynamic batch dimension."""
-    batch = torch.export.Dim("batch", min=1, max=65_536)
-    with warnings.catch_warnings(), atomic_path(path) as tmp, TRACE_LOCK:
-        warnings.simplefilter("ignore")
+    """torch.onnx.export with dynamo=True: the torch.export-based exporter, the one torch recommends (the
+    TorchScript-based one is deprecated), with a dynamic batch dimension."""
+    with atomic_path(path) as tmp, TRACE_LOCK:
         program = torch.onnx.export(model.eval(), (example,), input_names=["image"], output_names=["logits"],
-                                    dynamic_shapes={"image": {0: batch}}, dynamo=True, verbose=False)
+                                    dynamic_shapes={"image": {0: _batch_dim()}}, dynamo=True, verbose=False)
         program.save(str(tmp))
 
 
+def load_pt2(path) -> nn.Module:
+    """A program this project exported (engine.export.to_pt2), as a module. Only for files we wrote:
+    torch.export.load is not a weights-only loader (engine.teacher_import vets a user's `.pt2` first)."""
+    with open(path, "rb") as f:
+        return torch.export.load(f).module()
+
+
 @torch.no_grad()
-def torchscript_max_abs_diff(path, model: nn.Module, images: torch.Tensor) -> float:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = torch.jit.load(str(path), map_location="cpu")
-    return (loaded(images) - model.eval()(images)).abs().max().item()
+def pt2_max_abs_diff(path, model: nn.Module, images: torch.Tensor) -> float:
+    return (load_pt2(path)(images) - model.eval()(images)).abs().max().item()
 
 
 @torch.no_grad()

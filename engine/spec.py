@@ -71,7 +71,7 @@ class Imported(Frozen):
     """A teacher brought by the user: a model file, or a file of its answers."""
 
     checkpoint: Optional[str] = None
-    format: Literal["auto", "state_dict", "torchscript"] = "auto"
+    format: Literal["auto", "state_dict", "export", "torchscript"] = "auto"
     predictions: Optional[str] = None
     predictions_kind: Literal["auto", "logits", "probabilities"] = "auto"
     predictions_temperature: float = 1.0

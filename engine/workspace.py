@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.atomic import atomic_path, load_torch, save_json, save_torch
+from engine.atomic import load_torch, save_json, save_torch
 from engine.config import DataConfig
 from engine.data import Splits
 from engine.feed import DeviceSet
@@ -18,12 +18,11 @@ from engine.errors import CheckpointError, KDError
 from engine.fingerprint import model_fingerprint
 from engine.placement import loader_workers, placement, resident
 from engine.store import SPLITS
-from engine.teacher_import import TORCHSCRIPT, load_torchscript
+from engine.teacher_import import PROGRAM_FILES, load_program, save_program
 from models import build_model
 from models.profile import profile
 
 MODEL_FILE, MODEL_META, HISTORY_FILE = "model.pt", "model.json", "history.json"
-SCRIPT_FILE = "model.ts"  # an imported TorchScript teacher is kept as TorchScript
 PREDICTIONS, PREDICTIONS_FILE = "predictions", "predictions.pt"  # a teacher known only by its outputs: no model
 
 
@@ -84,8 +83,8 @@ class Workspace:
         if meta["arch"] == PREDICTIONS:
             raise KDError(f"{model_dir}: the teacher is known only by its predictions ({meta['predictions']['file']}); "
                           "there is no model to run")
-        if meta["arch"] == TORCHSCRIPT:
-            return load_torchscript(model_dir / SCRIPT_FILE, self.device)
+        if meta["arch"] in PROGRAM_FILES:  # an imported torch.export or TorchScript teacher, kept as it came
+            return load_program(meta["arch"], model_dir / PROGRAM_FILES[meta["arch"]], self.device)
         model = self.build(meta["arch"])
         return self.load_state(model, load_torch(model_dir / MODEL_FILE, self.device), str(model_dir / MODEL_FILE))
 
@@ -109,9 +108,8 @@ class Workspace:
         return meta
 
     def save_model(self, out_dir: Path, model: nn.Module, meta: dict, history: list[dict]) -> dict:
-        if model.arch == TORCHSCRIPT:
-            with atomic_path(out_dir / SCRIPT_FILE) as tmp:
-                torch.jit.save(model, str(tmp))
+        if model.arch in PROGRAM_FILES:
+            save_program(model, out_dir / PROGRAM_FILES[model.arch])
         save_torch(model.state_dict(), out_dir / MODEL_FILE)
         save_json(history, out_dir / HISTORY_FILE)
         meta = {**meta, "arch": model.arch, **self.data_meta(), "model_fingerprint": model_fingerprint(model),

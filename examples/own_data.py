@@ -2,14 +2,14 @@
 
     python examples/own_data.py make-folder   --out data/own/images          # 1. an image folder of PNGs
     python examples/own_data.py train-teacher --folder data/own/images \\
-                                              --out data/own/teacher.ts      # 2. a teacher trained elsewhere
-    python examples/own_data.py teacher-predictions --folder data/own/images --teacher data/own/teacher.ts \
+                                              --out data/own/teacher.pt2      # 2. a teacher trained elsewhere
+    python examples/own_data.py teacher-predictions --folder data/own/images --teacher data/own/teacher.pt2 \
                                               --out data/own/teacher_predictions.npz  # 2b. only its answers
     (3. the pipeline distils it with TAKD; 4. `takd predict` uses the exported student: see the docs)
 
 Step 1 writes Fashion-MNIST (Debian's files, offline) as PNGs, one folder per class, with
 train/ and test/. Step 2 trains a teacher with nothing of this project but a model
-definition: torchvision's ImageFolder, a DataLoader and a plain loop; it saves TorchScript,
+definition: torchvision's ImageFolder, a DataLoader and a plain loop; it saves a torch.export program (`.pt2`),
 which the pipeline imports without your model's code.
 """
 from __future__ import annotations
@@ -75,7 +75,9 @@ def train_teacher(folder: Path, out: Path, epochs: int, seed: int) -> dict:
     with torch.no_grad():
         correct = sum((model(x).argmax(1) == y).sum().item() for x, y in torch.utils.data.DataLoader(test, 512))
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(torch.jit.trace(model, torch.zeros(2, 1, 28, 28)), str(out))
+    batch = torch.export.Dim("batch")  # any number of images per call, as the pipeline will pass them
+    program = torch.export.export(model, (torch.zeros(2, 1, 28, 28),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(out))
     return {"teacher": str(out), "classes": train.classes, "test_acc": correct / len(test),
             "seconds": round(time.time() - t0, 1)}
 
@@ -88,7 +90,7 @@ def teacher_predictions(folder: Path, teacher: Path, out: Path) -> dict:
 
     tf = transforms.Compose([transforms.Grayscale(), transforms.ToTensor(), transforms.Normalize([MEAN], [STD])])
     train = datasets.ImageFolder(str(folder / "train"), tf)
-    model = torch.jit.load(str(teacher)).eval()
+    model = torch.export.load(str(teacher)).module()  # your own file: torch.export.load runs what it holds
     with torch.no_grad():
         probs = torch.cat([model(x).softmax(1) for x, _ in torch.utils.data.DataLoader(train, 512)])
     paths = np.array([Path(p).relative_to(folder).as_posix() for p, _ in train.samples])
@@ -107,12 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--source-dir", default="/usr/share/datasets/fashion-mnist")
     p = sub.add_parser("train-teacher")
     p.add_argument("--folder", type=Path, default=Path("data/own/images"))
-    p.add_argument("--out", type=Path, default=Path("data/own/teacher.ts"))
+    p.add_argument("--out", type=Path, default=Path("data/own/teacher.pt2"))
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("teacher-predictions")
     p.add_argument("--folder", type=Path, default=Path("data/own/images"))
-    p.add_argument("--teacher", type=Path, default=Path("data/own/teacher.ts"))
+    p.add_argument("--teacher", type=Path, default=Path("data/own/teacher.pt2"))
     p.add_argument("--out", type=Path, default=Path("data/own/teacher_predictions.npz"))
     args = parser.parse_args(argv)
     if args.command == "make-folder":

@@ -17,38 +17,48 @@ import os
 import re
 import sys
 
-from engine.atomic import save_json
 from engine.errors import KDError
-from experiments import dvc_yaml
-from experiments.plans import PLANS, build_plan
 from tasks.catalog import Catalog
-from tasks.cli import add_params_flags, config_from, guarded, prepare_process
+from tasks.cli import LazySubParsers, add_params_flags, config_from, guarded, prepare_process, subcommands
+
+# The plans, their DVC stages and the atomic writes import torch: they are imported where they are used, so that
+# building the parser (`takd --help`, `takd experiments --help`) does not (tasks/cli.py, LazySubParsers).
 
 
 def build_parser(prog: str = "python -m experiments") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_commands(parser.add_subparsers(dest="command", required=True))
+    add_commands(subcommands(parser, "command"))
     return parser
 
 
-def add_commands(sub) -> None:
-    """list, job, report and dvc-yaml. `takd experiments run` (takd/cli.py) adds the Prefect flow."""
-    add_params_flags(sub.add_parser("list", help="the experiments and how many trainings each needs"))
-    p = sub.add_parser("dvc-yaml", help="write experiments/dvc.yaml from the plans and params.yaml")
+def _plan_command(name: str):
+    def fill(p: argparse.ArgumentParser) -> None:
+        add_plan_args(p, selection=name == "job")
+        if name in ("train", "cache"):
+            p.add_argument("--job", required=True, help="the training's id (its folder in data/zoo)")
+        add_params_flags(p)
+    return fill
+
+
+def _check_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true", help="only compare; exit 1 when it is out of date")
+
+
+def add_commands(sub: LazySubParsers) -> None:
+    """list, job, report and dvc-yaml. `takd experiments run` (takd/cli.py) adds the Prefect flow."""
+    sub.add_parser("list", fill=add_params_flags, help="the experiments and how many trainings each needs")
+    sub.add_parser("dvc-yaml", fill=_check_flag, help="write experiments/dvc.yaml from the plans and params.yaml")
     for name, help_text in (("job", "train part of a plan, each training in its own process, and write its record "
                                     "(DVC)"),
                             ("report", "train what is missing, then write the tables and plots (DVC)"),
                             ("train", "one training of the plan, in this process"),
                             ("cache", "the soft targets of one training of the plan, in this process")):
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        add_plan_args(p, selection=name == "job")
-        if name in ("train", "cache"):
-            p.add_argument("--job", required=True, help="the training's id (its folder in data/zoo)")
-        add_params_flags(p)
+        sub.add_parser(name, fill=_plan_command(name), help=help_text, description=help_text)
 
 
 def add_plan_args(p: argparse.ArgumentParser, selection: bool) -> None:
+    from experiments.plans import PLANS
+
     p.add_argument("name", choices=list(PLANS))
     if selection:
         p.add_argument("--variant", default="*", help="only the variants matching this glob")
@@ -56,6 +66,8 @@ def add_plan_args(p: argparse.ArgumentParser, selection: bool) -> None:
 
 
 def selected_plan(args: argparse.Namespace, cfg):
+    from experiments.plans import build_plan
+
     plan = build_plan(args.name, cfg)
     if not plan.select(args.variant, args.seed):
         variants = ", ".join(dict.fromkeys(r.variant for r in plan.rows))
@@ -71,6 +83,7 @@ def record_path(cat: Catalog, name: str, variant: str, seed: int | None) -> str:
 
 def _one(args: argparse.Namespace, cfg, cat: Catalog, ctx) -> dict:
     """`train` or `cache`: one step of the plan, in this process."""
+    from experiments.plans import build_plan
     from experiments.run import work
     from tasks.stage import run_once
 
@@ -82,6 +95,9 @@ def _one(args: argparse.Namespace, cfg, cat: Catalog, ctx) -> dict:
 
 
 def run_command(args: argparse.Namespace):
+    from engine.atomic import save_json
+    from experiments import dvc_yaml
+    from experiments.plans import PLANS, build_plan
     from tasks import tracking
     from tasks.launch import config_file
     from tasks.run_context import RunContext
@@ -117,6 +133,8 @@ def run_command(args: argparse.Namespace):
 
 
 def write_dvc_yaml(check: bool) -> int:
+    from experiments import dvc_yaml
+
     root = Catalog.default().root
     if check:
         if (root / dvc_yaml.PATH).exists() and (root / dvc_yaml.PATH).read_text() == dvc_yaml.generate(root):

@@ -17,11 +17,11 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
+from flows.workers import DEFAULT_WORKERS  # the CLI reads it there, without Prefect (takd/cli.py)
 from tasks.launch import launch
 from tasks.run_context import RunContext
 
-ENV_WORKERS, ENV_DASK = "KD_WORKERS", "KD_DASK_ADDRESS"
-DEFAULT_WORKERS = int(os.environ.get(ENV_WORKERS, "2"))
+ENV_DASK = "KD_DASK_ADDRESS"
 # A flow parameter, so the Prefect form offers it.
 WORKERS = Field(DEFAULT_WORKERS, ge=1, description="stages or trainings that run at once, each in its own process")
 GPU_TAG = "gpu"  # `prefect concurrency-limit create gpu 1`: two GPU tasks never share a GPU

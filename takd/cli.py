@@ -16,8 +16,12 @@ import os
 import sys
 
 from experiments import cli as experiments_cli
-from flows.runners import DEFAULT_WORKERS
+from flows.workers import DEFAULT_WORKERS
 from tasks import cli as tasks_cli
+
+# Light on purpose: `takd --help` imports neither torch nor Prefect nor MLflow (nor pydantic): the flows, the plans
+# and the config schema are imported when a command needs them, and each subcommand's arguments are added only when it
+# is the one being parsed (tasks.cli.LazySubParsers).
 
 
 def _runner_flags(p: argparse.ArgumentParser) -> None:
@@ -27,29 +31,46 @@ def _runner_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dask-address", default=None, help="join this Dask scheduler, e.g. tcp://10.0.0.5:8786")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="takd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    tasks_cli.add_commands(sub)
-    p = sub.add_parser("pipeline", help="run every stage through the Prefect flow", description="run every stage "
-                       "through the Prefect flow: independent stages at once, finished ones reused")
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="redo every stage even if its outputs are up to date")
     p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
                    help="only these stages and those they read from (as `dvc repro STAGE`)")
     _runner_flags(p)
     tasks_cli.add_params_flags(p)
-    p = sub.add_parser("mlflow-ui", help="start the MLflow UI on 127.0.0.1 and print the links to the runs",
-                       description="start `mlflow ui` on 127.0.0.1 over the project's store, after printing the "
-                                   "links that open the pipeline's and the experiments' runs (not the GenAI overview)")
+
+
+def _mlflow_ui_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=5000)
-    tasks_cli.add_params_flags(p)
-    exp = sub.add_parser("experiments", help="the experiments over seeds (list, run, job, report)")
-    exp_sub = exp.add_subparsers(dest="experiments_command", required=True)
-    experiments_cli.add_commands(exp_sub)
-    p = exp_sub.add_parser("run", help="run an experiment as a Prefect flow")
+    # The store comes from the run context (MLFLOW_TRACKING_URI, else the project's); of the config, only the
+    # names of the pipeline's and the experiments' MLflow experiments (tracking.experiment) are read, for the
+    # links: from params.yaml or --params, so the config's field flags are left off here.
+    tasks_cli.add_params_file(p)
+
+
+def _experiment_run_args(p: argparse.ArgumentParser) -> None:
     experiments_cli.add_plan_args(p, selection=True)
     _runner_flags(p)
     tasks_cli.add_params_flags(p)
+
+
+def _experiments_commands(exp: argparse.ArgumentParser) -> None:
+    exp_sub = tasks_cli.subcommands(exp, "experiments_command")
+    experiments_cli.add_commands(exp_sub)
+    exp_sub.add_parser("run", fill=_experiment_run_args, help="run an experiment as a Prefect flow")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="takd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = tasks_cli.subcommands(parser, "command")
+    tasks_cli.add_commands(sub)
+    sub.add_parser("pipeline", fill=_pipeline_args, help="run every stage through the Prefect flow",
+                   description="run every stage through the Prefect flow: independent stages at once, finished ones "
+                               "reused")
+    sub.add_parser("mlflow-ui", fill=_mlflow_ui_args,
+                   help="start the MLflow UI on 127.0.0.1 and print the links to the runs",
+                   description="start `mlflow ui` on 127.0.0.1 over the project's store, after printing the links "
+                               "that open the pipeline's and the experiments' runs (not the GenAI overview)")
+    sub.add_parser("experiments", fill=_experiments_commands, help="the experiments over seeds (list, run, job, report)")
     return parser
 
 

@@ -58,7 +58,7 @@ class Catalog:
 
     @property
     def export(self) -> Path:
-        """The shipped student: TorchScript, ONNX, labels, preprocessing and its model card."""
+        """The shipped student: torch.export program, ONNX, labels, preprocessing and its model card."""
         return self.data / "export"
 
     @property

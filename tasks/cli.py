@@ -13,19 +13,58 @@ import os
 import signal
 import sys
 import typing
-from typing import Any, Callable
-
-import yaml
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any, Callable
 
 from engine.errors import KDError
 from tasks.catalog import Catalog
-from tasks.launch import ENV_RESULT
-from tasks.config import PipelineConfig, load_config, to_yaml
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from tasks.config import PipelineConfig
+
+# Building a parser and printing `--help` imports none of the config schema, torch, Prefect or MLflow: the
+# modules below are imported inside the functions that need them, and a subcommand's arguments are added only
+# when that subcommand is the one being parsed (LazySubParsers).
+
+# The stage table's names, in its order, and whether each runs per seed: a copy of tasks.stages.STAGES (which
+# imports torch) so that listing the subcommands does not import it. tests/test_cli.py keeps the two equal.
+STAGE_COMMANDS: dict[str, bool] = {
+    "prepare-data": False, "train-teacher": False, "cache-teacher": False, "distill-assistant": False,
+    "cache-assistant": False, "train-student-nokd": True, "distill-student-blkd": True, "distill-student-takd": True,
+    "fine-tune-student": True, "distill-student-qad": True, "evaluate": False, "report": False, "export": False,
+}
+
+
+class LazySubParsers(argparse._SubParsersAction):
+    """Subcommands whose arguments are added when the subcommand is chosen: `add_parser(name, fill=f, ...)` names
+    it and gives its help line at once (what the parent's `--help` lists); `f(parser)` adds its arguments just
+    before argparse parses the rest of the command line with it, so `takd --help` builds no config flags."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fills: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+
+    def add_parser(self, name, fill: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs):
+        parser = super().add_parser(name, **kwargs)
+        if fill is not None:
+            self._fills[name] = fill
+        return parser
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if (fill := self._fills.pop(values[0], None)) is not None:
+            fill(self._name_parser_map[values[0]])
+        super().__call__(parser, namespace, values, option_string)
+
+
+def subcommands(parser: argparse.ArgumentParser, dest: str) -> LazySubParsers:
+    return parser.add_subparsers(dest=dest, required=True, action=LazySubParsers)
 
 
 def _section(ann: Any) -> type[BaseModel] | None:
     """The settings class of a nested section, also when it is optional (student.kd)."""
+    from pydantic import BaseModel
+
     for t in (ann, *typing.get_args(ann)):
         if isinstance(t, type) and issubclass(t, BaseModel):
             return t
@@ -44,6 +83,8 @@ def _leaf_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, An
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    from tasks.config import PipelineConfig
+
     group = parser.add_argument_group("configuration (overrides params.yaml; values are YAML)")
     for key, field in _leaf_fields(PipelineConfig):
         help_text = (field.description or "").replace("%", "%%")
@@ -51,12 +92,18 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
     return {k[4:]: yaml.safe_load(v) for k, v in vars(args).items() if k.startswith("cfg:")}
 
 
+def add_params_file(p: argparse.ArgumentParser, default: str = "params.yaml") -> None:
+    p.add_argument("--params", default=None, help=f"YAML file of parameters (default: {default})")
+
+
 def add_params_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", default=None, help="YAML file of parameters (default: params.yaml, unless --profile "
-                                                  "names the profile to start from)")
+    """What a command that takes a config takes: the file, and every config field as a flag."""
+    add_params_file(p, "params.yaml, unless --profile names the profile to start from")
     add_config_flags(p)
 
 
@@ -65,38 +112,51 @@ def config_from(args: argparse.Namespace):
     `--profile` alone runs that profile, not params.yaml on top of it."""
     flags = overrides(args)
     path = args.params or (None if "profile" in flags else "params.yaml")
+    from tasks.config import load_config
+
     return load_config(path, flags)
 
 
 def build_parser(prog: str = "python -m tasks") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Teacher-assistant knowledge distillation: the stages.")
-    add_commands(parser.add_subparsers(dest="command", required=True))
+    add_commands(subcommands(parser, "command"))
     return parser
 
 
-def add_commands(sub) -> None:
-    """The stage subcommands (one per row of the stage table), params, dvc-yaml and predict."""
-    from tasks.stages import STAGES
+def _predict_args(pred: argparse.ArgumentParser) -> None:
+    from tasks.predict import ENGINES
 
-    sub.add_parser("params", help="print the default params.yaml")
-    add_params_flags(sub.add_parser("stages", help="print the stage table (Markdown)"))
-    add_params_flags(sub.add_parser("fetch-data", help="copy or download a named data set into data.root, so that "
-                                                        "dvc.yaml's first dep exists (a no-op when it does)"))
-    p = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage table and params.yaml")
-    p.add_argument("--check", action="store_true", help="only compare; exit 1 when dvc.yaml is out of date")
-    pred = sub.add_parser("predict", help="classify image files with the exported student")
     pred.add_argument("images", nargs="+")
-    pred.add_argument("--engine", default="onnx", choices=["onnx", "torchscript", "mlflow"])
+    pred.add_argument("--engine", default="onnx", choices=list(ENGINES))
     pred.add_argument("--export-dir", default=None, help="default: data/export of the project")
     pred.add_argument("--model-uri", default=None, help="mlflow engine; default models:/<registered_model>@<alias>")
     add_params_flags(pred)
-    for name, stage in STAGES.items():
-        help_text = f"run the {name} stage" + (" (every seed in student.seeds, or --seed)" if stage.per_seed else "")
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if stage.per_seed:
+
+
+def _stage_args(per_seed: bool) -> Callable[[argparse.ArgumentParser], None]:
+    def fill(p: argparse.ArgumentParser) -> None:
+        if per_seed:
             p.add_argument("--seed", type=int, default=None, help="only this seed's instance")
         p.add_argument("--force", action="store_true", help="redo the stage even if its outputs are up to date")
         add_params_flags(p)
+    return fill
+
+
+def _check_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--check", action="store_true", help="only compare; exit 1 when dvc.yaml is out of date")
+
+
+def add_commands(sub: LazySubParsers) -> None:
+    """The stage subcommands (one per row of the stage table), params, dvc-yaml and predict."""
+    sub.add_parser("params", help="print the default params.yaml")
+    sub.add_parser("stages", fill=add_params_flags, help="print the stage table (Markdown)")
+    sub.add_parser("fetch-data", fill=add_params_flags, help="copy or download a named data set into data.root, so "
+                                                              "that dvc.yaml's first dep exists (a no-op when it does)")
+    sub.add_parser("dvc-yaml", fill=_check_flag, help="write dvc.yaml from the stage table and params.yaml")
+    sub.add_parser("predict", fill=_predict_args, help="classify image files with the exported student")
+    for name, per_seed in STAGE_COMMANDS.items():
+        help_text = f"run the {name} stage" + (" (every seed in student.seeds, or --seed)" if per_seed else "")
+        sub.add_parser(name, fill=_stage_args(per_seed), help=help_text, description=help_text)
 
 
 def configure_logging(force: bool = False) -> None:
@@ -133,6 +193,8 @@ def guarded(fn: Callable[[], Any], quiet: bool = False) -> int:
     if os.environ.get("RANK", "0") != "0":  # one of several processes under torchrun: rank 0 answers
         return 0
     text = json.dumps(result, indent=2, default=str)
+    from tasks.launch import ENV_RESULT
+
     if os.environ.get(ENV_RESULT):
         from engine.atomic import atomic_path
 
@@ -202,6 +264,8 @@ def run_command(args: argparse.Namespace) -> Any:
 
 def dispatch(args: argparse.Namespace) -> int:
     if args.command == "params":
+        from tasks.config import PipelineConfig, to_yaml
+
         sys.stdout.write(to_yaml(PipelineConfig()))
         return 0
     if args.command == "dvc-yaml":

@@ -46,9 +46,11 @@ class TeacherConfig(ModelConfig):
     seed: int = Field(0, ge=0, description="fixes initialisation, batch order and augmentation")
     train: TrainConfig = Field(default_factory=_recipe(10, label_smoothing=0.1))
     checkpoint: Optional[SafePath] = Field(None, description="import this teacher instead of training one: a state_dict "
-                                                             "for `arch` (weights-only) or a TorchScript file")
-    format: Literal["auto", "state_dict", "torchscript"] = Field("auto", description="the checkpoint's kind; auto "
-                                                                                     "recognises TorchScript archives")
+                                                             "for `arch` (weights-only), a torch.export program "
+                                                             "(.pt2, any architecture) or a TorchScript file "
+                                                             "(deprecated upstream)")
+    format: Literal["auto", "state_dict", "export", "torchscript"] = Field(
+        "auto", description="the checkpoint's kind; auto recognises torch.export and TorchScript archives")
     finetune_epochs: int = Field(0, ge=0, le=10_000, description="fine-tune the imported teacher on this data first, "
                                                                  "with teacher.train's settings (0: as is)")
     predictions: Optional[SafePath] = Field(None, description="no teacher model: distil from this file of its outputs "

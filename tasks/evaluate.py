@@ -9,7 +9,7 @@ from engine.atomic import save_json
 from engine.device import cpu_name
 from engine.evaluate import evaluate
 from engine.export import Deployable, to_onnx
-from engine.quantize import calibration_images, int8_files, measure
+from engine.quantize import calibration_images, int8_file, measure
 from engine.trainer import predict
 from engine.spec import TrainSpec
 from engine.workspace import Workspace, read_meta
@@ -34,7 +34,7 @@ def int8_metrics(cfg: PipelineConfig, ws: Workspace, model_dir: Path, fp32_pred)
     with tempfile.TemporaryDirectory(prefix="int8-") as tmp:
         fp32 = Path(tmp) / "model.onnx"
         to_onnx(model, images[:4], fp32)
-        int8 = int8_files(model, fp32, calibration)["onnx"]
+        int8 = int8_file(fp32, calibration)
         reps = cfg.evaluate.speed_repeats
         out = {"onnx": measure(fp32, images, labels, fp32_pred, reps), "int8": measure(int8, images, labels, fp32_pred, reps)}
     return {f"{kind}_{k}": v for kind, figures in out.items() for k, v in figures.items() if k != "file"}

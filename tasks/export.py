@@ -1,5 +1,5 @@
-"""Stage export: the shipped student as TorchScript and ONNX, each run and compared with
-PyTorch on test images (the largest absolute difference is reported, and too large a one is
+"""Stage export: the shipped student as a torch.export program (`.pt2`) and ONNX, each loaded back, run and
+compared with PyTorch on test images (the largest absolute difference is reported, and too large a one is
 refused), plus its labels, preprocessing and model card."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 
 from engine.atomic import atomic_path, save_json
 from engine.errors import KDError
-from engine.export import Deployable, onnx_max_abs_diff, to_onnx, to_torchscript, torchscript_max_abs_diff
-from engine.quantize import calibration_images, int8_files, measure
+from engine.export import Deployable, onnx_max_abs_diff, pt2_max_abs_diff, to_onnx, to_pt2
+from engine.quantize import calibration_images, int8_file, measure
 from engine.trainer import predict
 from engine.spec import TrainSpec
 from engine.workspace import Workspace, read_meta
@@ -23,8 +23,8 @@ from tasks.run_context import RunContext
 from tasks.stage import StageRun, require
 from tasks.stages import specs
 
-TORCHSCRIPT_FILE, ONNX_FILE, LABELS_FILE, PREPROCESS_FILE, CARD_FILE = (
-    "model.ts", "model.onnx", "labels.json", "preprocessing.json", "model_card.md")
+PT2_FILE, ONNX_FILE, LABELS_FILE, PREPROCESS_FILE, CARD_FILE = (
+    "model.pt2", "model.onnx", "labels.json", "preprocessing.json", "model_card.md")
 log = logging.getLogger("kd")
 
 
@@ -54,17 +54,16 @@ def _chain(cat: Catalog, s: TrainSpec) -> list[dict]:
 
 
 def formats(cfg: PipelineConfig, ws: Workspace, model: Deployable, out) -> dict[str, dict]:
-    """The fp32 files and their INT8 siblings (ONNX Runtime, torch.ao), each run on the whole test split:
+    """The fp32 files and the INT8 one (ONNX Runtime), each run on the whole test split:
     accuracy, its change from the fp32 model, agreement with it, size and CPU speed. An INT8 file that loses
     more than quantize.max_drop is flagged, in the result, the log and the model card."""
     calibration = calibration_images(ws.train, cfg.quantize.calibration_images, cfg.quantize.calibration_seed)
-    int8 = int8_files(model, out / ONNX_FILE, calibration, torchscript=out / TORCHSCRIPT_FILE)
+    int8 = int8_file(out / ONNX_FILE, calibration)
     images, labels = ws.test.x.cpu().float() / 255, ws.test.y.cpu()
     reference = predict(model.model, ws.test).argmax(1).cpu()
     fp32_acc = (reference == labels).float().mean().item()
     found = {}
-    for kind, path in (("fp32 ONNX", out / ONNX_FILE), ("fp32 TorchScript", out / TORCHSCRIPT_FILE),
-                       ("INT8 ONNX", int8["onnx"]), ("INT8 TorchScript", int8["torchscript"])):
+    for kind, path in (("fp32 ONNX", out / ONNX_FILE), ("fp32 torch.export", out / PT2_FILE), ("INT8 ONNX", int8)):
         figures = measure(path, images, labels, reference, cfg.evaluate.speed_repeats)
         figures["acc_change"] = figures["test_acc"] - fp32_acc
         figures["within_tolerance"] = figures["acc_change"] >= -cfg.quantize.max_drop
@@ -83,9 +82,9 @@ def work(run: StageRun) -> dict:
     ws = Workspace(cat.prepared, "cpu", cfg.data)
     model = Deployable(ws.load_model_dir(cat.model(name)), ws.mean, ws.std)
     images = ws.test.x[: cfg.export.check_images].float() / 255
-    to_torchscript(model, images[:4], out / TORCHSCRIPT_FILE)
+    to_pt2(model, images[:4], out / PT2_FILE)
     to_onnx(model, images[:4], out / ONNX_FILE)
-    diffs = {"torchscript_max_abs_diff": torchscript_max_abs_diff(out / TORCHSCRIPT_FILE, model, images),
+    diffs = {"pt2_max_abs_diff": pt2_max_abs_diff(out / PT2_FILE, model, images),
              "onnx_max_abs_diff": onnx_max_abs_diff(out / ONNX_FILE, model, images)}
     worst = max(diffs, key=diffs.get)
     if diffs[worst] > cfg.export.max_abs_diff:
@@ -103,7 +102,7 @@ def work(run: StageRun) -> dict:
               "flagged": [k for k, v in found.items() if not v["within_tolerance"]]}
     with atomic_path(out / CARD_FILE) as tmp:
         tmp.write_text(model_card(name, _chain(cat, models[name]), data, export))
-    files = [TORCHSCRIPT_FILE, ONNX_FILE, *(v["file"] for k, v in found.items() if k.startswith("INT8")),
+    files = [PT2_FILE, ONNX_FILE, *(v["file"] for k, v in found.items() if k.startswith("INT8")),
              LABELS_FILE, PREPROCESS_FILE, CARD_FILE]
     return {"model": name, **export, "files": files,
             "torch": torch.__version__, "mlflow_run_id": require(cat.model(name), name)["result"].get("mlflow_run_id")}

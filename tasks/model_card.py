@@ -49,7 +49,7 @@ def int8_section(student: dict, export: dict) -> str:
     return f"""## INT8
 The INT8 files are this model {how}: weights int8 per output channel, activations uint8 per tensor, ranges
 calibrated on {export['calibration_images']} training images. Test split, every file against the fp32 model;
-speed on the CPU that ran the export (ONNX Runtime for `.onnx`, PyTorch for `.ts`).
+speed on the CPU that ran the export (ONNX Runtime for `.onnx`, PyTorch for `.pt2`).
 
 | file | name | test accuracy | change (points) | agreement with fp32 | size | latency b1 (ms) | throughput b256 (img/s) | within {100 * export['max_drop']:.2f} points |
 |---|---|---|---|---|---|---|---|---|
@@ -107,9 +107,9 @@ def model_card(name: str, chain: list[dict], data: dict, export: dict) -> str:
 ## Files
 | file | what | max abs difference from PyTorch ({export['check_images']} test images) |
 |---|---|---|
-| `model.ts` | TorchScript: `torch.jit.load("model.ts")(images)` | {export['torchscript_max_abs_diff']:.2e} |
+| `model.pt2` | torch.export program: `torch.export.load("model.pt2").module()(images)` | {export['pt2_max_abs_diff']:.2e} |
 | `model.onnx` | ONNX (input `image` [N, {c}, {h}, {w}], output `logits`), for onnxruntime | {export['onnx_max_abs_diff']:.2e} |
-| `model.int8.onnx`, `model.int8.ts` | the same, INT8 (ONNX Runtime QDQ; torch.ao, x86 kernels) | see INT8 |
+| `model.int8.onnx` | the ONNX file, INT8 (ONNX Runtime's static QDQ quantization) | see INT8 |
 | `labels.json` | class index → name | |
 | `preprocessing.json` | input shape, value range, normalisation | |
 

@@ -1,5 +1,5 @@
 """Predict with the shipped student: image files in, class names out, through the exported
-ONNX or TorchScript file, or the model registered in MLflow (pyfunc). All three take the same
+ONNX file or torch.export program, or the model registered in MLflow (pyfunc). All three take the same
 input: [N, C, H, W] float32 pixels in [0, 1] (preprocessing.json)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 
 from engine.errors import DataError, KDError
 
-ENGINES = ("onnx", "torchscript", "mlflow")
+ENGINES = ("onnx", "pt2", "mlflow")
 
 
 def load_images(paths: list[str], export_dir: Path) -> np.ndarray:
@@ -35,10 +35,13 @@ def logits(images: np.ndarray, export_dir: Path, engine: str, model_uri: str | N
 
         session = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
         return session.run(["logits"], {"image": images})[0]
-    if engine == "torchscript":
+    if engine == "pt2":
         import torch
 
-        return torch.jit.load(str(export_dir / "model.ts"), map_location="cpu")(torch.from_numpy(images)).detach().numpy()
+        from engine.export import load_pt2
+
+        with torch.inference_mode():
+            return load_pt2(export_dir / "model.pt2")(torch.from_numpy(images)).numpy()
     if engine == "mlflow":  # from the context's store: the project's, unless MLFLOW_TRACKING_URI names another
         from tasks.tracking import fluent
 

@@ -165,7 +165,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           params=("export", *CALIBRATION, "quantize.max_drop", "evaluate.speed_repeats"),
           code=("tasks/export.py", "tasks/model_card.py"),
           after=_lazy("tasks.export", "register"),
-          title=lambda cfg: "export the best student (TorchScript, ONNX, fp32 and INT8, model card), register it"),
+          title=lambda cfg: "export the best student (torch.export, ONNX, fp32 and INT8, model card), register it"),
 )}
 
 

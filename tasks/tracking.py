@@ -5,10 +5,17 @@ The store and the parent come from the RunContext (tasks/run_context.py), never 
 - the stages of one `dvc repro` share the parent tagged with that repro's `dvc` process (found by a tag search,
   opened by the first stage that needs it, closed by the report);
 - a stage run alone opens its own only to log a report into.
+Each model's run names the data it trained on as an MLflow dataset input (context "training"): the prepared data's
+name, its fingerprint as digest, the files prepare-data read as source, the split sizes as profile. A nested run
+also lends it to its parent, so the Dataset column is filled on the rows the Runs page shows before any expanding.
+The Runs page (MLflow 3.17) opens an invocation's child runs collapsed under its parent: the [+] before the parent's
+name opens them, and the browser remembers that per experiment. MLflow has no expand-all switch and no URL parameter
+for it; sorting by any column but Created lists every run flat, and Group by method lists them in their groups.
 KD_TRACKING=0 turns tracking off. The store's URI is never logged: it may carry credentials.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -19,6 +26,7 @@ from typing import Iterator
 
 from engine.distill import Hooks
 from engine.spec import TrainSpec
+from engine.teacher_import import PROGRAM_FILES
 from tasks.config import PipelineConfig, TrackingConfig
 from tasks.run_context import RunContext
 
@@ -136,14 +144,77 @@ def parent_of(ctx: RunContext, cfg: PipelineConfig) -> str | None:
         return open_parent(ctx, cfg, "dvc", tags={INVOCATION_TAG: ctx.invocation})
 
 
+# ---------------------------------------------------------------- the data a run trained on
+
+def prepared_dataset(ctx: RunContext, cfg: PipelineConfig, prepared: Path):
+    """The prepared data as an MLflow dataset: the prepare-data stage's result (tasks/prepare_data.py) gives its
+    name, fingerprint (the digest: it changes with any image, label or split) and split sizes; the source is what
+    prepare-data read (engine.data.sources), the raw files' folder or the user's CSV or image folder."""
+    import numpy as np
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.schema import TensorDatasetSchema
+    from mlflow.types import Schema, TensorSpec
+
+    from engine.data import sources
+    from tasks.stage import require
+
+    class PreparedData(MetaDataset):
+        """A MetaDataset (metadata only, the data stays where it is) with a profile, which MLflow's Dataset leaves
+        to its subclasses, and a tensor schema written as NumpyDataset writes its own."""
+
+        def __init__(self, profile: dict, **kw):
+            self._profile = profile
+            super().__init__(**kw)
+
+        @property
+        def profile(self) -> dict:
+            return self._profile
+
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "schema": json.dumps(self.schema.to_dict()),
+                    "profile": json.dumps(self._profile)}
+
+    result = require(prepared, "prepare-data")["result"]
+    read = Path(sources(cfg.data)[0])
+    source = get_dataset_source_from_json(json.dumps({"uri": str(read if read.is_absolute() else ctx.root / read)}),
+                                          "local")
+    image = TensorSpec(np.dtype(np.uint8), (-1, *result["input_shape"]), "image")  # as the prepared store holds it
+    label = TensorSpec(np.dtype(np.int64), (-1,), "label")
+    schema = TensorDatasetSchema(features=Schema([image]), targets=Schema([label]))
+    profile = {**{f"{s}_images": n for s, n in result["sizes"].items()}, "classes": len(result["classes"])}
+    return PreparedData(profile, source=source, name=result["name"], digest=result["fingerprint"], schema=schema)
+
+
+def log_dataset(ctx: RunContext, run_ids: list[str], dataset, context: str = "training") -> None:
+    """`dataset` as an input of each run (MLflow keeps one input per data set and run: logging it again is a no-op).
+    A failure is a warning, never a failed training: two trainings that start together may both try to create the
+    data set's record in the store, so each tries twice."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])]
+    mc = client(ctx)
+    for run_id in run_ids:
+        for attempt in (1, 2):
+            try:
+                mc.log_inputs(run_id, datasets=inputs)
+                break
+            except Exception as e:
+                if attempt == 2:
+                    log.warning("could not log data set %s to MLflow run %s: %s", dataset.name, run_id,
+                                type(e).__name__)
+
+
 # ---------------------------------------------------------------- one run per trained model
 
 class ModelRun:
     """A trained model's run, opened when the training has set up (so a refused setting leaves no run behind):
     its params, per-epoch metrics with step, the model itself. Its `hooks` are what the engine calls."""
 
-    def __init__(self, ctx: RunContext, tracking: TrackingConfig, parent: str | None, spec: TrainSpec):
-        self.ctx, self.tracking, self.parent, self.spec = ctx, tracking, parent, spec
+    def __init__(self, ctx: RunContext, tracking: TrackingConfig, parent: str | None, spec: TrainSpec,
+                 dataset=None):
+        self.ctx, self.tracking, self.parent, self.spec, self.dataset = ctx, tracking, parent, spec, dataset
         self.run_id: str | None = None
 
     @property
@@ -158,6 +229,8 @@ class ModelRun:
         run = mc.create_run(experiment_id(self.ctx, self.tracking.experiment), run_name=s.title, tags=tags)
         self.run_id = run.info.run_id
         mc.log_batch(self.run_id, params=[_param(k, v) for k, v in params.items()])
+        if self.dataset is not None:
+            log_dataset(self.ctx, [self.run_id, *([self.parent] if self.parent else [])], self.dataset)
 
     def epoch(self, metrics: dict) -> None:
         step = int(metrics["epoch"])
@@ -173,8 +246,8 @@ class ModelRun:
             return
         if model is None:
             mc.set_tag(self.run_id, "model_logged", "no: a teacher known only by its predictions")
-        elif getattr(model, "arch", "") == "torchscript":  # torch.export cannot trace a ScriptModule
-            mc.set_tag(self.run_id, "model_logged", "no: an imported TorchScript teacher")
+        elif getattr(model, "arch", "") in PROGRAM_FILES:  # the user's file is the model: data/models keeps it
+            mc.set_tag(self.run_id, "model_logged", f"no: an imported {model.arch} teacher")
         else:
             mc.set_tag(self.run_id, "model_uri", self._log_model(model, ws))
 
@@ -197,8 +270,11 @@ class ModelRun:
 
 
 @contextmanager
-def model_run(ctx: RunContext, cfg: PipelineConfig, spec: TrainSpec) -> Iterator[ModelRun]:
-    run = ModelRun(ctx, cfg.tracking, parent_of(ctx, cfg), spec)
+def model_run(ctx: RunContext, cfg: PipelineConfig, spec: TrainSpec,
+              prepared: Path | None = None) -> Iterator[ModelRun]:
+    """`prepared`: the prepared data the model trains on, logged as the run's dataset input."""
+    dataset = prepared_dataset(ctx, cfg, prepared) if ctx.tracking and prepared is not None else None
+    run = ModelRun(ctx, cfg.tracking, parent_of(ctx, cfg), spec, dataset)
     try:
         yield run
     except BaseException:

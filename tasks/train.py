@@ -119,7 +119,7 @@ def training(s: TrainSpec, cfg: PipelineConfig, cat: Catalog, ctx: RunContext, n
         folders = Folders(cat.root, cat.work(s.name), staging)
         if not ranks().main:  # one of several processes: rank 0 tracks and saves
             return run(s, ws, folders, key)
-        with tracking.model_run(ctx, cfg, s) as mlflow_run:
+        with tracking.model_run(ctx, cfg, s, cat.prepared) as mlflow_run:
             result = run(s, ws, folders, key, _logged(s, mlflow_run.hooks))
         shutil.rmtree(folders.work, ignore_errors=True)  # epoch checkpoints are no longer needed
         return {**result, "mlflow_run_id": mlflow_run.run_id}

@@ -111,8 +111,11 @@ def test_runs_metrics_models_and_registry(tracked):
 
     exported = json.loads((cat.export / "stage.json").read_text())["result"]
     assert version.run_id == children[exported["model"]].info.run_id
-    scripted = torch.jit.load(str(cat.export / "model.ts"))
-    assert np.abs(scripted(torch.from_numpy(batch)).detach().numpy() - predicted).max() < 1e-4
+    from engine.export import load_pt2
+
+    with torch.no_grad():
+        exported_logits = load_pt2(cat.export / "model.pt2")(torch.from_numpy(batch)).numpy()
+    assert np.abs(exported_logits - predicted).max() < 1e-4
 
 
 def test_registration_does_not_depend_on_reuse(tracked, monkeypatch):
@@ -186,3 +189,67 @@ def test_a_stage_run_alone_joins_no_other_invocation(tracked, monkeypatch):
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     latest = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
     assert latest.data.tags["model"] == "student-nokd-s0" and "mlflow.parentRunId" not in latest.data.tags
+
+
+def _trained_on(client, run_id: str) -> dict:
+    """The run's one dataset input, as MLflow gives it back: its data set and its context."""
+    (given,) = client.get_run(run_id).inputs.dataset_inputs
+    return {"dataset": given.dataset, "context": {t.key: t.value for t in given.tags}.get("mlflow.data.context")}
+
+
+def test_each_training_names_its_data_set_and_version(tracked, tmp_path, monkeypatch):
+    """Every model's run, and the pipeline run it nests under, holds the prepared data as an MLflow dataset input
+    (the Runs page's Dataset column): its name, its fingerprint as digest, where it came from, its split sizes,
+    context training. Other images make another digest."""
+    from mlflow import MlflowClient
+
+    from tasks import tracking
+    from tasks.catalog import Catalog
+    from tasks.config import load_config
+    from tasks.run_context import RunContext
+    from tasks.stages import Instance, STAGES
+    from tests.conftest import tiny_overrides
+    from tests.fakes import write_fashion
+
+    cfg, cat, uri = tracked
+    client = MlflowClient(uri)
+    prepared = json.loads((cat.prepared / "stage.json").read_text())["result"]
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id])
+    trained = [r for r in runs if "model" in r.data.tags]
+    parent = next(r for r in runs if r.data.tags.get("kind") == "pipeline")
+    assert {r.data.tags["model"] for r in trained} >= set(specs(cfg))
+    for run in [*trained, parent]:
+        got = _trained_on(client, run.info.run_id)
+        assert got["context"] == "training"
+        ds = got["dataset"]
+        assert (ds.name, ds.digest) == ("fashion-mnist", prepared["fingerprint"])
+        assert ds.source_type == "local"
+        assert json.loads(ds.source)["uri"] == str(cat.root / "raw" / "FashionMNIST" / "raw")  # what prepare-data read
+        sizes = prepared["sizes"]
+        assert json.loads(ds.profile) == {"train_images": sizes["train"], "val_images": sizes["val"],
+                                          "test_images": sizes["test"], "classes": 10}
+        spec = {k: json.loads(v) if v else [] for k, v in json.loads(ds.schema)["mlflow_tensorspec"].items()}
+        assert [(c["name"], c["tensor-spec"]) for c in spec["features"] + spec["targets"]] == [
+            ("image", {"dtype": "uint8", "shape": [-1, *prepared["input_shape"]]}),  # as the prepared store holds them
+            ("label", {"dtype": "int64", "shape": [-1]})]
+
+    # data.root relative, as params.yaml has it: the source is still the absolute folder, under the project root.
+    relative = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": "raw"})})
+    source = tracking.prepared_dataset(RunContext.resolve(cat.root), relative, cat.prepared).source
+    assert source.to_dict()["uri"] == str(cat.root / "raw" / "FashionMNIST" / "raw")
+
+    # Other images: another fingerprint, another digest, on a model trained on them.
+    root = tmp_path / "other"
+    other_uri = f"sqlite:///{tmp_path}/other.db"
+    for key, value in (("KD_PROJECT_ROOT", str(root)), ("KD_TRACKING", "1"), ("MLFLOW_TRACKING_URI", other_uri)):
+        monkeypatch.setenv(key, value)
+    other_cfg = load_config(None, tiny_overrides(write_fashion(tmp_path / "fashion2", n_train=300), root))
+    other_cat = Catalog(root)
+    ctx = RunContext.resolve(root)
+    run_instance(Instance(STAGES["prepare-data"]), other_cfg, other_cat, ctx)
+    result = run_instance(Instance(STAGES["train-student-nokd"], 0), other_cfg, other_cat, ctx)
+    fingerprint = json.loads((other_cat.prepared / "stage.json").read_text())["result"]["fingerprint"]
+    got = _trained_on(MlflowClient(other_uri), result["mlflow_run_id"])
+    assert fingerprint != prepared["fingerprint"]
+    assert (got["dataset"].name, got["dataset"].digest, got["context"]) == ("fashion-mnist", fingerprint, "training")

@@ -1,6 +1,6 @@
 """A user's own data and teacher in, a deployable student out (issue 6): CSV data sets and
-configured normalisation, teachers as state_dicts or TorchScript (weights-only, checked
-against the data), fine-tuning an imported teacher, and the exported student."""
+configured normalisation, teachers as state_dicts, torch.export programs or TorchScript (weights-only or vetted,
+checked against the data), fine-tuning an imported teacher, and the exported student."""
 from __future__ import annotations
 
 import json
@@ -72,21 +72,74 @@ def _with(cfg, cat, **over):
     return load_config(None, {**base, **over})
 
 
-def test_torchscript_teacher_distils_and_its_class_mapping_is_saved(prepared, tmp_path):
+def _exported(model: torch.nn.Module, path: Path, channels: int = 1) -> Path:
+    """A teacher as a user brings one of any architecture: torch.export with a dynamic batch, torch.export.save."""
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model.eval(), (torch.zeros(2, channels, 28, 28),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+    return path
+
+
+def _torchscript(model: torch.nn.Module, path: Path) -> Path:
+    with pytest.warns(FutureWarning, match="torch.jit"):  # torch 2.14 deprecates TorchScript, and says so
+        torch.jit.save(torch.jit.trace(model.eval(), torch.zeros(2, 1, 28, 28)), str(path))
+    return path
+
+
+def test_exported_teacher_fine_tunes_distils_and_its_class_mapping_is_saved(prepared, tmp_path):
     cfg, cat = prepared
     torch.manual_seed(3)
-    teacher = build_model("plain-4", 1, 10, 28).eval()
-    path = tmp_path / "teacher.ts"
-    torch.jit.save(torch.jit.trace(teacher, torch.zeros(2, 1, 28, 28)), str(path))
-    imported = _with(cfg, cat, **{"teacher.checkpoint": str(path)})
+    path = _exported(build_model("plain-4", 1, 10, 28), tmp_path / "teacher.pt2")
+    imported = _with(cfg, cat, **{"teacher.checkpoint": str(path), "teacher.finetune_epochs": 1})
     run_stage("train-teacher", imported, cat)
     meta = json.loads((cat.model("teacher") / "model.json").read_text())
-    assert meta["arch"] == "torchscript" and meta["class_to_idx"]["Trouser"] == 1
+    assert meta["arch"] == "export" and meta["class_to_idx"]["Trouser"] == 1
+    before, kept = (torch.export.load(str(p)).state_dict for p in (path, cat.model("teacher") / "model.pt2"))
+    assert not torch.equal(before["classifier.1.weight"], kept["classifier.1.weight"])  # fine-tuned, and kept so
     run_stage("cache-teacher", imported, cat)
     result = run_stage("distill-student-blkd", imported, cat, seed=0)
     assert result["best_val_acc"] > 0.2
     student_meta = json.loads((cat.model("student-blkd-s0") / "model.json").read_text())
     assert student_meta["classes"][0] == "T-shirt/top"  # the mapping travels with every model
+
+
+def test_torchscript_teacher_is_still_read_and_its_deprecation_said_once(prepared, tmp_path, caplog):
+    """TorchScript is deprecated upstream: torch's FutureWarning is not hidden, and ours, which says what to do
+    instead, is logged once however many times the teacher is loaded."""
+    cfg, cat = prepared
+    torch.manual_seed(3)
+    path = _torchscript(build_model("plain-4", 1, 10, 28), tmp_path / "teacher.ts")
+    imported = _with(cfg, cat, **{"teacher.checkpoint": str(path)})
+    with pytest.warns(FutureWarning, match="torch.jit"):
+        run_stage("train-teacher", imported, cat)
+        run_stage("cache-teacher", imported, cat)
+    assert json.loads((cat.model("teacher") / "model.json").read_text())["arch"] == "torchscript"
+    ours = [r for r in caplog.records if "TorchScript is deprecated upstream" in r.getMessage()]
+    assert len(ours) == 1 and "torch.export.save" in ours[0].getMessage()
+
+
+def test_an_exported_teacher_that_could_run_code_is_refused(prepared, tmp_path):
+    """torch.export.load is not weights-only: a `.pt2` whose graph calls anything but an operator, or that holds
+    pickles, is refused before torch reads it."""
+    import zipfile
+
+    cfg, cat = prepared
+    good = _exported(build_model("plain-2", 1, 10, 28), tmp_path / "good.pt2")
+
+    def altered(name: str, change) -> Path:
+        out = tmp_path / name
+        with zipfile.ZipFile(good) as src, zipfile.ZipFile(out, "w") as dst:
+            for item in src.infolist():
+                dst.writestr(item, change(item.filename, src.read(item.filename)))
+        return out
+
+    calls_load = altered("calls.pt2", lambda n, b: b.replace(b'"torch.ops.aten.relu_.default"', b'"torch.load"')
+                         if n.endswith("models/model.json") else b)
+    pickles = altered("pickles.pt2", lambda n, b: b.replace(b'"use_pickle": false', b'"use_pickle": true')
+                      if n.endswith("_weights_config.json") else b)
+    for path, why in ((calls_load, r"its graph calls \['torch.load'\]"), (pickles, "as pickles")):
+        with pytest.raises(CheckpointError, match=why):
+            run_stage("train-teacher", _with(cfg, cat, **{"teacher.checkpoint": str(path)}), cat)
 
 
 def test_state_dict_teacher_fine_tuned_on_the_users_data(prepared, tmp_path):
@@ -105,12 +158,10 @@ def test_state_dict_teacher_fine_tuned_on_the_users_data(prepared, tmp_path):
 
 def test_teacher_mismatches_and_pickled_code_are_explained(prepared, tmp_path):
     cfg, cat = prepared
-    wrong_classes = tmp_path / "seven.ts"
-    torch.jit.save(torch.jit.trace(build_model("plain-2", 1, 7, 28).eval(), torch.zeros(2, 1, 28, 28)), str(wrong_classes))
+    wrong_classes = _exported(build_model("plain-2", 1, 7, 28), tmp_path / "seven.pt2")
     with pytest.raises(CheckpointError, match=r"outputs \(7,\) per image, but the data set has 10 classes \(T-shirt/top"):
         run_stage("train-teacher", _with(cfg, cat, **{"teacher.checkpoint": str(wrong_classes)}), cat)
-    rgb = tmp_path / "rgb.ts"
-    torch.jit.save(torch.jit.trace(build_model("plain-2", 3, 10, 28).eval(), torch.zeros(2, 3, 28, 28)), str(rgb))
+    rgb = _exported(build_model("plain-2", 3, 10, 28), tmp_path / "rgb.pt2", channels=3)
     with pytest.raises(CheckpointError, match=r"does not accept the data set's 1x28x28 images"):
         run_stage("train-teacher", _with(cfg, cat, **{"teacher.checkpoint": str(rgb)}), cat)
     pickled = tmp_path / "pickled.pt"
@@ -125,7 +176,7 @@ def test_exported_student_matches_pytorch_and_has_a_model_card(project):
     for inst in instances(cfg):
         run_instance(inst, cfg, cat)
     result = json.loads((cat.export / "stage.json").read_text())["result"]
-    assert result["torchscript_max_abs_diff"] < 1e-4 and result["onnx_max_abs_diff"] < 1e-4
+    assert result["pt2_max_abs_diff"] < 1e-4 and result["onnx_max_abs_diff"] < 1e-4
     labels = json.loads((cat.export / "labels.json").read_text())
     assert labels["0"] == "T-shirt/top" and len(labels) == 10
     import onnxruntime as ort
@@ -145,19 +196,19 @@ def test_exported_student_matches_pytorch_and_has_a_model_card(project):
 
 
 def test_worked_example_end_to_end(fashion_dir, tmp_path, monkeypatch):
-    """docs/own-data.md at tiny scale: PNG folder, a teacher trained outside the pipeline (TorchScript),
-    TAKD, export, and the same predictions through ONNX, TorchScript and the registered MLflow model."""
+    """docs/own-data.md at tiny scale: PNG folder, a teacher trained outside the pipeline (torch.export),
+    TAKD, export, and the same predictions through ONNX, the torch.export program and the registered MLflow model."""
     import importlib.util
 
     from tasks.catalog import Catalog
-    from tasks.predict import predict
+    from tasks.predict import ENGINES, predict
 
     spec = importlib.util.spec_from_file_location("own_data", Path(__file__).parents[1] / "examples" / "own_data.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     images = tmp_path / "images"
     example.make_folder(images, per_class=30, test_per_class=8, source_dir=str(fashion_dir))
-    made = example.train_teacher(images, tmp_path / "teacher.ts", epochs=1, seed=0)
+    made = example.train_teacher(images, tmp_path / "teacher.pt2", epochs=1, seed=0)
     assert made["classes"][0] == "Ankle_boot"
 
     root = tmp_path / "project"
@@ -167,7 +218,7 @@ def test_worked_example_end_to_end(fashion_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("KD_MLFLOW_PARENT_RUN", raising=False)
     over = {k: v for k, v in tiny_overrides(fashion_dir, root).items() if not k.startswith(("data.", "teacher.arch"))}
     cfg = load_config(None, {**over, "data.name": f"imagefolder:{images}", "data.channels": 1, "data.image_size": 28,
-                             "data.mean": [0.5], "data.std": [0.5], "teacher.checkpoint": str(tmp_path / "teacher.ts")})
+                             "data.mean": [0.5], "data.std": [0.5], "teacher.checkpoint": str(tmp_path / "teacher.pt2")})
     cat = Catalog(root)
     for inst in instances(cfg):
         run_instance(inst, cfg, cat)
@@ -176,21 +227,21 @@ def test_worked_example_end_to_end(fashion_dir, tmp_path, monkeypatch):
     from tasks.run_context import RunContext
 
     ctx = RunContext.resolve(root)
-    answers = {engine: predict(pngs, cat.export, engine, uri, ctx) for engine in ("onnx", "torchscript", "mlflow")}
-    assert answers["onnx"] == answers["torchscript"]
+    answers = {engine: predict(pngs, cat.export, engine, uri, ctx) for engine in ENGINES}
+    assert answers["onnx"] == answers["pt2"]
     assert [a["class"] for a in answers["mlflow"]] == [a["class"] for a in answers["onnx"]]
     assert all(a["class"] in made["classes"] for a in answers["onnx"])
     card = (cat.export / "model_card.md").read_text()
-    assert "teacher torchscript" in card and "imagefolder" in card
+    assert "teacher export" in card and "imagefolder" in card
 
     # 2b and 3 again: the teacher absent, only its probabilities on the training images, keyed by path
-    example.teacher_predictions(images, tmp_path / "teacher.ts", tmp_path / "predictions.npz")
+    example.teacher_predictions(images, tmp_path / "teacher.pt2", tmp_path / "predictions.npz")
     from engine.workspace import load_splits_file
 
     val = load_splits_file(cat.prepared).val
     with torch.no_grad():
-        own = torch.jit.load(str(tmp_path / "teacher.ts"))((val.x[:].float() / 255 - 0.5) / 0.5).argmax(1)
-    (tmp_path / "teacher.ts").unlink()
+        own = torch.export.load(str(tmp_path / "teacher.pt2")).module()((val.x[:].float() / 255 - 0.5) / 0.5).argmax(1)
+    (tmp_path / "teacher.pt2").unlink()
     other = Catalog(tmp_path / "from-file")
     monkeypatch.setenv("KD_PROJECT_ROOT", str(other.root))
     monkeypatch.setenv("KD_TRACKING", "0")  # MLflow was checked above

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from engine.export import Deployable, to_onnx
-from engine.qad import QADModel, fold_batchnorm
-from engine.quantize import Runner, calibration_images, int8_files, measure
+from engine.export import Deployable, to_onnx, to_pt2
+from engine.qad import FakeQuant, QADModel, fold_batchnorm
+from engine.quantize import Runner, calibration_images, int8_file, measure
+from models import build_model
 from tests.engine_helpers import device_sets, train
 
 # A trained plain-2 on the tiny data: INT8 must pick the same class for nearly every test image, and its logits
@@ -27,7 +28,9 @@ def test_int8_files_run_and_agree_with_fp32(trained, tmp_path, monkeypatch):
     model, train_set, test = trained
     images, labels = test.x.float() / 255, test.y
     to_onnx(model, images[:4], tmp_path / "model.onnx")
-    files = int8_files(model, tmp_path / "model.onnx", calibration_images(train_set, 256, 0), tmp_path / "model.ts")
+    to_pt2(model, images[:4], tmp_path / "model.pt2")
+    files = {"onnx": int8_file(tmp_path / "model.onnx", calibration_images(train_set, 256, 0)),
+             "pt2": tmp_path / "model.pt2"}  # the fp32 program runs through the same Runner
     with torch.no_grad():
         fp32 = model(images)
     span = (fp32.max() - fp32.min()).item()
@@ -55,12 +58,11 @@ def test_int8_serves_the_other_families(arch, tmp_path):
     model = Deployable(_with_batchnorm_statistics(arch), [0.3], [0.3])
     images = torch.rand(64, 1, 28, 28)
     to_onnx(model, images[:4], tmp_path / "model.onnx")
-    files = int8_files(model, tmp_path / "model.onnx", images, tmp_path / "model.ts")
+    int8 = int8_file(tmp_path / "model.onnx", images)
     with torch.no_grad():
         fp32 = model(images)
     span = (fp32.max() - fp32.min()).item()
-    for path in files.values():
-        assert (Runner(path).logits(images) - fp32).abs().max() / span <= 0.1, path
+    assert (Runner(int8).logits(images) - fp32).abs().max() / span <= 0.1
 
 
 def test_calibration_sample_is_seeded(trained):
@@ -95,8 +97,6 @@ def test_folding_batchnorm_keeps_the_function(arch):
 @pytest.mark.parametrize("arch", ["plain-2", "air-32"])
 def test_qad_weights_return_to_the_architecture(arch):
     """After some fake-quantized steps, the float model computes what the QAD model does without fake quantization."""
-    from torch.ao.quantization import disable_fake_quant
-
     model = _with_batchnorm_statistics(arch)
     qad = QADModel(model, torch.randn(2, 1, 28, 28)).train()
     opt = torch.optim.SGD(qad.parameters(), lr=0.05)
@@ -107,7 +107,11 @@ def test_qad_weights_return_to_the_architecture(arch):
         loss.backward()
         opt.step()
     back = qad.to_float().eval()
-    qad.eval().apply(disable_fake_quant)
+    qad.eval()
+    qad.input_quant = torch.nn.Identity()
+    for m in qad.modules():
+        if isinstance(m, FakeQuant):
+            m.forward = lambda x: x  # the same weights, unrounded
     with torch.no_grad():
         assert not torch.allclose(back(x), model(x), atol=1e-3)  # it trained
         assert torch.allclose(back(x), qad(x), atol=1e-5)
@@ -177,3 +181,32 @@ def test_preparing_qad_leaves_trainings_in_other_threads_alone():
         thread.join()
         sys.setswitchinterval(interval)
     assert errors == []
+
+
+def test_fake_quantization_rounds_to_the_int8_grid_and_resumes_its_ranges():
+    """Activations land on 256 levels spanning the observed range (0 included), weights on 255 symmetric levels
+    per output channel; gradients pass straight through; a saved range loads into a fresh model (a resumed or
+    best-epoch QAD training)."""
+    act = FakeQuant.activation()
+    x = torch.linspace(-1.0, 3.0, 1000, requires_grad=True)
+    y = act(x)
+    scale = 4.0 / 255
+    assert torch.allclose(torch.round(y.detach() / scale) * scale, y.detach(), atol=1e-6)
+    assert len(torch.unique(y.detach())) <= 256 and (y.detach() - x.detach()).abs().max() <= scale / 2 + 1e-6
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+    weight = FakeQuant.weight()
+    w = torch.stack([torch.linspace(-0.5, 0.2, 500), torch.linspace(-2, 8, 500)])
+    q = weight(w)
+    for row, got, span in zip(w, q, (0.5, 8.0)):
+        step = span / 127
+        assert torch.allclose(torch.round(got / step) * step, got, atol=1e-6) and (got - row).abs().max() <= step / 2 + 1e-6
+
+    model = build_model("plain-2", 1, 10, 28, seed=0)
+    qad = QADModel(model, torch.randn(2, 1, 28, 28)).train()
+    qad(torch.randn(8, 1, 28, 28))
+    fresh = QADModel(model, torch.randn(2, 1, 28, 28))
+    fresh.load_state_dict(qad.state_dict())
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(fresh.eval()(x), qad.eval()(x))
