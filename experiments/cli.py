@@ -19,7 +19,8 @@ import sys
 
 from engine.errors import KDError
 from tasks.catalog import Catalog
-from tasks.cli import LazySubParsers, add_params_flags, config_from, guarded, prepare_process, subcommands
+from tasks.cli import (LazySubParsers, add_params_flags, check_flag, config_from, guarded, prepare_process,
+                       subcommands)
 
 # The plans, their DVC stages and the atomic writes import torch: they are imported where they are used, so that
 # building the parser (`takd --help`, `takd experiments --help`) does not (tasks/cli.py, LazySubParsers).
@@ -40,14 +41,10 @@ def _plan_command(name: str):
     return fill
 
 
-def _check_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--check", action="store_true", help="only compare; exit 1 when it is out of date")
-
-
 def add_commands(sub: LazySubParsers) -> None:
     """list, job, report and dvc-yaml. `takd experiments run` (takd/cli.py) adds the Prefect flow."""
     sub.add_parser("list", fill=add_params_flags, help="the experiments and how many trainings each needs")
-    sub.add_parser("dvc-yaml", fill=_check_flag, help="write experiments/dvc.yaml from the plans and params.yaml")
+    sub.add_parser("dvc-yaml", fill=check_flag("experiments/dvc.yaml"), help="write experiments/dvc.yaml from the plans and params.yaml")
     for name, help_text in (("job", "train part of a plan, each training in its own process, and write its record "
                                     "(DVC)"),
                             ("report", "train what is missing, then write the tables and plots (DVC)"),

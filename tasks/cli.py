@@ -142,8 +142,11 @@ def _stage_args(per_seed: bool) -> Callable[[argparse.ArgumentParser], None]:
     return fill
 
 
-def _check_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--check", action="store_true", help="only compare; exit 1 when dvc.yaml is out of date")
+def check_flag(written: str) -> Callable[[argparse.ArgumentParser], None]:
+    """`dvc-yaml --check`: compare `written` with what would be written, and write nothing."""
+    def fill(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--check", action="store_true", help=f"only compare; exit 1 when {written} is out of date")
+    return fill
 
 
 def add_commands(sub: LazySubParsers) -> None:
@@ -152,7 +155,7 @@ def add_commands(sub: LazySubParsers) -> None:
     sub.add_parser("stages", fill=add_params_flags, help="print the stage table (Markdown)")
     sub.add_parser("fetch-data", fill=add_params_flags, help="copy or download a named data set into data.root, so "
                                                               "that dvc.yaml's first dep exists (a no-op when it does)")
-    sub.add_parser("dvc-yaml", fill=_check_flag, help="write dvc.yaml from the stage table and params.yaml")
+    sub.add_parser("dvc-yaml", fill=check_flag("dvc.yaml"), help="write dvc.yaml from the stage table and params.yaml")
     sub.add_parser("predict", fill=_predict_args, help="classify image files with the exported student")
     for name, per_seed in STAGE_COMMANDS.items():
         help_text = f"run the {name} stage" + (" (every seed in student.seeds, or --seed)" if per_seed else "")
