@@ -7,6 +7,7 @@ from engine.stats import seed_table
 from experiments.plans import Plan, Row
 from tasks.config import PipelineConfig
 
+CONTRAST_KEYS = ("mean", "low", "high", "p", "p_holm", "beyond_noise", "beyond_noise_uncorrected")
 Results = dict[str, dict]  # a TrainSpec's id -> its training's summary (test_acc, params, flops, ...)
 
 
@@ -52,10 +53,10 @@ def analyse(plan: Plan, cfg: PipelineConfig, results: Results) -> dict:
     refs = [{"variant": r.variant, "label": r.label, "x": r.x, "test_acc": results[r.spec.id]["test_acc"],
              "test_acc_best_epoch": results[r.spec.id]["test_acc_best_epoch"],
              "params": results[r.spec.id]["params"]} for r in plan.references]
-    contrasts = [{**c, "best_epoch": {k: b[k] for k in ("mean", "low", "high", "beyond_noise")}}
+    contrasts = [{**c, "best_epoch": {k: b[k] for k in CONTRAST_KEYS}}
                  for c, b in zip(table["contrasts"], best["contrasts"])]
     out = {"experiment": plan.name, "title": plan.title, "seeds": cfg.student.seeds,
-           "confidence": cfg.experiments.confidence, "rows": rows, "references": refs, "contrasts": contrasts}
+           "confidence": cfg.experiments.confidence, "correction": table["correction"], "rows": rows, "references": refs, "contrasts": contrasts}
     if plan.name == "ta-sweep":
         out["rule_of_thumb"] = rule_of_thumb(rows, refs)
     return out

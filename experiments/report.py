@@ -14,7 +14,7 @@ from experiments.plans import Plan
 from tasks import tracking
 from tasks.catalog import Catalog
 from tasks.config import PipelineConfig
-from tasks.report import markdown_table
+from tasks.report import fmt_p, fmt_pp, markdown_table, verdict
 from tasks.run_context import RunContext
 from tasks.stage import Work, run_once
 from tasks.train import key_inputs
@@ -32,16 +32,14 @@ def _rows_md(table: dict) -> list[dict]:
             for r in table["rows"]]
 
 
-def _pp(v) -> str:
-    return "" if v is None else f"{100 * v:+.2f}"
-
-
 def _contrasts_md(table: dict) -> list[dict]:
-    return [{"difference": c["label"], "n": c["n"], "mean (pp)": _pp(c["mean"]),
-             "CI": f"[{_pp(c['low'])}, {_pp(c['high'])}]", "beyond noise": c["beyond_noise"],
-             "best test epoch: mean (pp)": _pp(c["best_epoch"]["mean"]),
-             "CI ": f"[{_pp(c['best_epoch']['low'])}, {_pp(c['best_epoch']['high'])}]",
-             "beyond noise ": c["best_epoch"]["beyond_noise"]} for c in table["contrasts"]]
+    return [{"difference": c["label"], "n": c["n"], "mean (pp)": fmt_pp(c["mean"]),
+             "CI": f"[{fmt_pp(c['low'])}, {fmt_pp(c['high'])}]", "p": fmt_p(c["p"]), "p, Holm": fmt_p(c["p_holm"]),
+             "beyond noise (Holm)": verdict(c),
+             "best test epoch: mean (pp)": fmt_pp(c["best_epoch"]["mean"]),
+             "CI ": f"[{fmt_pp(c['best_epoch']['low'])}, {fmt_pp(c['best_epoch']['high'])}]",
+             "p, Holm ": fmt_p(c["best_epoch"]["p_holm"]), "beyond noise (Holm) ": verdict(c["best_epoch"])}
+            for c in table["contrasts"]]
 
 
 def markdown(table: dict) -> str:
@@ -57,13 +55,16 @@ def markdown(table: dict) -> str:
         text += ["\nTrained once, shared by every seed:\n\n", markdown_table(refs, list(refs[0]))]
     if table["contrasts"]:
         diffs = _contrasts_md(table)
-        text += [f"\nPaired differences over seeds, percentage points, {conf}% t-interval:\n\n",
+        text += [f"\nPaired differences over seeds, percentage points: mean, {conf}% t-interval and paired t-test p per "
+                 f"contrast; p adjusted by Holm–Bonferroni over the table's {table['contrasts'][0]['family']} "
+                 f"contrasts (per protocol), and \"beyond noise\" read from it (adjusted p < "
+                 f"{1 - table['confidence']:.2g}):\n\n",
                  markdown_table(diffs, list(diffs[0]))]
     if rule := table.get("rule_of_thumb"):
-        verdict = "they agree" if rule["agree"] else "they differ"
+        agree = "they agree" if rule["agree"] else "they differ"
         text.append(f"\nRule of thumb (the TA whose accuracy is nearest {100 * rule['target_acc']:.2f}%, the mean of "
                     f"the teacher's and the NOKD student's): **{rule['rule_pick']}**; best measured: "
-                    f"**{rule['best_measured']}** ({verdict}; the best is "
+                    f"**{rule['best_measured']}** ({agree}; the best is "
                     f"{100 * rule['best_minus_rule']:.2f} points above the rule's pick, in mean over seeds).\n")
     return "".join(text)
 
@@ -85,7 +86,7 @@ def metrics(table: dict) -> dict:
     for c in table["contrasts"]:
         out[f"{c['a']}_minus_{c['b']}"] = c["mean"]
         if c["low"] is not None:
-            out |= {f"{c['a']}_minus_{c['b']}_low": c["low"], f"{c['a']}_minus_{c['b']}_high": c["high"]}
+            out |= {f"{c['a']}_minus_{c['b']}_{k}": c[k] for k in ("low", "high", "p", "p_holm")}
     return out
 
 

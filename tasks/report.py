@@ -100,18 +100,33 @@ def metrics(table: dict, evals: dict[str, dict], keys: dict[str, str]) -> dict:
         out[r["variant"]] = {"test_acc_mean": r["mean"], "test_acc_std": r["std"], "n": r["n"],
                              **{k: first[r["variant"]].get(k) for k in cost}}
     for c in table["contrasts"]:
-        out[f"{c['a']}_minus_{c['b']}"] = {k: c[k] for k in ("mean", "low", "high", "beyond_noise")}
+        out[f"{c['a']}_minus_{c['b']}"] = {k: c[k] for k in CONTRAST_METRICS}
     int8 = table.get("int8")
     for r in int8["rows"] if int8 else []:
         out[f"int8_{r['variant']}"] = {"test_acc_mean": r["mean"], "test_acc_std": r["std"], "n": r["n"],
                                        **{k: r.get(k) for k in INT8_COST}}
     for c in int8["contrasts"] if int8 else []:
-        out[f"int8_{c['a']}_minus_{c['b']}"] = {k: c[k] for k in ("mean", "low", "high", "beyond_noise")}
+        out[f"int8_{c['a']}_minus_{c['b']}"] = {k: c[k] for k in CONTRAST_METRICS}
     return out
 
 
-def _pp(v) -> str:
+CONTRAST_METRICS = ("mean", "low", "high", "p", "p_holm", "beyond_noise")
+
+
+def fmt_pp(v) -> str:
+    """A difference of accuracies in percentage points, signed."""
     return "" if v is None else f"{100 * v:+.2f}"
+
+
+def fmt_p(v) -> str:
+    return "" if v is None else f"{v:.2g}" if v < 0.01 else f"{v:.3f}"
+
+
+def verdict(c: dict) -> str:
+    """A contrast's corrected verdict, and the per-contrast one where it differs."""
+    if c["beyond_noise"] == c["beyond_noise_uncorrected"]:
+        return "**yes**" if c["beyond_noise"] else "no"
+    return "no (yes uncorrected)"
 
 
 def _summary(rows: list[dict]) -> list[dict]:
@@ -121,9 +136,12 @@ def _summary(rows: list[dict]) -> list[dict]:
 
 def _diffs(table: dict) -> str:
     conf = round(100 * table["confidence"])
-    diffs = [{"difference": c["label"], "mean (pp)": _pp(c["mean"]), f"{conf}% CI": f"[{_pp(c['low'])}, {_pp(c['high'])}]",
-              "seeds": c["n"], "beyond noise": c["beyond_noise"]} for c in table["contrasts"]]
-    return (f"\nPaired differences by seed, percentage points, {conf}% t-interval:\n\n"
+    diffs = [{"difference": c["label"], "mean (pp)": fmt_pp(c["mean"]),
+              f"{conf}% CI": f"[{fmt_pp(c['low'])}, {fmt_pp(c['high'])}]", "seeds": c["n"], "p": fmt_p(c["p"]), "p, Holm": fmt_p(c["p_holm"]), "beyond noise (Holm)": verdict(c)}
+             for c in table["contrasts"]]
+    return (f"\nPaired differences by seed, percentage points: {conf}% t-interval and paired t-test p per contrast; p "
+            f"adjusted by Holm–Bonferroni over the table's {table['contrasts'][0]['family']} contrasts, \"beyond noise\" "
+            f"read from it:\n\n"
             + markdown_table(diffs, list(diffs[0])))
 
 

@@ -11,7 +11,7 @@ import torch
 from engine.config import KDConfig
 from engine.losses import Batch, build_loss, kl_soft
 from engine.soft_targets import DenseGuides
-from engine.stats import paired_difference, summary
+from engine.stats import holm, paired_difference, seed_table, summary
 from experiments.plans import PLANS, build_plan
 from tasks.config import load_config
 
@@ -33,6 +33,39 @@ def test_summary_and_paired_interval_by_hand():
     assert clear["beyond_noise"] is True and clear["low"] > 0
     one = paired_difference({0: 0.9}, {0: 0.8})
     assert one["low"] is None and one["beyond_noise"] is False
+
+
+def test_paired_p_value_is_scipys_paired_t_test_and_agrees_with_the_interval():
+    from scipy import stats
+
+    a, b = {0: 0.90, 1: 0.92, 2: 0.91, 3: 0.93}, {0: 0.89, 1: 0.90, 2: 0.905, 3: 0.915}
+    d = paired_difference(a, b)
+    assert d["p"] == pytest.approx(stats.ttest_rel(list(a.values()), list(b.values())).pvalue, rel=1e-9)
+    assert (d["p"] < 0.05) == d["beyond_noise"]  # the interval excludes 0 exactly when the test rejects
+    same = paired_difference({0: 0.9, 1: 0.8}, {0: 0.9, 1: 0.8})
+    assert same["p"] == 1.0 and same["beyond_noise"] is False
+
+
+def test_holm_by_hand_and_beyond_noise_read_from_the_corrected_column():
+    # p sorted 0.01, 0.02, 0.04 over m = 3: 3 x 0.01 = 0.03, max(0.03, 2 x 0.02) = 0.04, max(0.04, 1 x 0.04) = 0.04
+    contrasts = [{"p": 0.04, "beyond_noise": True}, {"p": 0.01, "beyond_noise": True},
+                 {"p": None, "beyond_noise": False}, {"p": 0.02, "beyond_noise": True}]
+    out = holm(contrasts, 0.95)
+    assert [c["p_holm"] for c in out] == [pytest.approx(0.04), pytest.approx(0.03), None, pytest.approx(0.04)]
+    assert [c["beyond_noise"] for c in out] == [True, True, False, True]
+    assert {c["family"] for c in out} == {3}  # a contrast with no p-value (one seed) is not in the family
+    strict = holm([{"p": 0.03, "beyond_noise": True}, {"p": 0.04, "beyond_noise": True}], 0.95)
+    # 2 x 0.03 = 0.06: neither survives, though each interval alone excludes 0
+    assert [(c["beyond_noise"], c["beyond_noise_uncorrected"]) for c in strict] == [(False, True), (False, True)]
+
+
+def test_seed_table_corrects_over_its_own_contrasts():
+    accs = {"a": {0: 0.95, 1: 0.96, 2: 0.955}, "b": {0: 0.90, 1: 0.91, 2: 0.904}, "c": {0: 0.9, 1: 0.92, 2: 0.91}}
+    t = seed_table(accs, {}, [("a", "b"), ("c", "b")])
+    alone = [paired_difference(accs[x], accs["b"]) for x in ("a", "c")]
+    assert t["correction"] == "holm" and [c["family"] for c in t["contrasts"]] == [2, 2]
+    assert [c["p_holm"] for c in t["contrasts"]] == [pytest.approx(min(1.0, 2 * min(d["p"] for d in alone))),
+                                                     pytest.approx(max(d["p"] for d in alone))]
 
 
 def test_kd_with_several_guides_is_their_mean_by_hand():
