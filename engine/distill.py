@@ -67,6 +67,11 @@ def _feature_mode(spec: TrainSpec, ws: Workspace, loss: DistillLoss) -> tuple[st
     per_image = loss.reduce_teacher({n: torch.zeros(1, *loss.teacher_shapes[n]) for n in loss.teacher_features})
     mb = sum(f.numel() for f in per_image.values()) * 2 * spec.use.views * len(ws.train) / 2**20
     mode = spec.use.features
+    if spec.use.fresh_views:  # a view drawn at each step: nothing computed beforehand can hold its features
+        if mode == "cached":
+            raise KDError(f"{spec.name}: cache.features: cached with cache.fresh_views: true; features of views drawn "
+                          "at each step cannot be cached; set cache.features to online or auto")
+        mode = "online"
     if mode == "auto":
         mode = "cached" if mb <= spec.use.feature_budget_mb else "online"
     return mode, mb
@@ -153,6 +158,8 @@ def _teacher(spec: TrainSpec, ws: Workspace, folders: Folders, models: list[nn.M
                soft_targets.DenseGuides(sources, spec.survival, generator, weights))
     if weights:
         extra["ensemble_weights"] = ",".join(f"{w:.4g}" for w in weights)
+    if use.fresh_views:
+        return Teacher(targets, None), extra | {"teacher_views": "fresh"}
     views = augment.fixed_views(n, augment_spec, use.seed, use.views).to(ws.device)
     return Teacher(targets, views), extra
 
@@ -275,7 +282,8 @@ def _fit(spec: TrainSpec, ws: Workspace, folders: Folders, key: str, generator, 
     result = fit(model, ws.train, ws.val, spec.train, loss, generator, ws.splits.augment,
                  kd=spec.kd if teacher else None, teacher=teacher, workdir=folders.work, run_key=key,
                  callback=hooks.epoch, desc=spec.name, test=ws.test if spec.test else None, parallel=spec.parallel)
-    best = {"best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc}
+    best = {"best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc,
+            "train_seconds": round(sum(h.get("epoch_seconds", 0.0) for h in result.history), 2)}
     if spec.test:  # the protocol of the TAKD and mdistiller code, reported beside ours, never used to select
         best["test_acc_best_epoch"] = max(h["epoch_test_acc"] for h in result.history)
     return result.history, best

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from engine.config import KDConfig, Strict, TrainConfig
 from engine.fingerprint import config_fingerprint
@@ -39,10 +39,20 @@ class GuideUse(CacheSpec):
     """How a distillation reads its guides: from a cache made with the CacheSpec fields, or by running them."""
 
     online: bool = Field(False, description="run the teacher on every batch instead of reading the cache")
+    fresh_views: bool = Field(False, description="with online: a new random view of every image at every step, the "
+                                                 "teacher run on it (function matching, Beyer et al. 2022), instead "
+                                                 "of one of the K fixed views")
     features: Literal["auto", "cached", "online"] = Field(
         "auto", description="teacher features for feature/relation losses: cached in memory once per training, "
                             "or the teacher run at every step; auto caches when they fit feature_budget_mb")
     feature_budget_mb: float = Field(2048, ge=0, description="auto: the largest feature cache to hold in memory")
+
+    @model_validator(mode="after")
+    def _fresh_needs_online(self):
+        if self.fresh_views and not self.online:
+            raise ValueError("cache.fresh_views: true needs cache.online: true (no cache holds a view drawn at each "
+                             "step); set both, or neither")
+        return self
 
     def cache(self) -> CacheSpec:
         return CacheSpec(**{k: getattr(self, k) for k in CacheSpec.model_fields})

@@ -39,10 +39,11 @@ Callback = Callable[[dict], None]
 
 @dataclass
 class Teacher:
-    """Where soft targets come from: a SoftTargets cache or an OnlineTeacher, plus the fixed views."""
+    """Where soft targets come from: a SoftTargets cache or an OnlineTeacher, plus the fixed views (None: a fresh
+    random view at every step, for a teacher run online)."""
 
-    targets: Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
-    views: augment.Views  # [K, N]
+    targets: Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], torch.Tensor]
+    views: Optional[augment.Views]  # [K, N]
 
     @property
     def k_views(self) -> int:
@@ -125,11 +126,12 @@ def _resume(path: Path, run_key: str, model, opt, sched, gen, result) -> int:
 def _batch(train: DeviceSet, idx: torch.Tensor, x: torch.Tensor, spec: AugmentConfig, generator: torch.Generator,
            teacher: Teacher | None, whole: int, share: slice) -> tuple[torch.Tensor, torch.Tensor | Targets | None]:
     """Images `x` (rows `idx`) augmented and normalised and, when distilling, the teacher's logits for exactly
-    the views the student sees (one of the K cached views per image). The draws are made for the `whole` batch
+    the views the student sees (one of the K cached views per image, or a fresh one). The draws are made for the `whole` batch
     and this process's `share` kept, so every rank's generator stays in step with one process's."""
-    if teacher is None:
+    if teacher is None or teacher.views is None:
         views = augment.random_views(whole, spec, generator)[share].to(x.device)
-        return train.normalize(augment.apply(x, views, spec)), None
+        x = train.normalize(augment.apply(x, views, spec))
+        return x, teacher.targets(idx, None, x) if teacher else None
     view = torch.randint(0, teacher.k_views, (whole,), generator=generator)[share].to(x.device)
     x = train.normalize(augment.apply(x, teacher.views[view, idx], spec))
     return x, teacher.targets(idx, view, x)

@@ -81,14 +81,14 @@ def record_path(cat: Catalog, name: str, variant: str, seed: int | None) -> str:
 def _one(args: argparse.Namespace, cfg, cat: Catalog, ctx) -> dict:
     """`train` or `cache`: one step of the plan, in this process."""
     from experiments.plans import build_plan
-    from experiments.run import work
+    from experiments.run import steps, work
     from tasks.stage import run_once
 
-    found = build_plan(args.name, cfg).trainings().get(args.job)
+    found = next((st for st in steps(build_plan(args.name, cfg)) if (st.kind, st.job) == (args.command, args.job)), None)
     if found is None:
-        raise KDError(f"{args.name}: no training {args.job!r} in this plan (with this configuration); "
+        raise KDError(f"{args.name}: no {args.command} step {args.job!r} in this plan (with this configuration); "
                       "`python -m experiments list` counts its trainings")
-    return run_once(cat, work(args.command, found, cfg, cat, ctx))
+    return run_once(cat, work(found, cfg, cat, ctx))
 
 
 def run_command(args: argparse.Namespace):

@@ -16,7 +16,7 @@ from typing import Callable
 from engine.config import KDConfig
 from engine.errors import KDError
 from engine.losses import LOSSES
-from engine.spec import Role, TrainSpec
+from engine.spec import GuideUse, Role, TrainSpec
 from models import build_model
 from tasks import train as training
 from tasks.catalog import Catalog
@@ -55,17 +55,33 @@ class Plan:
         return {s.id: s for r in self.select(variant, seed) for s in r.spec.lineage()}
 
 
+DEFAULT_TARGETS = "soft_targets"  # a zoo training's cache, made as the configuration's `cache` says
+
+
+def reading(g: TrainSpec, use: GuideUse, default: GuideUse) -> TrainSpec:
+    """Guide `g` as a training that reads it through `use` sees it: where a cache other than the configuration's
+    is read, from a folder of its own beside the default one (the guide's identity, and so its training, unchanged)."""
+    made = use.cache()
+    if use.online or made == default.cache():
+        return g
+    suffix = f"-k{made.views}" + (f"-top{made.topk}" if made.topk else "") + (f"-seed{made.seed}" if made.seed else "")
+    return g.model_copy(update={"targets": g.targets + suffix})
+
+
 def zoo(cfg: PipelineConfig, role: Role, arch: str, seed: int, guides: list[TrainSpec] = (), *, epochs: int | None = None,
-        lr: float | None = None, kd: KDConfig | None = None, survival: float = 1.0) -> TrainSpec:
+        lr: float | None = None, kd: KDConfig | None = None, survival: float = 1.0,
+        use: GuideUse | None = None) -> TrainSpec:
     """An experiment's training: its role's recipe (epochs, lr overridden), its hop's loss (`kd`, else the config's),
-    test accuracy measured; in data/zoo/<id>. It learns from labels only when it has no guides and its loss needs a
-    teacher; DML and self-distillation need none."""
+    its guides read as `use` says (else as the config's `cache`), test accuracy measured; in data/zoo/<id>. It
+    learns from labels only when it has no guides and its loss needs a teacher; DML and self-distillation need none."""
     hop = kd or cfg.kd
     used = hop if guides or not LOSSES[hop.loss].needs_teacher else None
+    if use is not None:
+        guides = [reading(g, use, training.use(cfg)) for g in guides]
     s = training.spec(cfg, role, arch, seed, train=training.recipe(cfg, role, epochs=epochs, lr=lr), kd=used,
-                      guides=tuple(guides), survival=survival, test=True)
+                      guides=tuple(guides), reading=use, survival=survival, test=True)
     folder, source = Catalog(Path(".")).zoo(s.id), " + ".join(f"{g.role} {g.arch}" for g in guides) or "labels"
-    return s.model_copy(update={"name": s.id, "out": str(folder / "model"), "targets": str(folder / "soft_targets"),
+    return s.model_copy(update={"name": s.id, "out": str(folder / "model"), "targets": str(folder / DEFAULT_TARGETS),
                                 "method": training.method(s),
                                 "title": f"{role} {arch} s{seed} from {source} ({training.method(s)})"})
 
@@ -193,6 +209,25 @@ def equal_compute(cfg: PipelineConfig) -> Plan:
                 rows, [], contrasts)
 
 
+def cache_views(cfg: PipelineConfig) -> Plan:
+    """The soft-target cache's own question: a student distilled (BLKD) from K cached views of each image, for each
+    K in `experiments.cache_views`, against the same student with the teacher run online on a fresh random view at
+    every step (function matching, Beyer et al. 2022). Each arm is read against the configuration's K."""
+    t, s, base = _teacher(cfg), cfg.student.arch, training.use(cfg)
+    arms = [(f"k{k}", base.model_copy(update={"views": k}), f"BLKD, {k} cached view{'s' if k > 1 else ''}")
+            for k in cfg.experiments.cache_views]
+    arms.append(("online", base.model_copy(update={"online": True, "fresh_views": True}),
+                 "BLKD, teacher online, a fresh view every step"))
+    rows = [Row(v, seed, _student(cfg, seed, [t], use=u), label) for seed in cfg.student.seeds for v, u, label in arms]
+    default, largest = f"k{base.views}", f"k{max(cfg.experiments.cache_views)}"
+    variants = [v for v, _, _ in arms]
+    contrasts = [(v, default) for v in variants if v != default and default in variants]
+    if largest != default:
+        contrasts.append(("online", largest))
+    return Plan("cache-views", f"K cached views against the teacher online, {t.arch} -> {s}", rows,
+                [_ref("teacher", t)], contrasts)
+
+
 def _hop(cfg: PipelineConfig, loss: str, **settings) -> KDConfig:
     """The config's kd with another loss and that loss's own settings (`dml={"peers": [...]}`)."""
     return cfg.kd.model_copy(update={"loss": loss, **{k: getattr(cfg.kd, k).model_copy(update=v) if isinstance(v, dict)
@@ -309,6 +344,7 @@ def _method_assistants(cfg: PipelineConfig, rows: list[Row]) -> list[tuple[str, 
 PLANS: dict[str, Callable[[PipelineConfig], Plan]] = {
     "comparison": comparison, "ta-sweep": ta_sweep, "teacher-sweep": teacher_sweep,
     "student-sweep": student_sweep, "paths": paths, "equal-compute": equal_compute, "methods": methods,
+    "cache-views": cache_views,
 }
 
 

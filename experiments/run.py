@@ -4,12 +4,14 @@ stages and the report command run them one after another here; the Prefect flow 
 the same commands as tasks."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from engine.errors import KDError
-from engine.spec import TrainSpec
+from engine.spec import CacheSpec, TrainSpec
 from experiments.analysis import Results
-from experiments.plans import Plan
+from experiments.plans import DEFAULT_TARGETS, Plan
 from tasks import tracking, train as training
 from tasks.catalog import Catalog
 from tasks.config import PipelineConfig
@@ -21,39 +23,63 @@ from tasks.stages import run_stage
 TRAIN, CACHE = "train", "cache"
 
 
-def steps(plan: Plan, variant: str = "*", seed: int | None = None) -> list[tuple[str, TrainSpec]]:
-    """(TRAIN or CACHE, spec) for every training the selected rows need, each guide's cache before its first
-    student, in an order where each step comes after what it reads."""
-    out: dict[tuple[str, str], TrainSpec] = {}
+@dataclass(frozen=True)
+class Step:
+    """A training, or the soft-target cache a training reads: `made` says which views (the reader's GuideUse), and
+    `spec.targets` where it goes. A cache's `job` is its guide's id, plus its folder's name where a plan reads
+    that guide through more than one cache (experiments.plans.reading)."""
+
+    kind: str
+    job: str
+    spec: TrainSpec
+    made: Optional[CacheSpec] = None
+
+    @property
+    def node(self) -> str:
+        return f"{self.kind}:{self.job}"
+
+
+def _cache_step(g: TrainSpec, made: CacheSpec) -> Step:
+    folder = Path(g.targets).name
+    return Step(CACHE, g.id if folder == DEFAULT_TARGETS else f"{g.id}.{folder}", g, made)
+
+
+def steps(plan: Plan, variant: str = "*", seed: int | None = None) -> list[Step]:
+    """Every training the selected rows need and each cache they read, each cache before its first reader, in an
+    order where each step comes after what it reads. A training that runs its guides online reads no cache."""
+    out: dict[str, Step] = {}
     for s in plan.trainings(variant, seed).values():
-        for g in s.guides:
-            out.setdefault((CACHE, g.id), g)
-        out.setdefault((TRAIN, s.id), s)
-    return [(kind, s) for (kind, _), s in out.items()]
+        for g in s.guides if s.guides and not s.use.online else ():
+            step = _cache_step(g, s.use.cache())
+            out.setdefault(step.node, step)
+        out.setdefault(f"{TRAIN}:{s.id}", Step(TRAIN, s.id, s))
+    return list(out.values())
 
 
-def command(kind: str, plan: Plan, s: TrainSpec, params: Path) -> list[str]:
+def command(step: Step, plan: Plan, params: Path) -> list[str]:
     """The step's command after `python -m`."""
-    return ["experiments", kind, plan.name, "--job", s.id, "--params", str(params)]
+    return ["experiments", step.kind, plan.name, "--job", step.job, "--params", str(params)]
 
 
-def needs(kind: str, s: TrainSpec) -> list[tuple[str, str]]:
-    """The steps it reads: a cache its training; a training its guides' caches and its start."""
-    if kind == CACHE:
-        return [(TRAIN, s.id)]
-    return [(CACHE, g.id) for g in s.guides] + ([(TRAIN, s.init.id)] if s.init else [])
+def needs(step: Step) -> list[str]:
+    """The nodes it reads: a cache its training; a training its guides' caches (none online) and its start."""
+    s = step.spec
+    if step.kind == CACHE:
+        return [f"{TRAIN}:{s.id}"]
+    caches = [_cache_step(g, s.use.cache()).node for g in s.guides] if s.guides and not s.use.online else []
+    return caches + [f"{TRAIN}:{g.id}" for g in s.guides if s.use.online] + ([f"{TRAIN}:{s.init.id}"] if s.init else [])
 
 
-def work(kind: str, s: TrainSpec, cfg: PipelineConfig, cat: Catalog, ctx: RunContext) -> Work:
-    if kind == TRAIN:
-        return training.training(s, cfg, cat, ctx, f"train-{s.id}")
-    return training.caching(s, training.use(cfg).cache(), cfg, cat, f"cache-{s.id}")
+def work(step: Step, cfg: PipelineConfig, cat: Catalog, ctx: RunContext) -> Work:
+    if step.kind == TRAIN:
+        return training.training(step.spec, cfg, cat, ctx, f"train-{step.job}")
+    return training.caching(step.spec, step.made, cfg, cat, f"cache-{step.job}")
 
 
-def done(kind: str, s: TrainSpec, cfg: PipelineConfig, cat: Catalog, ctx: RunContext) -> dict | None:
+def done(step: Step, cfg: PipelineConfig, cat: Catalog, ctx: RunContext) -> dict | None:
     """Its recorded summary when it is up to date; None when its command must run."""
     try:
-        return work(kind, s, cfg, cat, ctx).done()
+        return work(step, cfg, cat, ctx).done()
     except KDError:  # an upstream output is missing: the command will say so
         return None
 
@@ -64,9 +90,9 @@ def run_rows(plan: Plan, cfg: PipelineConfig, cat: Catalog, ctx: RunContext, par
     run_stage("prepare-data", cfg, cat, ctx=ctx)  # reused when the data and its config are unchanged
     ctx = ctx.under(tracking.parent_of(ctx, cfg))  # under `dvc repro`, the repro's parent run, found once here
     results: Results = {}
-    for kind, s in steps(plan, variant, seed):
-        found = done(kind, s, cfg, cat, ctx)
-        result = {**found, "reused": True} if found is not None else launch(command(kind, plan, s, params), ctx)
-        if kind == TRAIN:
-            results[s.id] = result
+    for step in steps(plan, variant, seed):
+        found = done(step, cfg, cat, ctx)
+        result = {**found, "reused": True} if found is not None else launch(command(step, plan, params), ctx)
+        if step.kind == TRAIN:
+            results[step.job] = result
     return results

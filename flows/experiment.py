@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 
 from engine.device import resolve_device
 from experiments.plans import PLANS, Plan, build_plan
-from experiments.run import CACHE, TRAIN, command, done, needs, steps
+from experiments.run import TRAIN, command, done, needs, steps
 from flows.runners import DEFAULT_WORKERS, GPU_TAG, WORKERS, Node, run_graph, task_runner
 from tasks import tracking
 from tasks.catalog import Catalog
@@ -33,11 +33,11 @@ def nodes(plan: Plan, cfg: PipelineConfig, cat: Catalog, ctx: RunContext, params
     """prepare-data, every training and cache the selected rows need, and the report when the whole plan runs."""
     tags = [GPU_TAG] if resolve_device(cfg.device).type == "cuda" else []
     out = {PREPARE: Node(PREPARE, f"prepare data {cfg.data.name}", Instance(STAGES[PREPARE]).command(params))}
-    for kind, s in steps(plan, variant, seed):
-        title = s.title if kind == TRAIN else f"cache soft targets of {s.role} {s.arch} s{s.seed}"
-        out[f"{kind}:{s.id}"] = Node(kind, title, command(kind, plan, s, params),
-                                     [PREPARE, *(f"{k}:{i}" for k, i in needs(kind, s))], tags,
-                                     partial(done, kind, s, cfg, cat, ctx))
+    for step in steps(plan, variant, seed):
+        s = step.spec
+        title = s.title if step.kind == TRAIN else f"cache soft targets of {s.role} {s.arch} s{s.seed} ({step.made.views} views)"
+        out[step.node] = Node(step.kind, title, command(step, plan, params), [PREPARE, *needs(step)], tags,
+                              partial(done, step, cfg, cat, ctx))
     if variant == "*" and seed is None:
         out[REPORT] = Node(REPORT, f"report {plan.name}", ["experiments", REPORT, plan.name, "--params", params],
                            [n for n in out if n.startswith(f"{TRAIN}:")])
@@ -86,3 +86,4 @@ FLOWS = {name: experiment_flow(name) for name in PLANS}
 # prefect.yaml's entrypoints name them (flows/experiment.py:ta_sweep).
 comparison, ta_sweep, teacher_sweep = FLOWS["comparison"], FLOWS["ta-sweep"], FLOWS["teacher-sweep"]
 student_sweep, paths, equal_compute, methods = FLOWS["student-sweep"], FLOWS["paths"], FLOWS["equal-compute"], FLOWS["methods"]
+cache_views = FLOWS["cache-views"]

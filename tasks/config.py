@@ -6,7 +6,7 @@ Defaults here ARE the default experiment; params.yaml is written from them
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -188,6 +188,9 @@ class ExperimentsConfig(Strict):
                                      min_length=1, description="student-size sweep, teacher fixed")
     path_sizes: list[str] = Field(default_factory=lambda: ["plain-8", "plain-6", "plain-4"],
                                   description="paths: every subset of these, largest first, between teacher and student")
+    cache_views: list[Annotated[int, Field(ge=1, le=64)]] = Field(default_factory=lambda: [1, 2, 8], min_length=1,
+                                   description="cache-views: the K cached views per image each student arm reads; "
+                                               "beside them, the teacher online with a fresh view at every step")
     dgkd: bool = Field(True, description="paths: also densely guided KD over the full path")
     guide_survival: float = Field(0.75, gt=0, le=1, description="DGKD: chance each guide is kept at a step")
     equal_epochs: int = Field(10, ge=2, description="equal compute: E epochs from labels vs E/2 teacher + E/2 distillation")

@@ -44,10 +44,11 @@ def use(cfg: PipelineConfig) -> GuideUse:
 
 
 def spec(cfg: PipelineConfig, role: Role, arch: str, seed: int, *, train: TrainConfig, kd: KDConfig | None = None,
-         guides: tuple[TrainSpec, ...] = (), **kw) -> TrainSpec:
-    """A TrainSpec from the configuration: `kd` None learns from labels only; guides are read as cfg.cache says."""
+         guides: tuple[TrainSpec, ...] = (), reading: GuideUse | None = None, **kw) -> TrainSpec:
+    """A TrainSpec from the configuration: `kd` None learns from labels only; guides are read as `reading` says,
+    else as cfg.cache says."""
     return TrainSpec(role=role, arch=arch, seed=seed, train=train, loss=kd.loss if kd else "ce", kd=kd,
-                     guides=tuple(guides), use=use(cfg) if guides else None, **kw)
+                     guides=tuple(guides), use=(reading or use(cfg)) if guides else None, **kw)
 
 
 def hop_kd(cfg: PipelineConfig, role: Role) -> KDConfig:
@@ -76,8 +77,10 @@ def imported(cfg: PipelineConfig) -> Imported | None:
 # ---------------------------------------------------------------- keys
 
 def _upstream(spec: TrainSpec, cat: Catalog) -> list[Path]:
-    """The outputs a training reads: the prepared data, each guide's model and soft targets, its start."""
-    guides = [cat.root / p for g in spec.guides for p in (g.out, g.targets)]
+    """The outputs a training reads: the prepared data, each guide's model and (read from a cache) soft targets,
+    its start."""
+    cached = spec.use is not None and not spec.use.online
+    guides = [cat.root / p for g in spec.guides for p in ((g.out, g.targets) if cached else (g.out,))]
     return [cat.prepared, *guides, *([cat.root / spec.init.out] if spec.init else [])]
 
 

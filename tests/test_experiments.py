@@ -131,6 +131,30 @@ def test_plans_share_trainings_across_experiments(cfg):
         build_plan("nope", cfg)
 
 
+def test_cache_views_plan_reads_each_k_from_a_cache_of_its_own(cfg, tmp_path, monkeypatch):
+    """K cached views per arm, each from its own folder beside the default cache; the default K is the BLKD student
+    every plan shares; the online arm reads no cache and sees a fresh view at every step."""
+    from experiments.run import CACHE, steps
+    from tasks.catalog import Catalog
+
+    plan = build_plan("cache-views", cfg)
+    assert plan.select("k2", 0)[0].spec.id == build_plan("comparison", cfg).select("blkd", 0)[0].spec.id
+    caches = {st.job.split(".")[-1]: st for st in steps(plan) if st.kind == CACHE}
+    assert {k: (st.made.views, st.spec.targets.rsplit("/", 1)[1]) for k, st in caches.items()} == {
+        "soft_targets-k1": (1, "soft_targets-k1"), plan.select("teacher")[0].spec.id: (2, "soft_targets"),
+        "soft_targets-k8": (8, "soft_targets-k8")}
+    assert plan.contrasts == [("k1", "k2"), ("k8", "k2"), ("online", "k2"), ("online", "k8")]
+    monkeypatch.setenv("KD_PROJECT_ROOT", str(tmp_path))
+    cat = Catalog(tmp_path)
+    results = {**_run_rows(plan, cfg, cat, "k1", 0), **_run_rows(plan, cfg, cat, "online", 0)}
+    teacher = tmp_path / plan.select("teacher")[0].spec.out
+    manifest = json.loads((teacher.parent / "soft_targets-k1" / "manifest.json").read_text())
+    assert manifest["shape"][0] == 1 and not (teacher.parent / "soft_targets").exists()
+    online = json.loads((tmp_path / plan.select("online", 0)[0].spec.out / "model.json").read_text())
+    assert online["teacher_views"] == "fresh" and online["teacher_mode"] == "online"
+    assert all(r["train_seconds"] > 0 for sid, r in results.items() if sid.startswith("student"))
+
+
 def _fingerprints(root):
     return {p.parent.parent.name: json.loads(p.read_text())["result"]["model_fingerprint"]
             for p in (root / "data" / "zoo").glob("*/model/stage.json")}

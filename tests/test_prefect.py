@@ -30,7 +30,7 @@ def test_deployments_load_and_build(monkeypatch):
         assert dep.flow_name == ("takd-pipeline" if "pipeline" in d["entrypoint"] else f"takd-{d['name'].removesuffix('-dask')}")
         names.append(dep.name)
     assert names == ["default", "nightly", "paper", "comparison", "ta-sweep", "teacher-sweep", "student-sweep", "paths",
-                     "equal-compute", "methods", "ta-sweep-dask"]
+                     "equal-compute", "methods", "cache-views", "ta-sweep-dask"]
 
 
 def _deployed_parameters(d: dict) -> dict:

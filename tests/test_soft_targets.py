@@ -164,3 +164,31 @@ def test_cached_teacher_features_equal_the_online_teachers_up_to_fp16(data_cfg, 
     for n in names:
         scale = online[n].abs().max().item()
         torch.testing.assert_close(cached[n], online[n], rtol=1e-3, atol=1e-3 * scale)
+
+
+def test_fresh_views_run_the_teacher_on_a_new_view_at_every_step(setup):
+    """K fixed views: the teacher (and the student) only ever see those; fresh views (cache.fresh_views): a new
+    random view at each step, the teacher run on exactly the student's input."""
+    s, tr, va, teacher, _ = setup
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def recording(idx, view, x):
+        seen.append((idx, x))
+        return teacher(x)
+
+    clean_share = []
+    for views in (augment.fixed_views(len(tr), s.augment, 7, 1), None):  # K = 1: view 0, the clean image
+        seen.clear()
+        fit(build_model("plain-2", 1, 10, 28), tr, va, TrainConfig(epochs=1, batch_size=64), build_loss("kd", KDConfig()),
+            seed_everything(0), s.augment, kd=KDConfig(), teacher=Teacher(recording, views))
+        clean = [torch.allclose(x[j], tr.normalize(tr.x[i : i + 1])[0]) for idx, x in seen for j, i in enumerate(idx.tolist())]
+        clean_share.append(sum(clean) / len(clean))
+    assert clean_share[0] == 1.0 and clean_share[1] < 0.6, clean_share
+
+
+def test_fresh_views_need_the_teacher_online():
+    from engine.spec import GuideUse
+
+    with pytest.raises(ValueError, match="fresh_views: true needs cache.online: true"):
+        GuideUse(fresh_views=True)
+    assert GuideUse(online=True, fresh_views=True).fresh_views
