@@ -28,4 +28,6 @@ SUITES = {
     "storage": Suite("8. Data streamed from disk against data in memory", "bench.storage"),
     "formats": Suite("9. The store's format against maintained streaming formats", "bench.formats"),
     "distributed": Suite("10. One training over one process and over two (DDP)", "bench.distributed"),
+    "distill-cost": Suite("11. What distilling adds to an epoch: KD over labels only, CRD and ReviewKD over KD",
+                          "bench.distill_cost"),
 }

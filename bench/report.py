@@ -18,6 +18,8 @@ COLUMNS = {
     "storage": ["case", "way", "cache", "img_s", "ratio_to_memory", "ratio_range"],
     "formats": ["case", "format", "version", "write_s", "mb_on_disk", "by_index_rows_s", "own_order_rows_s"],
     "distributed": ["case", "processes", "arch", "batch", "train_images", "img_s_median"],
+    "distill-cost": ["arm", "student", "teacher", "train_images", "bank_rows", "step_gflop", "epoch_s", "against",
+                     "ratio", "ratio_range", "flops_ratio"],
 }
 
 

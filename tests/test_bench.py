@@ -31,7 +31,7 @@ def _run(tmp_path, fashion_dir, suites: list[str], extra: dict | None = None, sc
 
 
 def test_micro_suites_write_json_and_markdown(tmp_path, fashion_dir):
-    _run(tmp_path, fashion_dir, ["overhead", "original", "cache", "gpu"], scale=0.002,  # 16 to 100 images
+    _run(tmp_path, fashion_dir, ["overhead", "original", "cache", "gpu", "distill-cost"], scale=0.002,  # 16-100 images
          extra={"gpu_models": ("plain-10",)})
     results = _run(tmp_path, fashion_dir, ["scaling"])  # merged into the same report
     for name in ("overhead", "gpu"):
@@ -51,6 +51,14 @@ def test_micro_suites_write_json_and_markdown(tmp_path, fashion_dir):
         assert row["expected_by_time"] == pytest.approx(1 + row["teacher_forward_s"] / row["cached_epoch_s"])
         assert row["measured_ratio"] == pytest.approx(row["online_epoch_s"] / row["cached_epoch_s"])
     assert [r["model"] for r in results["gpu"]["rows"]] == ["plain-10"]
+    cost = {r["arm"]: r for r in results["distill-cost"]["rows"]}
+    assert list(cost) == ["ce", "kd", "crd", "crd-gather", "reviewkd"]
+    for arm, row in cost.items():  # one repeat: each ratio is that round's pair of epochs
+        if arm != "ce":
+            (a,), (b,) = row["runs_s"], cost[row["against"]]["runs_s"]
+            assert (a - 5e-4) / (b + 5e-4) <= row["ratio"] <= (a + 5e-4) / max(b - 5e-4, 1e-9)
+    assert cost["crd"]["bank_rows"] > cost["crd"]["train_images"]  # the bank spans the whole split
+    assert results["distill-cost"]["summary"]["crd_over_kd"] == cost["crd"]["ratio"]
     data_rows = [r for r in results["scaling"]["rows"] if r["sweep"] == "data"]
     assert [r["train_images"] for r in data_rows] == sorted(r["train_images"] for r in data_rows)
     from scipy.stats import linregress  # the summary's fit, recomputed independently from its rows

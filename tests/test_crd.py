@@ -218,3 +218,29 @@ def test_wrapped_model_shares_the_weights_and_keeps_its_plain_forward(ctx):
     assert set(feats) == {"s1"}
     ids = {id(p) for p in wrapped.parameters()}
     assert all(id(p) in ids for p in model.parameters())  # training the wrapper trains the model
+
+
+def test_scoring_with_the_whole_bank_equals_the_references_gather(ctx, monkeypatch):
+    """The same losses, gradients and banks over three steps, whether each anchor's rows are gathered (the
+    reference's way) or the whole bank multiplied (ours, where the bank is small against the rows per anchor)."""
+    from engine.losses import contrastive
+
+    def run(factor):
+        monkeypatch.setattr(contrastive, "WHOLE_BANK_FACTOR", factor)
+        loss = crd(ctx)
+        assert contrastive.whole_bank(loss.memory_s, torch.zeros(2, 4, dtype=torch.long)) == (factor > 0)
+        torch.manual_seed(3)
+        out = []
+        for _ in range(3):
+            fs = torch.randn(2, 3, 4, 4, requires_grad=True)
+            value = loss(_batch(fs, torch.randn(2, 5, 4, 4)), 0.0)["crd"]
+            value.backward()
+            out.append((value.detach(), fs.grad, loss.embed_s.weight.grad.clone()))
+        return out, (loss.memory_s.clone(), loss.memory_t.clone())
+
+    (whole, banks_whole), (gather, banks_gather) = run(32), run(0)
+    for a, b in zip(whole, gather):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    for x, y in zip(banks_whole, banks_gather):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)

@@ -43,9 +43,37 @@ def nce_loss(log_p: torch.Tensor, num_train: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_bank(bank: torch.Tensor, rows: torch.Tensor, v: torch.Tensor, momentum: float) -> None:
-    """The rows seen this step move towards their new embeddings and stay on the unit sphere."""
-    bank[rows] = F.normalize(momentum * bank[rows] + (1 - momentum) * v.detach(), dim=1)
+def update_bank(bank: torch.Tensor, rows: torch.Tensor, v: torch.Tensor, momentum: float,
+                in_place: bool = True) -> torch.Tensor:
+    """The rows seen this step move towards their new embeddings and stay on the unit sphere. Not in place when
+    this step's scores multiplied the whole bank (whole_bank): their backward still needs it as it was."""
+    new = F.normalize(momentum * bank[rows] + (1 - momentum) * v.detach(), dim=1)
+    if not in_place:
+        return bank.index_copy(0, rows, new)
+    bank[rows] = new
+    return bank
+
+
+def scores(bank: torch.Tensor, v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[B, R]: <bank[rows[b, r]], v[b]>. The reference gathers bank[rows] ([B, R, D]) and multiplies each anchor's
+    block by its embedding: a read of B R D floats that memory bandwidth bounds (three reads a step, with the
+    backward). Where the bank has few rows against R, one product with the whole bank ([B, N], a matrix product
+    that runs near the machine's arithmetic peak) and picking the rows from it is the same numbers, several times
+    faster; docs/benchmarks.md measures both."""
+    if whole_bank(bank, rows):
+        return (v @ bank.T).gather(1, rows)
+    return torch.einsum("bkd,bd->bk", bank[rows], v)
+
+
+def whole_bank(bank: torch.Tensor, rows: torch.Tensor) -> bool:
+    """Whether scores() multiplies by the whole bank: few rows against the R read per anchor (rows [B, R]), and
+    [B, N] not huge."""
+    n = bank.shape[0]
+    return n <= WHOLE_BANK_FACTOR * rows.shape[-1] and n * rows.shape[0] <= WHOLE_BANK_MAX
+
+
+WHOLE_BANK_FACTOR = 32  # the whole-bank product does N / R times the arithmetic; measured faster up to ~50x
+WHOLE_BANK_MAX = 2**26  # [B, N] scores held at once (256 MB in fp32)
 
 
 def random_bank(rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -141,13 +169,13 @@ class CRD(FeatureLoss):
         v_s = F.normalize(self.embed_s(pooled(f_s)), dim=1)
         v_t = F.normalize(self.embed_t(pooled(f_t).detach()), dim=1)  # trains the head, never the teacher
         rows = torch.cat([index[:, None], self.draw_negatives(index)], 1)  # the positive first
-        logits = torch.stack([torch.einsum("bkd,bd->bk", self.memory_t[rows], v_s),
-                              torch.einsum("bkd,bd->bk", self.memory_s[rows], v_t)]) / self.cfg.nce_t
+        logits = torch.stack([scores(self.memory_t, v_s, rows), scores(self.memory_s, v_t, rows)]) / self.cfg.nce_t
         log_p = self._normalised(logits)
         loss = nce_loss(log_p[0], self.num_train) + nce_loss(log_p[1], self.num_train)
         # After scoring: the positive is the bank's memory of the image, not this step's embedding.
-        update_bank(self.memory_s, index, v_s, self.cfg.momentum)
-        update_bank(self.memory_t, index, v_t, self.cfg.momentum)
+        in_place = not whole_bank(self.memory_s, rows)
+        self.memory_s = update_bank(self.memory_s, index, v_s, self.cfg.momentum, in_place)
+        self.memory_t = update_bank(self.memory_t, index, v_t, self.cfg.momentum, in_place)
         return loss
 
     def forward(self, batch: Batch, lam: float) -> dict[str, torch.Tensor]:
