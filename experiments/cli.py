@@ -5,6 +5,7 @@
   report NAME                       train what is missing, then write the tables and plots (DVC)
   train NAME --job ID               one training of the plan, in this process (what `job`, `report` and the flow launch)
   cache NAME --job ID               the soft targets of one of its trainings, in this process
+  reanalyse NAME [NAME ...]         recompute a written report's statistics from its per-seed table (no training)
 
 `takd experiments run NAME` runs one as a Prefect flow (takd/cli.py).
 
@@ -51,6 +52,14 @@ def add_commands(sub: LazySubParsers) -> None:
                             ("train", "one training of the plan, in this process"),
                             ("cache", "the soft targets of one training of the plan, in this process")):
         sub.add_parser(name, fill=_plan_command(name), help=help_text, description=help_text)
+    sub.add_parser("reanalyse", fill=_reanalyse_args,
+                   help="recompute written reports' statistics from their per-seed tables, without the trainings")
+
+
+def _reanalyse_args(p: argparse.ArgumentParser) -> None:
+    from experiments.plans import PLANS
+
+    p.add_argument("names", nargs="+", choices=list(PLANS), metavar="NAME", help=", ".join(PLANS))
 
 
 def add_plan_args(p: argparse.ArgumentParser, selection: bool) -> None:
@@ -99,6 +108,10 @@ def run_command(args: argparse.Namespace):
     from tasks.launch import config_file
     from tasks.run_context import RunContext
 
+    if args.command == "reanalyse":
+        from experiments.report import reanalyse
+
+        return {name: reanalyse(Catalog.default().experiment(name) / "report") for name in args.names}
     given = config_from(args)
     cfg, ctx = tracking.for_experiments(given), RunContext.resolve().apply()
     cat = Catalog(ctx.root)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from engine.atomic import atomic_path, save_json
 from experiments import figures
-from experiments.analysis import Results, analyse
+from engine.errors import KDError
+from experiments.analysis import Results, analyse, reanalysed
 from experiments.plans import Plan
 from tasks import tracking
 from tasks.catalog import Catalog
@@ -93,16 +94,33 @@ def metrics(table: dict) -> dict:
 FILES = ("table.md", "table.csv", "plot.csv")
 
 
-def write(table: dict, plan: Plan, out: Path) -> None:
+def write(table: dict, plan: Plan | None, out: Path) -> None:
+    """Every file of the report; the plots only with the plan (they place the variants by it)."""
     texts = [markdown(table), _csv(table["rows"], COLUMNS),
              _csv([{**r, "mean": 100 * r["mean"], "std": 100 * r["std"]} for r in table["rows"]],
                   ["variant", "label", "x", "mean", "std", "params"])]
     for name, text in zip(FILES, texts):
         with atomic_path(out / name) as tmp:
             tmp.write_text(text)
-    save_json(table, out / "table.json")
     save_json(metrics(table), out / "metrics.json")
-    figures.draw(table, plan, out)
+    save_json(table, out / "table.json")  # last: what the others were made from
+    if plan is not None:
+        figures.draw(table, plan, out)
+
+
+def reanalyse(out: Path) -> dict:
+    """Rewrite a report's tables (not its plots, which no statistic changes) with the contrasts recomputed from its
+    table.json's per-seed accuracies: `takd experiments reanalyse NAME`."""
+    path = out / "table.json"
+    if not path.is_file():
+        raise KDError(f"{path}: no report to reanalyse; `takd experiments run` makes it")
+    table = json.loads(path.read_text())
+    if any("best_epoch" not in r for r in table["rows"]):
+        raise KDError(f"{path}: written before reports kept the best-test-epoch protocol's per-seed accuracies; "
+                      "only a rerun of the experiment (`takd experiments run`) can remake it")
+    table = reanalysed(table)
+    write(table, None, out)
+    return {c["label"]: {k: c[k] for k in ("mean", "p", "p_holm", "beyond_noise")} for c in table["contrasts"]}
 
 
 def report_experiment(plan: Plan, cfg: PipelineConfig, cat: Catalog, ctx: RunContext, results: Results,

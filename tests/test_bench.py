@@ -52,7 +52,8 @@ def test_micro_suites_write_json_and_markdown(tmp_path, fashion_dir):
         assert row["measured_ratio"] == pytest.approx(row["online_epoch_s"] / row["cached_epoch_s"])
     assert [r["model"] for r in results["gpu"]["rows"]] == ["plain-10"]
     cost = {r["arm"]: r for r in results["distill-cost"]["rows"]}
-    assert list(cost) == ["ce", "kd", "crd", "crd-gather", "reviewkd"]
+    assert list(cost) == ["ce", "kd", "kd-online", "crd", "crd-gather", "reviewkd"]
+    assert cost["kd-online"]["step_gflop"] > cost["kd"]["step_gflop"]  # the teacher's forward pass counts
     for arm, row in cost.items():  # one repeat: each ratio is that round's pair of epochs
         if arm != "ce":
             (a,), (b,) = row["runs_s"], cost[row["against"]]["runs_s"]
