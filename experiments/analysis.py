@@ -47,7 +47,9 @@ def analyse(plan: Plan, cfg: PipelineConfig, results: Results) -> dict:
     for row, by_test in zip(table["rows"], best["rows"]):
         first = next(r for r in plan.rows if r.variant == row["variant"])
         res = results[first.spec.id]
+        seconds = [results[r.spec.id].get("train_seconds") for r in plan.rows if r.variant == row["variant"]]
         rows.append({**row, "x": first.x, "params": res["params"], "flops": res["flops"],
+                     "train_seconds": sum(seconds) / len(seconds) if None not in seconds else None,
                      "chain_gflops_per_image": chain_gflops(cfg, first.spec, results),
                      "best_epoch": {k: by_test[k] for k in ("mean", "std", "per_seed")}})
     refs = [{"variant": r.variant, "label": r.label, "x": r.x, "test_acc": results[r.spec.id]["test_acc"],

@@ -21,7 +21,7 @@ from tasks.stage import Work, run_once
 from tasks.train import key_inputs
 
 REPORT_CODE = ("tasks/report.py", "tasks/figures.py", "experiments")
-COLUMNS = ["variant", "label", "n", "mean", "std", "params", "chain_gflops_per_image"]
+COLUMNS = ["variant", "label", "n", "mean", "std", "params", "chain_gflops_per_image", "train_seconds"]
 
 
 def _rows_md(table: dict) -> list[dict]:
@@ -29,7 +29,8 @@ def _rows_md(table: dict) -> list[dict]:
              "test acc (%), val-selected": f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}",
              "per seed": " ".join(f"{100 * v:.2f}" for v in r["per_seed"].values()),
              "best test epoch (%)": f"{100 * r['best_epoch']['mean']:.2f} ± {100 * r['best_epoch']['std']:.2f}",
-             "params": r["params"], "train GFLOP/img (chain)": f"{r['chain_gflops_per_image']:.3g}"}
+             "params": r["params"], "train GFLOP/img (chain)": f"{r['chain_gflops_per_image']:.3g}",
+             "train s (mean)": "" if r.get("train_seconds") is None else f"{r['train_seconds']:.0f}"}
             for r in table["rows"]]
 
 

@@ -190,6 +190,8 @@ def test_experiment_end_to_end_on_tiny_data(cfg, tmp_path, monkeypatch):
     by_seed = {r.seed: results[r.spec.id]["test_acc"] for r in plan.select("blkd")}
     assert {int(k): v for k, v in blkd["per_seed"].items()} == by_seed  # JSON keys are strings
     assert blkd["mean"] == pytest.approx(sum(by_seed.values()) / 2)
+    seconds = [results[r.spec.id]["train_seconds"] for r in plan.select("blkd")]
+    assert blkd["train_seconds"] == pytest.approx(sum(seconds) / 2) and min(seconds) > 0
     assert table["rule_of_thumb"]["rule_pick"] == "plain-4"
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["blkd_mean"] == pytest.approx(blkd["mean"]) and "via-plain-4_minus_blkd_low" in metrics
