@@ -118,6 +118,8 @@ class TrainSpec(Frozen):
         own = self.model_dump(mode="json", exclude=NOT_IDENTITY | {"guides", "init"})
         if self.parallel is None:  # one process: the identity every training had before processes were a setting
             del own["parallel"]
+        if own.get("use") and not own["use"]["fresh_views"]:  # likewise before fresh views were a setting
+            del own["use"]["fresh_views"]
         return {**own, "guides": [g.identity() for g in self.guides],
                 "init": self.init.identity() if self.init else None}
 

@@ -53,7 +53,8 @@ def add_commands(sub: LazySubParsers) -> None:
                             ("cache", "the soft targets of one training of the plan, in this process")):
         sub.add_parser(name, fill=_plan_command(name), help=help_text, description=help_text)
     sub.add_parser("reanalyse", fill=_reanalyse_args,
-                   help="recompute written reports' statistics from their per-seed tables, without the trainings")
+                   help="recompute written reports' statistics from their per-seed tables, without the trainings "
+                        "(the table files only; MLflow keeps what it logged)")
 
 
 def _reanalyse_args(p: argparse.ArgumentParser) -> None:

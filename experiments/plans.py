@@ -214,12 +214,13 @@ def cache_views(cfg: PipelineConfig) -> Plan:
     K in `experiments.cache_views`, against the same student with the teacher run online on a fresh random view at
     every step (function matching, Beyer et al. 2022). Each arm is read against the configuration's K."""
     t, s, base = _teacher(cfg), cfg.student.arch, training.use(cfg)
-    arms = [(f"k{k}", base.model_copy(update={"views": k}), f"BLKD, {k} cached view{'s' if k > 1 else ''}")
+    cached = {"online": False, "fresh_views": False}  # whatever cfg.cache says, these arms read a cache
+    arms = [(f"k{k}", base.model_copy(update={"views": k, **cached}), f"BLKD, {k} cached view{'s' if k > 1 else ''}")
             for k in cfg.experiments.cache_views]
     arms.append(("online", base.model_copy(update={"online": True, "fresh_views": True}),
                  "BLKD, teacher online, a fresh view every step"))
     rows = [Row(v, seed, _student(cfg, seed, [t], use=u), label) for seed in cfg.student.seeds for v, u, label in arms]
-    default, largest = f"k{base.views}", f"k{max(cfg.experiments.cache_views)}"
+    default, largest = f"k{base.views}", f"k{max(cfg.experiments.cache_views)}"  # the default: the other plans' BLKD
     variants = [v for v, _, _ in arms]
     contrasts = [(v, default) for v in variants if v != default and default in variants]
     if largest != default:

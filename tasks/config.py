@@ -204,6 +204,13 @@ class ExperimentsConfig(Strict):
     methods: Optional[list[str]] = Field(None, min_length=1, description="methods: only these variants (kd, kd-ls, "
                                                                          "dist, ...) and what they learn from; unset: all")
 
+    @field_validator("cache_views")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each K once: {v} repeats {sorted({k for k in v if v.count(k) > 1})}")
+        return v
+
     @field_validator("ta_sizes", "teacher_sizes", "student_sizes", "path_sizes", "ensemble_teachers", "dml_peers")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:

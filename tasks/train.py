@@ -148,8 +148,8 @@ def train_here(s: TrainSpec, cfg: PipelineConfig, cat: Catalog, ctx: RunContext 
     """Train `s` in this process, after what it learns from (each training and cache reused when up to date);
     its summary. For scripts and notebooks: the flows and DVC stages launch each training in a process of its own."""
     ctx = ctx or RunContext.resolve(cat.root)
-    for up in s.lineage()[:-1]:
-        run_once(cat, training(up, cfg, cat, ctx))
-        if any(up.id == g.id for later in s.lineage() for g in later.guides):
-            run_once(cat, caching(up, use(cfg).cache(), cfg, cat))
-    return run_once(cat, training(s, cfg, cat, ctx), force)
+    for t in s.lineage():  # upstream first: each guide is trained before its cache and its readers
+        for g in t.guides if t.use and not t.use.online else ():
+            run_once(cat, caching(g, t.use.cache(), cfg, cat))  # as the reader reads it, into its folder
+        result = run_once(cat, training(t, cfg, cat, ctx), force and t is s)
+    return result

@@ -144,6 +144,10 @@ def test_cache_views_plan_reads_each_k_from_a_cache_of_its_own(cfg, tmp_path, mo
         "soft_targets-k1": (1, "soft_targets-k1"), plan.select("teacher")[0].spec.id: (2, "soft_targets"),
         "soft_targets-k8": (8, "soft_targets-k8")}
     assert plan.contrasts == [("k1", "k2"), ("k8", "k2"), ("online", "k2"), ("online", "k8")]
+    online_cfg = cfg.model_copy(update={"cache": cfg.cache.model_copy(update={"online": True})})
+    assert [r.spec.use.online for r in build_plan("cache-views", online_cfg).select("k*", 0)] == [False] * 3
+    with pytest.raises(Exception, match="each K once"):
+        load_config(None, {"experiments.cache_views": [2, 2]})
     monkeypatch.setenv("KD_PROJECT_ROOT", str(tmp_path))
     cat = Catalog(tmp_path)
     results = {**_run_rows(plan, cfg, cat, "k1", 0), **_run_rows(plan, cfg, cat, "online", 0)}

@@ -212,6 +212,10 @@ def test_a_topk_cache_serves_kd_and_refuses_the_losses_that_read_every_class(pro
     run_stage("prepare-data", cfg, cat)
     teacher = zoo(cfg, "teacher", "plain-4", 0)
     assert train_here(zoo(cfg, "student", "plain-2", 0, [teacher], epochs=1), cfg, cat)["test_acc"] > 0.2
+    # A student that reads the teacher through another cache gets that cache, in a folder of its own.
+    one_view = cfg.cache.model_copy(update={"views": 1})
+    assert train_here(zoo(cfg, "student", "plain-2", 0, [teacher], epochs=1, use=one_view), cfg, cat)["test_acc"] > 0.2
+    assert (cat.root / teacher.out).parent.joinpath("soft_targets-k1-top2", "manifest.json").is_file()
     for loss, extra, how in (("dkd", {}, ""), ("dist", {}, ""), ("kd", {"standardize": True}, " with kd.standardize")):
         kd = cfg.kd.model_copy(update={"loss": loss, **extra})
         with pytest.raises(KDError, match=rf"loss '{loss}'{how} reads every class's teacher logit, which a top-k "

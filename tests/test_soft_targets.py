@@ -192,3 +192,12 @@ def test_fresh_views_need_the_teacher_online():
     with pytest.raises(ValueError, match="fresh_views: true needs cache.online: true"):
         GuideUse(fresh_views=True)
     assert GuideUse(online=True, fresh_views=True).fresh_views
+    # At its default the setting leaves every training's id as it was before it existed; set, it makes another.
+    from engine.config import TrainConfig
+    from engine.spec import TrainSpec
+
+    teacher = TrainSpec(role="teacher", arch="plain-4", train=TrainConfig())
+    blkd = TrainSpec(role="student", arch="plain-2", train=TrainConfig(), loss="kd", kd=KDConfig(), guides=(teacher,),
+                     use=GuideUse(online=True))
+    assert "fresh_views" not in blkd.identity()["use"]
+    assert blkd.model_copy(update={"use": GuideUse(online=True, fresh_views=True)}).id != blkd.id
