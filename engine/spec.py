@@ -128,6 +128,10 @@ class TrainSpec(Frozen):
         """Readable and content-addressed: 'student-plain-2-s1-3f9c0a1b2d'."""
         return f"{self.role}-{self.arch}-s{self.seed}-{config_fingerprint(self.identity())[:10]}"
 
+    def cached_guides(self) -> tuple["TrainSpec", ...]:
+        """The guides it reads from soft-target caches: none when it runs them online."""
+        return self.guides if self.use is not None and not self.use.online else ()
+
     def lineage(self) -> list["TrainSpec"]:
         """Every training this one needs, each once, upstream first, itself last."""
         out: dict[str, TrainSpec] = {}

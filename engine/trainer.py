@@ -126,8 +126,8 @@ def _resume(path: Path, run_key: str, model, opt, sched, gen, result) -> int:
 def _batch(train: DeviceSet, idx: torch.Tensor, x: torch.Tensor, spec: AugmentConfig, generator: torch.Generator,
            teacher: Teacher | None, whole: int, share: slice) -> tuple[torch.Tensor, torch.Tensor | Targets | None]:
     """Images `x` (rows `idx`) augmented and normalised and, when distilling, the teacher's logits for exactly
-    the views the student sees (one of the K cached views per image, or a fresh one). The draws are made for the `whole` batch
-    and this process's `share` kept, so every rank's generator stays in step with one process's."""
+    the views the student sees (one of the K cached views per image, or a fresh one). The draws are made for the
+    `whole` batch and this process's `share` kept, so every rank's generator stays in step with one process's."""
     if teacher is None or teacher.views is None:
         views = augment.random_views(whole, spec, generator)[share].to(x.device)
         x = train.normalize(augment.apply(x, views, spec))

@@ -49,7 +49,7 @@ def steps(plan: Plan, variant: str = "*", seed: int | None = None) -> list[Step]
     order where each step comes after what it reads. A training that runs its guides online reads no cache."""
     out: dict[str, Step] = {}
     for s in plan.trainings(variant, seed).values():
-        for g in s.guides if s.guides and not s.use.online else ():
+        for g in s.cached_guides():
             step = _cache_step(g, s.use.cache())
             out.setdefault(step.node, step)
         out.setdefault(f"{TRAIN}:{s.id}", Step(TRAIN, s.id, s))
@@ -66,8 +66,9 @@ def needs(step: Step) -> list[str]:
     s = step.spec
     if step.kind == CACHE:
         return [f"{TRAIN}:{s.id}"]
-    caches = [_cache_step(g, s.use.cache()).node for g in s.guides] if s.guides and not s.use.online else []
-    return caches + [f"{TRAIN}:{g.id}" for g in s.guides if s.use.online] + ([f"{TRAIN}:{s.init.id}"] if s.init else [])
+    cached = s.cached_guides()
+    guides = [_cache_step(g, s.use.cache()).node for g in cached] if cached else [f"{TRAIN}:{g.id}" for g in s.guides]
+    return guides + ([f"{TRAIN}:{s.init.id}"] if s.init else [])
 
 
 def work(step: Step, cfg: PipelineConfig, cat: Catalog, ctx: RunContext) -> Work:

@@ -79,8 +79,7 @@ def imported(cfg: PipelineConfig) -> Imported | None:
 def _upstream(spec: TrainSpec, cat: Catalog) -> list[Path]:
     """The outputs a training reads: the prepared data, each guide's model and (read from a cache) soft targets,
     its start."""
-    cached = spec.use is not None and not spec.use.online
-    guides = [cat.root / p for g in spec.guides for p in ((g.out, g.targets) if cached else (g.out,))]
+    guides = [cat.root / g.out for g in spec.guides] + [cat.root / g.targets for g in spec.cached_guides()]
     return [cat.prepared, *guides, *([cat.root / spec.init.out] if spec.init else [])]
 
 
@@ -149,7 +148,7 @@ def train_here(s: TrainSpec, cfg: PipelineConfig, cat: Catalog, ctx: RunContext 
     its summary. For scripts and notebooks: the flows and DVC stages launch each training in a process of its own."""
     ctx = ctx or RunContext.resolve(cat.root)
     for t in s.lineage():  # upstream first: each guide is trained before its cache and its readers
-        for g in t.guides if t.use and not t.use.online else ():
+        for g in t.cached_guides():
             run_once(cat, caching(g, t.use.cache(), cfg, cat))  # as the reader reads it, into its folder
         result = run_once(cat, training(t, cfg, cat, ctx), force and t is s)
     return result

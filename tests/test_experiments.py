@@ -134,7 +134,7 @@ def test_plans_share_trainings_across_experiments(cfg):
 def test_cache_views_plan_reads_each_k_from_a_cache_of_its_own(cfg, tmp_path, monkeypatch):
     """K cached views per arm, each from its own folder beside the default cache; the default K is the BLKD student
     every plan shares; the online arm reads no cache and sees a fresh view at every step."""
-    from experiments.run import CACHE, steps
+    from experiments.run import CACHE, needs, steps
     from tasks.catalog import Catalog
 
     plan = build_plan("cache-views", cfg)
@@ -144,6 +144,10 @@ def test_cache_views_plan_reads_each_k_from_a_cache_of_its_own(cfg, tmp_path, mo
         "soft_targets-k1": (1, "soft_targets-k1"), plan.select("teacher")[0].spec.id: (2, "soft_targets"),
         "soft_targets-k8": (8, "soft_targets-k8")}
     assert plan.contrasts == [("k1", "k2"), ("k8", "k2"), ("online", "k2"), ("online", "k8")]
+    teacher_id = plan.select("teacher")[0].spec.id
+    by_job = {st.job: st for st in steps(plan, seed=0)}
+    assert needs(by_job[plan.select("online", 0)[0].spec.id]) == [f"train:{teacher_id}"]  # no cache: the teacher
+    assert needs(by_job[plan.select("k1", 0)[0].spec.id]) == [f"cache:{teacher_id}.soft_targets-k1"]
     online_cfg = cfg.model_copy(update={"cache": cfg.cache.model_copy(update={"online": True})})
     assert [r.spec.use.online for r in build_plan("cache-views", online_cfg).select("k*", 0)] == [False] * 3
     with pytest.raises(Exception, match="each K once"):
