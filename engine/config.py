@@ -123,9 +123,17 @@ class CTKDConfig(Strict):
 
 
 class MLKDConfig(Strict):
+    form: Literal["authors", "masked-images"] = Field(
+        "authors", description="authors: the objective of Jin et al.'s code (weak-view terms scaled by the kept "
+                               "fraction; the strong-view term reads the weak view at the temperatures outside "
+                               "strong_temperatures); masked-images: this project's earlier variant (docs/methods.md)")
     temperatures: list[float] = Field(default_factory=lambda: [2.0, 3.0, 4.0, 5.0, 6.0], min_length=1,
-                                      description="every alignment is averaged over these temperatures")
-    weight: float = Field(1.0, ge=0, description="weight of instance + batch + class alignment, both views")
+                                      description="every alignment is summed over these temperatures")
+    strong_temperatures: list[float] = Field(default_factory=lambda: [3.0, 4.0, 5.0],
+                                             description="authors: the temperatures at which the strong-view instance "
+                                                         "term reads the strong view (their code: T, 3, 5)")
+    ce_weight: float = Field(0.1, ge=0, description="weight of CE(weak) + CE(strong) (authors: 0.1)")
+    weight: float = Field(0.9, ge=0, description="weight of every alignment term (authors: 0.9)")
     percentile: float = Field(50.0, ge=0, le=100, description="weak-view terms keep the images (and classes) whose "
                                                                "teacher confidence is at most this percentile")
     strong_shift: int = Field(4, ge=0, le=16, description="strong view: random shift of up to this many pixels")
@@ -142,7 +150,8 @@ class CRDConfig(Strict):
 
 
 class ReviewKDConfig(Strict):
-    weight: float = Field(1.0, ge=0, description="weight of the hierarchical context loss")
+    weight: float = Field(5.0, ge=0, description="weight of the hierarchical context loss (authors' CIFAR-100: 5; "
+                                                 "mdistiller: 1)")
     mid_channels: int = Field(32, ge=1, description="channels of the attention-based fusion modules")
     pool_sizes: list[int] = Field(default_factory=lambda: [4, 2, 1], min_length=1,
                                   description="hierarchical context loss: the pooled sizes, each level weighted half the last")
@@ -218,6 +227,16 @@ class KDConfig(Strict):
         if v not in LOSSES:
             raise ValueError(f"unknown loss {v!r}; available: {', '.join(sorted(LOSSES))}")
         return v
+
+    @model_validator(mode="after")
+    def _standardize_honoured(self) -> "KDConfig":
+        from engine.losses import LOSSES
+
+        if self.standardize and not LOSSES[self.loss].standardizes:
+            takers = ", ".join(n for n, c in sorted(LOSSES.items()) if c.standardizes)
+            raise ValueError(f"kd.standardize: loss {self.loss!r} has no logit-standardized form; set kd.standardize "
+                             f"to false, or use one that has ({takers})")
+        return self
 
 
 class TrainConfig(Strict):

@@ -103,9 +103,10 @@ def _check_topk(spec: TrainSpec, loss: DistillLoss) -> None:
         raise KDError(f"{spec.name}: loss {spec.loss!r}{how} reads every class's teacher logit, which a top-k "
                       f"soft-target cache (cache.topk = {k}) does not keep; set cache.topk to null, or cache.online "
                       "to true")
-    if getattr(loss, "temperature", 1.0) > 2:
+    temp = loss.soft_temperature()
+    if temp is not None and temp > 2:
         log.warning("%s: cache.topk = %d at temperature %g: the dropped classes share their mass evenly, an "
-                    "approximation that grows with T (docs/methods.md)", spec.name, k, loss.temperature)
+                    "approximation that grows with T (docs/methods.md)", spec.name, k, temp)
 
 
 def _sources(spec: TrainSpec, ws: Workspace, folders: Folders, models: list[nn.Module | None]) -> list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from engine.config import KDConfig
 from engine.losses import Batch, LossContext, build_loss
+from engine.losses.contrastive import distinct_positions
 from tests.test_methods import Tiny, ce, mean
 
 S = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
@@ -181,6 +183,29 @@ def test_with_labels_negatives_are_every_row_of_the_other_classes(ctx):
         for i, row in enumerate(loss.draw_negatives(index).tolist()):
             seen[i] |= set(row)
     assert seen == [{j for j in range(7) if labels[j] != labels[i]} for i in range(7)]
+
+
+def test_negatives_are_drawn_without_replacement_each_subset_equally_likely():
+    """As the reference's np.random.choice(replace=False): k distinct of n, every k-subset as likely."""
+    from scipy.stats import chisquare
+
+    pos = distinct_positions(torch.full((6000,), 6), 3, torch.Generator().manual_seed(0))
+    assert all(len(set(row)) == 3 for row in pos.tolist())
+    counts = Counter(tuple(sorted(row)) for row in pos.tolist())
+    assert len(counts) == 20 and min(counts) >= (0, 1, 2) and max(counts) <= (3, 4, 5)
+    assert chisquare(list(counts.values())).pvalue > 1e-3
+    # More negatives than rows: with replacement, as the reference then.
+    few = distinct_positions(torch.tensor([2, 9]), 5, torch.Generator().manual_seed(0))
+    assert set(few[0].tolist()) <= {0, 1} and len(set(few[1].tolist())) == 5
+
+
+def test_an_anchors_negatives_are_distinct_rows_of_the_other_classes(ctx):
+    labels = torch.tensor([0, 1, 1, 2, 2, 2, 0, 1, 2, 0])
+    ctx.num_train, ctx.train_labels = 10, labels
+    loss = crd(ctx, negatives=6)  # every anchor has at least 6 rows outside its class
+    for _ in range(20):
+        for i, row in enumerate(loss.draw_negatives(torch.arange(10)).tolist()):
+            assert len(set(row)) == 6 and all(labels[j] != labels[i] for j in row)
 
 
 def test_a_resumed_run_draws_the_same_negatives(ctx):

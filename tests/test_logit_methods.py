@@ -61,10 +61,13 @@ def test_ctkd_temperature_is_learned_against_the_loss_on_a_curriculum():
                                   "curriculum_epochs": 2.0})
     loss = build_loss("ctkd", cfg)
     temp0 = 1 + 20 / (1 + math.exp(-1))  # t starts at 1, as in the authors' code
-    assert loss.reversal(0.0) == pytest.approx(0.0) and loss.reversal(1.0) == pytest.approx(0.5)
-    assert loss.reversal(2.0) == pytest.approx(1.0) and loss.reversal(9.0) == pytest.approx(1.0)
+    # The authors' CosineDecay at their epoch 1, 2, ...: a step per epoch, already 1/curriculum along in the first.
+    assert loss.reversal(0.0) == loss.reversal(0.9) == pytest.approx(0.5)
+    assert loss.reversal(1.0) == pytest.approx(1.0) and loss.reversal(9.0) == pytest.approx(1.0)
+    assert build_loss("ctkd", KDConfig(ctkd={"curriculum_epochs": 4.0})).reversal(0.5) == pytest.approx(
+        (1 - math.cos(math.pi / 4)) / 2)
     s = torch.tensor(S, requires_grad=True)
-    parts = loss(Batch(s, torch.tensor(Y), torch.tensor(T_), epoch=1.0), 0.5)
+    parts = loss(Batch(s, torch.tensor(Y), torch.tensor(T_), epoch=0.5), 0.5)
     soft = mean(kl(softmax(t, temp0), softmax(x, temp0)) for x, t in zip(S, T_)) * temp0**2
     assert parts["temperature"].item() == pytest.approx(temp0, rel=1e-5)
     assert parts["kd"].item() == pytest.approx(soft, rel=1e-4)
@@ -78,7 +81,7 @@ def test_ctkd_temperature_is_learned_against_the_loss_on_a_curriculum():
     assert s.grad.abs().sum() > 0  # the student still descends
 
 
-def _mlkd_by_hand(sw, tw, ss, ts, y, temps, pct):
+def _mlkd_by_hand(sw, tw, ss, ts, y, temps, pct, form, strong_temps):
     conf = [max(softmax(r)) for r in tw]
     per_class = [sum(softmax(r)[c] for r in tw) for c in range(len(tw[0]))]
 
@@ -90,11 +93,14 @@ def _mlkd_by_hand(sw, tw, ss, ts, y, temps, pct):
 
     im = [1.0 if c <= quantile(conf, pct) else 0.0 for c in conf]
     cm = [1.0 if c <= quantile(per_class, pct) else 0.0 for c in per_class]
+    if form == "authors":  # the authors multiply each batch-level term by the mask, then average: the kept fraction
+        im, cm = [mean(im)] * len(im), [mean(cm)] * len(cm)
     b, n = len(sw), len(sw[0])
     inst = bat = cls = 0.0
     for temp in temps:
         inst += mean(m * kl(softmax(t, temp), softmax(s, temp)) * temp**2 for s, t, m in zip(sw, tw, im))
-        inst += mean(kl(softmax(t, temp), softmax(s, temp)) * temp**2 for s, t in zip(ss, ts))
+        s_view, t_view = (ss, ts) if form == "masked-images" or temp in strong_temps else (sw, tw)
+        inst += mean(kl(softmax(t, temp), softmax(s, temp)) * temp**2 for s, t in zip(s_view, t_view))
         ps, pt = [softmax(s, temp) for s in sw], [softmax(t, temp) for t in tw]
         for i in range(b):
             bat += im[i] * sum((sum(pt[i][k] * pt[j][k] for k in range(n)) - sum(ps[i][k] * ps[j][k] for k in range(n))) ** 2
@@ -115,19 +121,22 @@ class Linear(nn.Module):
         return self.fc(x.flatten(1)[:, :4])
 
 
-def test_mlkd_by_hand():
+@pytest.mark.parametrize("form", ["authors", "masked-images"])
+def test_mlkd_by_hand(form):
     torch.manual_seed(0)
     sw, tw, ss, ts = (torch.randn(4, 3) * 2 for _ in range(4))
     y = [0, 2, 1, 1]
-    cfg = KDConfig(mlkd={"temperatures": [1.0, 3.0], "percentile": 50.0, "weight": 0.7})
+    cfg = KDConfig(mlkd={"form": form, "temperatures": [1.0, 3.0], "strong_temperatures": [3.0], "percentile": 50.0,
+                         "weight": 0.7, "ce_weight": 0.3})
     loss = build_loss("mlkd", cfg, LossContext(teacher=Linear(), seed=0))
     batch = Batch(sw, torch.tensor(y), tw, {"strong": ss, "teacher_strong": ts})
     parts = loss(batch, 0.0)
-    inst, bat, cls, hard = _mlkd_by_hand(sw.tolist(), tw.tolist(), ss.tolist(), ts.tolist(), y, [1.0, 3.0], 0.5)
+    inst, bat, cls, hard = _mlkd_by_hand(sw.tolist(), tw.tolist(), ss.tolist(), ts.tolist(), y, [1.0, 3.0], 0.5,
+                                         form, [3.0])
     assert parts["instance"].item() == pytest.approx(inst, rel=1e-5)
     assert parts["batch"].item() == pytest.approx(bat, rel=1e-4) and bat > 0
     assert parts["class"].item() == pytest.approx(cls, rel=1e-4) and cls > 0
-    assert parts["total"].item() == pytest.approx(hard + 0.7 * (inst + bat + cls), rel=1e-5)
+    assert parts["total"].item() == pytest.approx(0.3 * hard + 0.7 * (inst + bat + cls), rel=1e-5)
 
 
 def test_mlkd_runs_the_teacher_on_strong_views_it_neither_trains_nor_saves():
@@ -200,8 +209,8 @@ def test_a_topk_cache_without_its_leftover_mass_is_refused_by_name(tmp_path):
 
 
 def test_a_topk_cache_serves_kd_and_refuses_the_losses_that_read_every_class(project):
-    """DKD's NCKD on a top-k cache was about 1000 T^2 with k = 1 (16,075 against 1.66 from the full
-    logits): DKD, DIST, MLKD and logit standardization now refuse a top-k cache by name."""
+    """DKD's NCKD on a top-k cache with k = 1 was 16,075 against 3.07 from the full logits
+    (docs/methods.md): DKD, DIST, MLKD and logit standardization now refuse a top-k cache by name."""
     from engine.errors import KDError
     from experiments.plans import zoo
     from tasks.stages import run_stage
@@ -245,3 +254,35 @@ def test_experiments_methods_keeps_the_named_variants_what_they_learn_from_and_t
     assert plan.contrasts == [("kd", "nokd"), ("takd", "kd"), ("takd-ls", "kd"), ("takd-ls", "takd")]
     with pytest.raises(KDError, match=r"experiments.methods: no variant \['kd-lss'\]; the methods plan has nokd, kd"):
         build_plan("methods", load_config(None, {"experiments.methods": ["kd-lss"]}))
+
+
+@pytest.mark.parametrize("loss, settings, warned", [
+    ("kd", {"temperature": 4.0}, "temperature 4:"),
+    ("kd", {"temperature": 2.0}, None),
+    ("ctkd", {"temperature": 2.0}, "temperature 15.62"),  # the learned temperature, not kd.temperature
+    ("at", {"temperature": 4.0, "lam": 0.1}, "temperature 4:"),  # a feature loss with a KD term
+    ("at", {"temperature": 4.0, "lam": 0.0}, None),  # the method alone reads no logits
+])
+def test_the_topk_warning_reads_the_temperature_the_loss_softens_at(loss, settings, warned, caplog):
+    from types import SimpleNamespace
+
+    from engine.distill import _check_topk
+    from tests.test_methods import Tiny
+
+    torch.manual_seed(0)
+    cfg = KDConfig(loss=loss, **settings)
+    ctx = LossContext(student=Tiny(2, 3), teacher=Tiny(4, 5), sample=torch.randn(4, 1, 16, 16), seed=0)
+    spec = SimpleNamespace(name="s", loss=loss, kd=cfg, use=SimpleNamespace(topk=5))
+    with caplog.at_level("WARNING"):
+        _check_topk(spec, build_loss(loss, cfg, ctx))
+    said = [r.getMessage() for r in caplog.records if "cache.topk" in r.getMessage()]
+    assert ([warned in said[0]] if said else []) == ([True] if warned else [])
+
+
+def test_standardize_is_refused_by_a_loss_without_a_standardized_form():
+    """DIST once ignored kd.standardize silently: a loss that has no such form now says so."""
+    for loss in ("dist", "dml", "self"):
+        with pytest.raises(ValueError, match=rf"kd.standardize: loss '{loss}' has no logit-standardized form; "
+                                             r"set kd.standardize to false, or use one that has \(.*ctkd.*\)"):
+            KDConfig(loss=loss, standardize=True)
+    assert all(KDConfig(loss=loss, standardize=True).standardize for loss in ("kd", "dkd", "ctkd", "mlkd", "at"))

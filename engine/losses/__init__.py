@@ -83,6 +83,11 @@ class DistillLoss(nn.Module):
         """What of the teacher's features the loss reads (and a cache keeps)."""
         return features
 
+    def soft_temperature(self) -> float | None:
+        """The temperature its soft term reads the teacher's logits at now (learned or fixed); None
+        when no term softens them (a top-k cache's approximation grows with it)."""
+        return None
+
     def forward(self, batch: Batch, lam: float) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

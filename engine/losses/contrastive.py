@@ -2,8 +2,8 @@
 
 The student and the teacher each embed an image (a linear head, then L2 normalisation); a memory
 bank per network keeps a running embedding of every training image. Each network's embedding is
-the anchor against the other's bank: the same image's row is the positive, `negatives` random
-rows of other classes the negatives (the reference's default), scored by noise-contrastive estimation. Like RKD and SP it reads each
+the anchor against the other's bank: the same image's row is the positive, `negatives` distinct
+random rows of other classes the negatives (the reference's default), scored by noise-contrastive estimation. Like RKD and SP it reads each
 network's last stage (the classifier's input), global-average-pooled when it is a map: the
 reference reads the penultimate layer, which in its CIFAR networks is that pooled vector.
 """
@@ -83,8 +83,46 @@ def random_bank(rows: int, dim: int, generator: torch.Generator) -> torch.Tensor
     return torch.rand(rows, dim, generator=generator, device=generator.device) * 2 * s - s
 
 
+def _first_of_each(values: torch.Tensor) -> torch.Tensor:
+    """[m] bool: True at the first occurrence of each value."""
+    ordered, order = values.sort(stable=True)
+    first = torch.ones_like(values, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return torch.zeros_like(first).scatter_(0, order, first)
+
+
+def distinct_positions(n: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """[B, k] positions, row b a uniform draw of k of range(n[b]) without replacement (with
+    replacement where k > n[b]), as the reference's np.random.choice(..., replace=k > n).
+
+    Draws k with replacement, then redraws only the repeats until none is left: a redraw is kept
+    when its value is new to the row and it is the first of its round to take it. Nothing depends on
+    which values are which, so the set is the uniform k-subset, for one sort of the draws rather
+    than a permutation of n per anchor."""
+    dev, rows = generator.device, len(n)
+    n = n.to(dev).repeat_interleave(k)  # each draw's bound, flat [B * k]
+    width = int(n.max()) if k else 0
+    row_start = torch.arange(rows * k, device=dev) // k * width  # offsets into a flat [B, width] table
+
+    def draw(bound: torch.Tensor) -> torch.Tensor:
+        return (torch.rand(len(bound), generator=generator, device=dev) * bound).long().clamp_max(bound - 1)
+
+    pos = draw(n)
+    key = row_start + pos
+    taken = torch.zeros(rows * width, dtype=torch.bool, device=dev)
+    taken[key] = True
+    todo = (~_first_of_each(key) & (n >= k)).nonzero().squeeze(1)  # a row with fewer than k keeps its repeats
+    while len(todo):
+        pos[todo] = draw(n[todo])
+        key = row_start[todo] + pos[todo]
+        keep = ~taken[key] & _first_of_each(key)
+        taken[key[keep]] = True
+        todo = todo[~keep]
+    return pos.view(rows, k)
+
+
 class ClassRows:
-    """The training rows sorted by class, to draw rows of any class but one in O(1) each."""
+    """The training rows sorted by class, to map positions among the rows of every class but one to rows."""
 
     def __init__(self, labels: torch.Tensor):
         self.labels = labels.long()
@@ -92,11 +130,13 @@ class ClassRows:
         counts = torch.bincount(self.labels)
         self.count, self.start = counts, torch.cumsum(counts, 0) - counts
 
-    def others(self, index: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """For each anchor row, u [B, K] in [0, 1) mapped onto the rows outside its class."""
+    def others(self, index: torch.Tensor) -> torch.Tensor:
+        """[B]: how many rows are outside each anchor's class."""
+        return len(self.labels) - self.count[self.labels[index]]
+
+    def rows(self, index: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Positions [B, K] among the rows outside each anchor's class, as rows."""
         c = self.labels[index][:, None]
-        n_other = len(self.labels) - self.count[c]
-        pos = (u * n_other).long().clamp_max(n_other - 1)
         pos = pos + (pos >= self.start[c]).long() * self.count[c]  # step over the anchor's class block
         return self.order[pos]
 
@@ -142,18 +182,17 @@ class CRD(FeatureLoss):
         return {n: pooled(f) for n, f in features.items()}
 
     def draw_negatives(self, index: torch.Tensor) -> torch.Tensor:
-        """[B, K] rows, with replacement: of the other classes when the labels are known, else of
-        every row but the anchor's own."""
+        """[B, K] distinct rows per anchor, as the reference draws them: of the other classes when
+        the labels are known, else of every row but the anchor's own."""
         if self._gen is None:
             self._gen = torch.Generator(self._gen_device)
             self._gen.set_state(self.rng_state.cpu())
-        shape = (len(index), self.negatives)
+        index = index.to(self._gen_device)
         if self.by_class is not None:
-            u = torch.rand(shape, generator=self._gen, device=self._gen_device)
-            rows = self.by_class.others(index.to(self._gen_device), u)
+            rows = self.by_class.rows(index, distinct_positions(self.by_class.others(index), self.negatives, self._gen))
         else:
-            r = torch.randint(self.num_train - 1, shape, generator=self._gen, device=self._gen_device)
-            rows = r + (r >= index.to(self._gen_device)[:, None]).long()  # skip the anchor: rows above shift up
+            pos = distinct_positions(torch.full_like(index, self.num_train - 1), self.negatives, self._gen)
+            rows = pos + (pos >= index[:, None]).long()  # skip the anchor: rows above shift up
         self.rng_state.copy_(self._gen.get_state())
         return rows.to(index.device)
 

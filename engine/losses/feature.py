@@ -63,6 +63,7 @@ class FeatureLoss(DistillLoss):
         super().__init__()
         self.kd = HintonKD(cfg)
         self.serves_topk = self.kd.serves_topk
+        self.reads_logits = max(cfg.lam, cfg.lam_start or 0.0) > 0  # lam = 0 throughout: the method alone
         self.pairs = pairs
         self.student_features = tuple(dict.fromkeys(s for s, _ in pairs))
         self.teacher_features = tuple(dict.fromkeys(t for _, t in pairs))
@@ -72,6 +73,9 @@ class FeatureLoss(DistillLoss):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return with_features(model, list(self.student_features))
+
+    def soft_temperature(self) -> float | None:
+        return self.kd.soft_temperature() if self.reads_logits else None
 
     def base(self, batch: Batch, lam: float) -> dict[str, torch.Tensor]:
         if lam == 0:  # the method alone: no teacher logits needed beyond the features

@@ -40,6 +40,9 @@ class HintonKD(DistillLoss):
         self.cfg = cfg
         self.serves_topk = not cfg.standardize  # a z-score needs every class's logit
 
+    def soft_temperature(self) -> float | None:
+        return self.temperature
+
     def soft_term(self, batch: Batch, temp: float | torch.Tensor | None = None) -> torch.Tensor:
         t, w = _guides(batch)
         temp = self.temperature if temp is None else temp
@@ -160,8 +163,14 @@ class CTKD(HintonKD):
         self.t = nn.Parameter(torch.ones(1))
 
     def reversal(self, epoch: float) -> float:
-        frac = min(epoch / self.ct.curriculum_epochs, 1.0)
+        """The weight at this (0-based, fractional) epoch: a step per epoch, counted from 1 as the
+        authors' loop does (their epoch 1 already has cos(pi / curriculum) of the way done)."""
+        frac = min((math.floor(epoch) + 1) / self.ct.curriculum_epochs, 1.0)
         return self.ct.lambda_min + (self.ct.lambda_max - self.ct.lambda_min) * (1 - math.cos(math.pi * frac)) / 2
+
+    def soft_temperature(self) -> float | None:
+        with torch.no_grad():
+            return float(self.ct.t_start + self.ct.t_range * torch.sigmoid(self.t))
 
     def temperature_at(self, epoch: float) -> torch.Tensor:
         t = _Reverse.apply(self.t, self.reversal(epoch))

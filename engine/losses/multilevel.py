@@ -83,14 +83,21 @@ def _gram_rows(p_s: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
 
 @register("mlkd")
 class MLKD(DistillLoss):
-    """CE on both views + weight * sum over temperatures T of
-    instance(weak, masked) + instance(strong) + class(weak, masked) + batch(weak, masked), where
-    instance = KL * T^2 per image, batch = ||P P^T - Q Q^T||^2 / B and class = ||P^T P - Q^T Q||^2 / C
-    on the softened probabilities. As in the authors' code, the masks keep the images (and classes)
-    whose teacher confidence on the weak view is at most its `percentile`, and the strong view's
-    batch and class terms are not in the objective. Their code multiplies a batch-mean loss by the
-    mask, which scales it by the kept fraction; here the mask selects images, each term a mean over
-    the whole batch. `standardize` z-scores the instance terms' logits (Sun et al. 2024)."""
+    """ce_weight * (CE(weak) + CE(strong)) + weight * (instance + batch + class), each summed over
+    the temperatures T, on the softened probabilities P (student) and Q (teacher):
+    instance = KL * T^2, batch = ||P P^T - Q Q^T||^2 / B, class = ||P^T P - Q^T Q||^2 / C.
+
+    The masks keep the images (and classes) whose teacher confidence on the weak view is at most its
+    `percentile` (`le`, as the authors compare). `form` says how they apply:
+
+    - `authors` (Jin et al.'s code): each weak-view term is its batch mean times the fraction the
+      mask keeps; the strong view adds, unmasked, KL on the strong view at `strong_temperatures` and
+      KL on the weak view at the other temperatures (their code's T = 2 and 6); the strong view's
+      batch and class terms are computed there but left out of the objective, so here too.
+    - `masked-images` (this project's earlier variant): the mask selects images, and the strong-view
+      instance term reads the strong view at every temperature.
+
+    `standardize` z-scores the instance terms' logits only, as Sun et al.'s code does for MLKD."""
     batch_statistics = "batch- and class-level alignment and the confidence percentile masks"
 
     title = "MLKD (Jin et al. 2023)"
@@ -120,14 +127,19 @@ class MLKD(DistillLoss):
         s_w, t_w = batch.student_logits, batch.teacher_logits.float()
         s_s, t_s = batch.student_features["strong"], batch.student_features["teacher_strong"]
         image_mask, class_mask = self.masks(t_w)
+        # What multiplies each weak-view term: a per-image selection, or the authors' kept fraction.
+        per_image = self.cfg.form == "masked-images"
+        img_w, cls_w = (image_mask, class_mask) if per_image else (image_mask.mean(), class_mask.mean())
         zs_w, zt_w = standardized(self.kd, s_w, t_w)
         zs_s, zt_s = standardized(self.kd, s_s, t_s)
         inst = batch_t = cls = 0
         for temp in self.cfg.temperatures:
-            inst = inst + (_kl_rows(zs_w, zt_w, temp) * image_mask).mean() + _kl_rows(zs_s, zt_s, temp).mean()
+            strong = per_image or temp in self.cfg.strong_temperatures
+            inst = inst + (_kl_rows(zs_w, zt_w, temp) * img_w).mean()
+            inst = inst + (_kl_rows(zs_s, zt_s, temp) if strong else _kl_rows(zs_w, zt_w, temp)).mean()
             p_s, p_t = F.softmax(s_w / temp, 1), F.softmax(t_w / temp, 1)
-            batch_t = batch_t + (_gram_rows(p_s, p_t) * image_mask).sum() / len(p_s)
-            cls = cls + (_gram_rows(p_s.T, p_t.T) * class_mask).sum() / p_s.shape[1]
-        ce = batch.ce(s_w) + batch.ce(s_s)
+            batch_t = batch_t + (_gram_rows(p_s, p_t) * img_w).sum() / len(p_s)
+            cls = cls + (_gram_rows(p_s.T, p_t.T) * cls_w).sum() / p_s.shape[1]
+        ce = self.cfg.ce_weight * (batch.ce(s_w) + batch.ce(s_s))
         total = ce + self.cfg.weight * (inst + batch_t + cls)
         return {"total": total, "ce": ce, "instance": inst, "batch": batch_t, "class": cls}
