@@ -100,6 +100,13 @@ class SPConfig(Strict):
     gamma: float = Field(3000.0, ge=0, description="weight of the similarity-preserving loss")
 
 
+class IRGConfig(Strict):
+    vertex: float = Field(0.1, ge=0, description="weight of the vertex term, MSE of the logits (KD-Zoo: 0.1)")
+    edge: float = Field(5.0, ge=0, description="weight of the edge term, the instance-distance graphs (KD-Zoo: 5)")
+    transform: float = Field(5.0, ge=0, description="weight of the transformation term between the last two "
+                                                    "stages (KD-Zoo: 5)")
+
+
 class DKDConfig(Strict):
     alpha: float = Field(1.0, ge=0, description="weight of target-class KD (TCKD)")
     beta: float = Field(8.0, ge=0, description="weight of non-target-class KD (NCKD)")
@@ -209,6 +216,7 @@ class KDConfig(Strict):
     at: ATConfig = Field(default_factory=ATConfig)
     rkd: RKDConfig = Field(default_factory=RKDConfig)
     sp: SPConfig = Field(default_factory=SPConfig)
+    irg: IRGConfig = Field(default_factory=IRGConfig)
     dkd: DKDConfig = Field(default_factory=DKDConfig)
     dist: DISTConfig = Field(default_factory=DISTConfig)
     ctkd: CTKDConfig = Field(default_factory=CTKDConfig)
