@@ -107,6 +107,17 @@ class IRGConfig(Strict):
                                                     "stages (KD-Zoo: 5)")
 
 
+class AdversarialConfig(Strict):
+    weight: float = Field(1.0, ge=0, description="weight of the discriminator's loss (MEAL V2: 1)")
+    shrink: int = Field(2, ge=2, description="the discriminator's layers narrow by this factor: C, C/k, C/k^2, 2 "
+                                             "(MEAL V2: 8 for 1,000 classes)")
+    final_relu: bool = Field(False, description="a ReLU on the two scores too, as MEAL V2's (with 10 classes it "
+                                                "leaves some initialisations with both scores dead at 0)")
+    game: Literal["fool", "joint"] = Field(
+        "fool", description="fool: the student gets the discriminator's gradient reversed, trained to fool it; "
+                            "joint: as MEAL V2's code, student and discriminator minimise the same loss")
+
+
 class DKDConfig(Strict):
     alpha: float = Field(1.0, ge=0, description="weight of target-class KD (TCKD)")
     beta: float = Field(8.0, ge=0, description="weight of non-target-class KD (NCKD)")
@@ -217,6 +228,7 @@ class KDConfig(Strict):
     rkd: RKDConfig = Field(default_factory=RKDConfig)
     sp: SPConfig = Field(default_factory=SPConfig)
     irg: IRGConfig = Field(default_factory=IRGConfig)
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     dkd: DKDConfig = Field(default_factory=DKDConfig)
     dist: DISTConfig = Field(default_factory=DISTConfig)
     ctkd: CTKDConfig = Field(default_factory=CTKDConfig)

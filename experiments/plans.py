@@ -274,6 +274,8 @@ def _method_rows(cfg: PipelineConfig, seed: int, t: TrainSpec) -> list[tuple[str
             ("rkd", _student(cfg, seed, [t], kd=alone("rkd")), "RKD"),
             ("sp", _student(cfg, seed, [t], kd=alone("sp")), "SP"),
             ("irg", _student(cfg, seed, [t], kd=alone("irg")), "IRG (instance relationship graph)"),
+            ("adversarial", _student(cfg, seed, [t], kd=_hop(cfg, "adversarial")),
+             "KD + a discriminator the student fools (MEAL V2's)"),
             ("dkd", _student(cfg, seed, [t], kd=_hop(cfg, "dkd")), "DKD"),
             ("takd-dkd", _student(cfg, seed, [ta_dkd], kd=_hop(cfg, "dkd")), "TAKD with DKD at both hops"),
             ("dkd-b2", _student(cfg, seed, [t], kd=dkd2), "DKD, beta 2, warm-up 2 epochs"),

@@ -66,7 +66,7 @@ def test_a_profile_is_named_once_and_the_given_keys_override_it(tmp_path, monkey
     ("teacher: {train: {epochs: many}}", "teacher.train.epochs: Input should be a valid integer"),
     ("assistant: {arch: plain-3}", "assistant.arch: Value error, unknown model 'plain-3'"),
     ("data: {name: mnist}", "data.name: Value error, unknown data set 'mnist'"),
-    ("kd: {loss: fitnet}", "kd.loss: Value error, unknown loss 'fitnet'; available: at, ce, crd, ctkd, dist, dkd, dml, fitnets, kd"),
+    ("kd: {loss: fitnet}", "kd.loss: Value error, unknown loss 'fitnet'; available: adversarial, at, ce, crd, ctkd, dist, dkd, dml, fitnets, irg, kd"),
     ("- just\n- a list", "must be a mapping"),
 ])
 def test_bad_params_name_the_key(tmp_path, text, message):

@@ -167,7 +167,7 @@ def lam_at(cfg: KDConfig, epoch: int, epochs: int) -> float:
 
 # The families register themselves on import.
 from engine.losses.logit import CTKD, DIST, DKD, HintonKD  # noqa: E402
-from engine.losses import feature, relation, graph, online, self_distill, multilevel, contrastive, review  # noqa: E402,F401
+from engine.losses import feature, relation, graph, adversarial, online, self_distill, multilevel, contrastive, review  # noqa: E402,F401
 
 __all__ = ["Batch", "LossContext", "DistillLoss", "LOSSES", "register", "build_loss", "CrossEntropy", "HintonKD",
            "DKD", "DIST", "CTKD", "kl_soft", "lam_at", "standardize"]
