@@ -149,7 +149,8 @@ class MLKDConfig(Strict):
                                       description="every alignment is summed over these temperatures")
     strong_temperatures: list[float] = Field(default_factory=lambda: [3.0, 4.0, 5.0],
                                              description="authors: the temperatures at which the strong-view instance "
-                                                         "term reads the strong view (their code: T, 3, 5)")
+                                                         "term reads the strong view (their code: T, 3, 5); a subset "
+                                                         "of temperatures")
     ce_weight: float = Field(0.1, ge=0, description="weight of CE(weak) + CE(strong) (authors: 0.1)")
     weight: float = Field(0.9, ge=0, description="weight of every alignment term (authors: 0.9)")
     percentile: float = Field(50.0, ge=0, le=100, description="weak-view terms keep the images (and classes) whose "
@@ -157,6 +158,13 @@ class MLKDConfig(Strict):
     strong_shift: int = Field(4, ge=0, le=16, description="strong view: random shift of up to this many pixels")
     strong_erase: float = Field(0.25, ge=0, lt=1, description="strong view: erase a random square of up to this "
                                                                "fraction of the image's area")
+
+    @model_validator(mode="after")
+    def _strong_among_temperatures(self) -> "MLKDConfig":
+        if self.form == "authors" and not set(self.strong_temperatures) <= set(self.temperatures):
+            raise ValueError(f"kd.mlkd.strong_temperatures {self.strong_temperatures} must be among "
+                             f"kd.mlkd.temperatures {self.temperatures}: the strong view is distilled only at those")
+        return self
 
 
 class CRDConfig(Strict):
@@ -198,8 +206,10 @@ class SelfDistillConfig(Strict):
 
 
 class EnsembleConfig(Strict):
-    combine: Literal["kl", "probs"] = Field("kl", description="several teachers: mean of the KLs, or KL to the "
-                                                               "mixture of their softened probabilities")
+    combine: Literal["kl", "probs", "sequence"] = Field(
+        "kl", description="several guides: mean of the KLs, KL to the mixture of their softened probabilities, or "
+                          "each in turn for an equal share of the epochs, in the order given (progressive "
+                          "distillation, Panigrahi et al. 2025)")
     weights: Optional[list[float]] = Field(None, description="one per teacher; unset: equal, or by validation "
                                                              "accuracy with weighted=true")
     weighted: bool = Field(False, description="weight teachers by their validation accuracy when weights is unset")
@@ -248,14 +258,24 @@ class KDConfig(Strict):
             raise ValueError(f"unknown loss {v!r}; available: {', '.join(sorted(LOSSES))}")
         return v
 
-    @model_validator(mode="after")
-    def _standardize_honoured(self) -> "KDConfig":
+    def standardize_problem(self) -> str | None:
+        """Why `standardize` would do nothing here (None: it applies)."""
         from engine.losses import LOSSES
 
-        if self.standardize and not LOSSES[self.loss].standardizes:
+        kind = LOSSES[self.loss]
+        if not kind.standardizes:
             takers = ", ".join(n for n, c in sorted(LOSSES.items()) if c.standardizes)
-            raise ValueError(f"kd.standardize: loss {self.loss!r} has no logit-standardized form; set kd.standardize "
-                             f"to false, or use one that has ({takers})")
+            return f"loss {self.loss!r} has no logit-standardized form; set kd.standardize to false, or use one that has ({takers})"
+        if kind.kd_objective and max(self.lam, self.lam_start or 0.0) == 0:
+            return (f"loss {self.loss!r} at kd.lam 0 has no soft term to standardize (its KD term is off); set "
+                    "kd.standardize to false, or kd.lam above 0")
+        return None
+
+    @model_validator(mode="after")
+    def _standardize_honoured(self) -> "KDConfig":
+        problem = self.standardize_problem() if self.standardize else None
+        if problem:
+            raise ValueError(f"kd.standardize: {problem}")
         return self
 
 

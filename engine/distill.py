@@ -202,7 +202,7 @@ def _import_teacher(spec: TrainSpec, ws: Workspace) -> nn.Module:
 def _loss(spec: TrainSpec, ws: Workspace, model: nn.Module, guides: list[nn.Module | None]) -> DistillLoss:
     ctx = LossContext(student=model, teacher=guides[0] if guides else None,
                       sample=ws.train.normalize(ws.train.x[:8]), build=ws.build, seed=spec.seed,
-                      num_train=len(ws.train), train_labels=ws.train.y)
+                      num_train=len(ws.train), train_labels=ws.train.y, epochs=spec.train.epochs)
     try:
         loss = build_loss(spec.loss, spec.kd, ctx)
     except (ValueError, LookupError) as e:  # a bad layer name, no matching stages: one line naming the setting
@@ -215,6 +215,10 @@ def _loss(spec: TrainSpec, ws: Workspace, model: nn.Module, guides: list[nn.Modu
     if len(guides) > 1 and not isinstance(loss, HintonKD):
         raise KDError(f"{spec.name}: loss {spec.loss!r} learns from one teacher, but {len(guides)} guides were "
                       "given; several guides (DGKD, an ensemble) combine through kd or ctkd")
+    if spec.kd and spec.kd.ensemble.combine == "sequence" and len(guides) > 1 and (
+            spec.survival < 1 or spec.kd.ensemble.weights or spec.kd.ensemble.weighted):
+        raise KDError(f"{spec.name}: kd.ensemble.combine 'sequence' takes its guides one at a time, in order; it "
+                      "keeps neither a guide survival below 1 (DGKD) nor kd.ensemble.weights or weighted")
     if guides and not loss.needs_teacher:
         raise KDError(f"{spec.name}: loss {spec.loss!r} trains without a teacher, but {len(guides)} guide(s) were given")
     return loss
@@ -282,7 +286,8 @@ def _fit(spec: TrainSpec, ws: Workspace, folders: Folders, key: str, generator, 
         return [], {"best_epoch": 0, "best_val_acc": None}
     result = fit(model, ws.train, ws.val, spec.train, loss, generator, ws.splits.augment,
                  kd=spec.kd if teacher else None, teacher=teacher, workdir=folders.work, run_key=key,
-                 callback=hooks.epoch, desc=spec.name, test=ws.test if spec.test else None, parallel=spec.parallel)
+                 callback=hooks.epoch, desc=spec.name, test=ws.test if spec.test else None, parallel=spec.parallel,
+                 stop_after=spec.stop_after)
     best = {"best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc,
             "train_seconds": round(sum(h.get("epoch_seconds", 0.0) for h in result.history), 2)}
     if spec.test:  # the protocol of the TAKD and mdistiller code, reported beside ours, never used to select

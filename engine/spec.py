@@ -106,6 +106,9 @@ class TrainSpec(Frozen):
     imported: Optional[Imported] = Field(None, description="import this teacher instead of training one")
     parallel: Optional[Parallel] = Field(None, description="trained by several processes (DDP); None: one")
     as_is: bool = Field(False, description="the start or the imported model unchanged (0 epochs)")
+    stop_after: Optional[int] = Field(None, ge=1, description="stop after this many epochs of train.epochs' schedule: "
+                                                              "the run's weights at that epoch (an early-stopped "
+                                                              "teacher, Cho & Hariharan 2019); None: the whole run")
     test: bool = Field(False, description="also measure test accuracy, each epoch and at the end (experiments)")
     name: str = Field("", description="its name in logs, MLflow and its work folder: student-takd-s1, or its id")
     out: str = Field("", description="its output folder, relative to the project")
@@ -113,11 +116,20 @@ class TrainSpec(Frozen):
     method: str = Field("", description="what MLflow groups runs by: NOKD, BLKD, TAKD, DKD, ...")
     title: str = Field("", description="the run's name, e.g. 'distill student plain-2 s1 from assistant plain-4'")
 
+    @model_validator(mode="after")
+    def _stop_within_the_run(self):
+        if self.stop_after is not None and self.stop_after > self.train.epochs:
+            raise ValueError(f"stop_after {self.stop_after} is past the run's {self.train.epochs} epochs "
+                             "(train.epochs)")
+        return self
+
     def identity(self) -> dict:
         """Everything that decides the weights; guides and start by their own identity."""
         own = self.model_dump(mode="json", exclude=NOT_IDENTITY | {"guides", "init"})
         if self.parallel is None:  # one process: the identity every training had before processes were a setting
             del own["parallel"]
+        if self.stop_after is None:  # likewise before early stops were a setting
+            del own["stop_after"]
         if own.get("use") and not own["use"]["fresh_views"]:  # likewise before fresh views were a setting
             del own["use"]["fresh_views"]
         return {**own, "guides": [g.identity() for g in self.guides],

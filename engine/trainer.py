@@ -247,12 +247,13 @@ def fit(model: nn.Module, train: DeviceSet, val: DeviceSet, cfg: TrainConfig, lo
         generator: torch.Generator, spec: AugmentConfig, *, kd: KDConfig | None = None,
         teacher: Teacher | None = None, workdir: Path | None = None, run_key: str = "",
         callback: Callback | None = None, desc: str = "train", progress: bool | None = None,
-        test: DeviceSet | None = None, parallel: Parallel | None = None) -> FitResult:
+        test: DeviceSet | None = None, parallel: Parallel | None = None, stop_after: int | None = None) -> FitResult:
     """Train `model`; leave it holding the weights that were best on validation.
 
     `test`: also record each epoch's test accuracy, for comparison with papers that keep the best test
     epoch; it never selects anything. `progress`: None shows a bar only on a terminal; True or False forces it.
-    `parallel`: the processes it is trained by (started by torchrun; None: this one alone)."""
+    `parallel`: the processes it is trained by (started by torchrun; None: this one alone). `stop_after`: run
+    only that many epochs of cfg.epochs' schedule (the learning rate and lam as the whole run has them)."""
     device, n, group = train.device, len(train), ranks()
     cfg = _per_step(cfg, parallel, group)
     # What the optimiser trains: the model as the loss wraps it (feature taps, peers, exits)
@@ -270,7 +271,7 @@ def fit(model: nn.Module, train: DeviceSet, val: DeviceSet, cfg: TrainConfig, lo
     forward = torch.compile(forward) if cfg.compile else forward  # shares weights; state_dict stays plain
     checkpoints = _Checkpoints(*((last, best) if group.main else (None, None)))
     try:
-        for epoch in range(start, cfg.epochs):
+        for epoch in range(start, stop_after or cfg.epochs):
             trained.train()
             lam = lam_at(kd, epoch, cfg.epochs) if kd else 0.0
             shown = None if progress is None else not progress  # None: a bar only on a terminal

@@ -7,6 +7,7 @@ the NOKD and BLKD students) are trained once.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from itertools import combinations
@@ -21,6 +22,8 @@ from models import build_model
 from tasks import train as training
 from tasks.catalog import Catalog
 from tasks.config import PipelineConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ def reading(g: TrainSpec, use: GuideUse, default: GuideUse) -> TrainSpec:
 
 def zoo(cfg: PipelineConfig, role: Role, arch: str, seed: int, guides: list[TrainSpec] = (), *, epochs: int | None = None,
         lr: float | None = None, kd: KDConfig | None = None, survival: float = 1.0,
-        use: GuideUse | None = None) -> TrainSpec:
+        use: GuideUse | None = None, stop_after: int | None = None) -> TrainSpec:
     """An experiment's training: its role's recipe (epochs, lr overridden), its hop's loss (`kd`, else the config's),
     its guides read as `use` says (else as the config's `cache`), test accuracy measured; in data/zoo/<id>. It
     learns from labels only when it has no guides and its loss needs a teacher; DML and self-distillation need none."""
@@ -79,15 +82,18 @@ def zoo(cfg: PipelineConfig, role: Role, arch: str, seed: int, guides: list[Trai
     if use is not None:
         guides = [reading(g, use, training.use(cfg)) for g in guides]
     s = training.spec(cfg, role, arch, seed, train=training.recipe(cfg, role, epochs=epochs, lr=lr), kd=used,
-                      guides=tuple(guides), reading=use, survival=survival, test=True)
+                      guides=tuple(guides), reading=use, survival=survival, test=True, stop_after=stop_after)
     folder, source = Catalog(Path(".")).zoo(s.id), " + ".join(f"{g.role} {g.arch}" for g in guides) or "labels"
+    stopped = f", stopped after epoch {stop_after}" if stop_after else ""
     return s.model_copy(update={"name": s.id, "out": str(folder / "model"), "targets": str(folder / DEFAULT_TARGETS),
                                 "method": training.method(s),
-                                "title": f"{role} {arch} s{seed} from {source} ({training.method(s)})"})
+                                "title": f"{role} {arch} s{seed} from {source} ({training.method(s)}{stopped})"})
 
 
-def _teacher(cfg: PipelineConfig, arch: str | None = None, seed: int | None = None, epochs: int | None = None) -> TrainSpec:
-    return zoo(cfg, "teacher", arch or cfg.teacher.arch, cfg.teacher.seed if seed is None else seed, epochs=epochs)
+def _teacher(cfg: PipelineConfig, arch: str | None = None, seed: int | None = None, epochs: int | None = None,
+             stop_after: int | None = None) -> TrainSpec:
+    return zoo(cfg, "teacher", arch or cfg.teacher.arch, cfg.teacher.seed if seed is None else seed, epochs=epochs,
+               stop_after=stop_after)
 
 
 def _assistant(cfg: PipelineConfig, arch: str, guides: list[TrainSpec], survival: float = 1.0,
@@ -161,7 +167,9 @@ def _by_size(archs: list[str]) -> list[str]:
 
 
 def paths(cfg: PipelineConfig) -> Plan:
-    """Every subset of the intermediate sizes as a chain, largest first (2^n paths), plus DGKD."""
+    """Every subset of the intermediate sizes as a chain, largest first (2^n paths), plus DGKD; and TAs in
+    time: the teacher's own run stopped after each of `early_stops` epochs, and all of them then the teacher,
+    each for an equal share of the student's epochs (progressive distillation)."""
     t = _teacher(cfg)
     mids = _by_size(cfg.experiments.path_sizes)
     rows, refs = _baselines(cfg, t), [_ref("teacher", t)]
@@ -180,9 +188,35 @@ def paths(cfg: PipelineConfig) -> Plan:
         label = f"DGKD {' -> '.join([t.arch, *mids])} (p={p})"
         rows += [Row("dgkd", seed, _student(cfg, seed, guides, survival=p), label)
                  for seed in cfg.student.seeds]
+    in_time, stopped = _in_time(cfg, t)
+    rows, refs = rows + in_time, refs + stopped
     variants = list(dict.fromkeys(r.variant for r in rows if r.variant not in ("nokd", "blkd")))
     return Plan("paths", f"distillation paths from {t.arch} to {cfg.student.arch}", rows, refs,
                 [(v, "blkd") for v in variants])
+
+
+def _in_time(cfg: PipelineConfig, t: TrainSpec) -> tuple[list[Row], list[Row]]:
+    """The paths plan's TAs in time: KD from each early-stopped teacher, and progressive distillation; and the
+    stopped teachers as reference rows."""
+    epochs = t.train.epochs
+    at = {f: round(f * epochs) for f in cfg.experiments.early_stops}
+    kept = sorted({e for e in at.values() if 1 <= e < epochs})
+    if len(kept) < len(at):
+        log.warning("experiments.early_stops: %s of the teacher's %d epochs (teacher.train.epochs) give epochs %s; "
+                    "only those from 1 to %d, each once, are TAs in time: %s", list(at), epochs, list(at.values()),
+                    epochs - 1, kept or "none")
+    stops = [_teacher(cfg, stop_after=e) for e in kept]
+    rows = [Row(f"stopped-e{g.stop_after}", seed, _student(cfg, seed, [g]),
+                f"{t.arch} stopped after epoch {g.stop_after} -> {cfg.student.arch}", "time")
+            for g in stops for seed in cfg.student.seeds]
+    if stops:
+        steps = " -> ".join([*(f"epoch {g.stop_after}" for g in stops), f"epoch {t.train.epochs}"])
+        kd = _hop(cfg, "kd", ensemble={"combine": "sequence"})
+        rows += [Row("progressive", seed, _student(cfg, seed, [*stops, t], kd=kd),
+                     f"progressive: {t.arch} at {steps} in turn -> {cfg.student.arch}", "time")
+                 for seed in cfg.student.seeds]
+    return rows, [_ref(f"teacher-e{g.stop_after}", g, f"teacher {g.arch} stopped after epoch {g.stop_after}")
+                  for g in stops]
 
 
 def equal_compute(cfg: PipelineConfig) -> Plan:
@@ -230,9 +264,11 @@ def cache_views(cfg: PipelineConfig) -> Plan:
 
 
 def _hop(cfg: PipelineConfig, loss: str, **settings) -> KDConfig:
-    """The config's kd with another loss and that loss's own settings (`dml={"peers": [...]}`)."""
-    return cfg.kd.model_copy(update={"loss": loss, **{k: getattr(cfg.kd, k).model_copy(update=v) if isinstance(v, dict)
-                                                      else v for k, v in settings.items()}})
+    """The config's kd with another loss and that loss's own settings (`dml={"peers": [...]}`). A global
+    kd.standardize stays off in a row where it would do nothing (a loss without that form, or λ 0)."""
+    kd = cfg.kd.model_copy(update={"loss": loss, **{k: getattr(cfg.kd, k).model_copy(update=v) if isinstance(v, dict)
+                                                    else v for k, v in settings.items()}})
+    return kd.model_copy(update={"standardize": False}) if kd.standardize and kd.standardize_problem() else kd
 
 
 def _method_rows(cfg: PipelineConfig, seed: int, t: TrainSpec) -> list[tuple[str, TrainSpec, str]]:

@@ -191,6 +191,12 @@ class ExperimentsConfig(Strict):
     cache_views: list[Annotated[int, Field(ge=1, le=64)]] = Field(default_factory=lambda: [1, 2, 8], min_length=1,
                                    description="cache-views: the K cached views per image each student arm reads; "
                                                "beside them, the teacher online with a fresh view at every step")
+    early_stops: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default_factory=lambda: [0.2, 0.5], description="paths: a TA in time, not in size: KD from the teacher's run "
+                                                         "stopped after each of these fractions of its epochs (Cho & "
+                                                         "Hariharan 2019), and from all of them then the teacher in "
+                                                         "turn (progressive distillation, Panigrahi et al. 2025); [] "
+                                                         "for neither")
     dgkd: bool = Field(True, description="paths: also densely guided KD over the full path")
     guide_survival: float = Field(0.75, gt=0, le=1, description="DGKD: chance each guide is kept at a step")
     equal_epochs: int = Field(10, ge=2, description="equal compute: E epochs from labels vs E/2 teacher + E/2 distillation")
@@ -215,6 +221,13 @@ class ExperimentsConfig(Strict):
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
         return _archs(v)
+
+    @field_validator("early_stops")
+    @classmethod
+    def _increasing(cls, v: list[float]) -> list[float]:
+        if v != sorted(set(v)):
+            raise ValueError(f"early_stops must be distinct fractions in increasing order (got {v})")
+        return v
 
 
 class PipelineConfig(Strict):

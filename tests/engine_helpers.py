@@ -19,13 +19,13 @@ def device_sets(data_cfg):
     return s, DeviceSet(s.train, mean, std, cpu), DeviceSet(s.val, mean, std, cpu), DeviceSet(s.test, mean, std, cpu)
 
 
-def train(data_cfg, arch="plain-2", epochs=2, seed=0, workdir=None, callback=None, **train_kw):
+def train(data_cfg, arch="plain-2", epochs=2, seed=0, workdir=None, callback=None, stop_after=None, **train_kw):
     s, tr, va, _ = device_sets(data_cfg)
     gen = seed_everything(seed)
     model = build_model(arch, 1, 10, 28).to(memory_format=torch.channels_last)
     cfg = TrainConfig(epochs=epochs, batch_size=64, **train_kw)
     result = fit(model, tr, va, cfg, build_loss("ce", None), gen, s.augment, workdir=workdir, run_key="k",
-                 callback=callback)
+                 callback=callback, stop_after=stop_after)
     return model, result
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
+from itertools import combinations
 
 import pytest
 import torch
@@ -189,11 +190,15 @@ def test_negatives_are_drawn_without_replacement_each_subset_equally_likely():
     """As the reference's np.random.choice(replace=False): k distinct of n, every k-subset as likely."""
     from scipy.stats import chisquare
 
-    pos = distinct_positions(torch.full((6000,), 6), 3, torch.Generator().manual_seed(0))
-    assert all(len(set(row)) == 3 for row in pos.tolist())
-    counts = Counter(tuple(sorted(row)) for row in pos.tolist())
-    assert len(counts) == 20 and min(counts) >= (0, 1, 2) and max(counts) <= (3, 4, 5)
-    assert chisquare(list(counts.values())).pvalue > 1e-3
+    for n in (6, 5):  # redrawn repeats (k at most half of n), and a random permutation's first k
+        pos = distinct_positions(torch.full((6000,), n), 3, torch.Generator().manual_seed(0))
+        assert all(len(set(row)) == 3 for row in pos.tolist())
+        counts = Counter(tuple(sorted(row)) for row in pos.tolist())
+        assert set(counts) == set(combinations(range(n), 3))
+        assert chisquare(list(counts.values())).pvalue > 1e-3
+    mixed = torch.tensor([5, 4, 9, 4] * 50)  # rows of each kind in one call: each stays within its own n
+    pos = distinct_positions(mixed, 3, torch.Generator().manual_seed(0))
+    assert (pos < mixed[:, None]).all() and all(len(set(row)) == 3 for row in pos.tolist())
     # More negatives than rows: with replacement, as the reference then.
     few = distinct_positions(torch.tensor([2, 9]), 5, torch.Generator().manual_seed(0))
     assert set(few[0].tolist()) <= {0, 1} and len(set(few[1].tolist())) == 5

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.config import KDConfig
+from engine.errors import KDError
 from engine.losses import Batch, build_loss, kl_soft
 from engine.soft_targets import DenseGuides
 from engine.stats import holm, paired_difference, seed_table, summary
@@ -102,7 +103,8 @@ def cfg(fashion_dir, tmp_path):
         "teacher.arch": "plain-6", "assistant.arch": "plain-4", "student.seeds": [0, 1],
         "experiments.ta_sizes": ["plain-4"], "experiments.path_sizes": ["plain-4", "plain-2"],
         "experiments.teacher_sizes": ["plain-4", "plain-6"], "experiments.student_sizes": ["plain-2", "plain-4"],
-        "experiments.equal_epochs": 2, "experiments.generations": 1, "data.train_subset": 200})
+        "experiments.equal_epochs": 2, "experiments.generations": 1, "data.train_subset": 200,
+        "teacher.train.epochs": 2, "experiments.early_stops": [0.5]})
 
 
 def test_plans_share_trainings_across_experiments(cfg):
@@ -118,7 +120,7 @@ def test_plans_share_trainings_across_experiments(cfg):
     # 2 intermediate sizes: 2^2 - 1 chains beside BLKD, plus DGKD, NOKD, BLKD.
     paths = plans["paths"]
     assert [v for v in dict.fromkeys(r.variant for r in paths.rows)] == \
-        ["nokd", "blkd", "via-plain-4", "via-plain-2", "via-plain-4_plain-2", "dgkd"]
+        ["nokd", "blkd", "via-plain-4", "via-plain-2", "via-plain-4_plain-2", "dgkd", "stopped-e1", "progressive"]
     dgkd = paths.select("dgkd", 0)[0].spec
     assert [g.arch for g in dgkd.guides] == ["plain-6", "plain-4", "plain-2"]
     assert [len(g.guides) for g in dgkd.guides] == [0, 1, 2] and dgkd.survival == 0.75
@@ -176,6 +178,33 @@ def _run_rows(plan, cfg, cat, variant="*", seed=None):
 
     ctx = RunContext.resolve(cat.root)
     return run_rows(plan, cfg, cat, ctx, config_file(cfg, cat, "test"), variant, seed)
+
+
+def test_tas_in_time_are_the_teachers_own_run_stopped_early(cfg, tmp_path, monkeypatch, caplog):
+    """An early-stopped teacher is the teacher's run cut after its first epochs (same schedule, same first
+    epochs to the last digit); progressive distillation reads it, then the teacher, in turn."""
+    from tasks.catalog import Catalog
+
+    monkeypatch.setenv("KD_PROJECT_ROOT", str(tmp_path))
+    cat = Catalog(tmp_path)
+    plan = build_plan("paths", cfg)
+    teacher = plan.select("blkd", 0)[0].spec.guides[0]
+    progressive = plan.select("progressive", 0)[0].spec
+    stopped, last = progressive.guides
+    assert last == teacher and progressive.kd.ensemble.combine == "sequence"
+    assert stopped.stop_after == 1 and stopped.model_copy(update={"stop_after": None}).id == teacher.id
+    assert plan.select("stopped-e1", 0)[0].spec.guides == (stopped,)
+    _run_rows(plan, cfg, cat, "progressive", 0)
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("epoch_seconds", "images_per_second")} for e in h]
+    history = {s.stop_after: json.loads((tmp_path / s.out / "history.json").read_text()) for s in (stopped, teacher)}
+    assert len(history[1]) == 1 and strip(history[1]) == strip(history[None][:1]) and len(history[None]) == 2
+    # Fractions that round to the first epoch, twice, or to the whole run: one TA in time, and the user told.
+    odd = cfg.model_copy(update={"experiments": cfg.experiments.model_copy(update={"early_stops": [0.2, 0.4, 0.9]})})
+    with caplog.at_level("WARNING"):
+        odd_plan = build_plan("paths", odd)
+    assert [v for v in dict.fromkeys(r.variant for r in odd_plan.rows)][-2:] == ["stopped-e1", "progressive"]
+    assert [g.stop_after for g in odd_plan.select("progressive", 0)[0].spec.guides] == [1, None]
+    assert "give epochs [0, 1, 2]; only those from 1 to 1, each once, are TAs in time: [1]" in caplog.text
 
 
 def test_experiment_end_to_end_on_tiny_data(cfg, tmp_path, monkeypatch):

@@ -65,3 +65,12 @@ def test_irg_refuses_stages_whose_channels_cannot_be_averaged_to_each_other():
     ctx = LossContext(student=Tiny(2, 3), teacher=Tiny(4, 8), sample=torch.randn(4, 1, 16, 16), seed=0)
     with pytest.raises(ValueError, match="loss 'irg': the student's two stages have 2 and 3 channels"):
         build_loss("irg", KDConfig(loss="irg", lam=0.0), ctx)
+
+
+def test_irg_refuses_one_stage_twice_or_stages_out_of_order():
+    torch.manual_seed(0)
+    ctx = LossContext(student=Tiny(2, 4), teacher=Tiny(6, 3), sample=torch.randn(4, 1, 16, 16), seed=0)
+    for layers, said in ((["s1", "s1"], "two distinct consecutive stages"), (["s1", "s0"], "earlier first")):
+        cfg = KDConfig(loss="irg", lam=0.0, student_layers=layers, teacher_layers=["s0", "s1"])
+        with pytest.raises(ValueError, match=f"loss 'irg'.*{said}"):
+            build_loss("irg", cfg, ctx)

@@ -286,3 +286,34 @@ def test_standardize_is_refused_by_a_loss_without_a_standardized_form():
                                              r"set kd.standardize to false, or use one that has \(.*ctkd.*\)"):
             KDConfig(loss=loss, standardize=True)
     assert all(KDConfig(loss=loss, standardize=True).standardize for loss in ("kd", "dkd", "ctkd", "mlkd", "at"))
+
+
+def test_guides_in_sequence_each_teach_their_share_of_the_epochs():
+    """Progressive distillation: with 3 guides over 6 epochs, guide g alone in epochs [2g, 2g + 2)."""
+    torch.manual_seed(0)
+    s, t, y = torch.randn(4, 5), torch.randn(3, 4, 5) * 2, torch.tensor([0, 1, 2, 3])
+    loss = build_loss("kd", KDConfig(temperature=3.0, ensemble={"combine": "sequence"}), LossContext(epochs=6))
+    for epoch, g in ((0.0, 0), (1.9, 0), (2.0, 1), (3.5, 1), (4.0, 2), (5.99, 2)):
+        assert loss.soft_term(Batch(s, y, t, epoch=epoch)).item() == pytest.approx(
+            kl_soft(s, t[g], 3.0).item() * 9, rel=1e-6)
+    with pytest.raises(ValueError, match="needs LossContext.epochs"):
+        build_loss("kd", KDConfig(ensemble={"combine": "sequence"})).soft_term(Batch(s, y, t))
+
+
+def test_a_global_standardize_is_kept_where_it_applies_and_off_where_it_would_do_nothing():
+    from experiments.plans import build_plan
+    from tasks.config import load_config
+
+    plan = build_plan("methods", load_config(None, {"kd.standardize": True}))
+    on = {r.variant: r.spec.kd.standardize for r in plan.rows if r.seed == 0 and r.spec.kd}
+    assert on["kd"] and on["dkd"] and on["fitnets-joint"]
+    assert not (on["dist"] or on["dml"] or on["self"] or on["at"] or on["irg"])  # no such form, or lam 0
+    with pytest.raises(ValueError, match="kd.standardize: loss 'at' at kd.lam 0 has no soft term"):
+        KDConfig(loss="at", lam=0.0, standardize=True)
+
+
+def test_mlkd_strong_temperatures_must_be_among_its_temperatures():
+    """Else the strong view is silently never distilled."""
+    with pytest.raises(ValueError, match=r"kd.mlkd.strong_temperatures \[3.0, 4.0, 5.0\] must be among"):
+        KDConfig(loss="mlkd", mlkd={"temperatures": [1.0, 2.0]})
+    assert KDConfig(loss="mlkd", mlkd={"temperatures": [1.0, 2.0], "form": "masked-images"}).mlkd.form

@@ -8,6 +8,15 @@ from engine.errors import CheckpointError, DivergedError
 from tests.engine_helpers import train
 
 
+class _Killed(Exception):
+    pass
+
+
+def _die_after_two(m):
+    if m["epoch"] == 2:
+        raise _Killed
+
+
 def test_same_seed_same_metrics_to_the_last_digit(data_cfg):
     _, a = train(data_cfg, seed=3)
     _, b = train(data_cfg, seed=3)
@@ -35,21 +44,27 @@ def test_best_validation_weights_are_kept(data_cfg, tmp_path):
 
 def test_resume_after_interruption_gives_the_same_result(data_cfg, tmp_path):
     full_model, full = train(data_cfg, epochs=3, workdir=tmp_path / "full")
-
-    class Killed(Exception):
-        pass
-
-    def die_after_two(m):
-        if m["epoch"] == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train(data_cfg, epochs=3, workdir=tmp_path / "cut", callback=die_after_two)
+    with pytest.raises(_Killed):
+        train(data_cfg, epochs=3, workdir=tmp_path / "cut", callback=_die_after_two)
     assert load_torch(tmp_path / "cut" / "last.pt")["epoch"] == 2
     resumed_model, resumed = train(data_cfg, epochs=3, workdir=tmp_path / "cut")
     strip = lambda h: [{k: v for k, v in e.items() if k not in ("epoch_seconds", "images_per_second")} for e in h]
     assert strip(resumed.history) == strip(full.history)
     assert all(torch.equal(v, resumed_model.state_dict()[k]) for k, v in full_model.state_dict().items())
+
+
+def test_an_early_stopped_run_is_the_whole_runs_first_epochs(data_cfg, tmp_path):
+    """stop_after keeps the whole run's schedule: the weights and history of its first epochs, not a shorter run's."""
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("epoch_seconds", "images_per_second")} for e in h]
+    with pytest.raises(_Killed):
+        train(data_cfg, epochs=4, workdir=tmp_path / "whole", callback=_die_after_two)
+    _, stopped = train(data_cfg, epochs=4, workdir=tmp_path / "stopped", stop_after=2)
+    _, short = train(data_cfg, epochs=2)
+    whole = load_torch(tmp_path / "whole" / "last.pt")
+    assert strip(stopped.history) == strip(whole["history"]) and len(stopped.history) == 2
+    assert [e["lr"] for e in stopped.history] != [e["lr"] for e in short.history]  # a 2-epoch cosine ends lower
+    last = load_torch(tmp_path / "stopped" / "last.pt")["model"]
+    assert all(torch.equal(v, last[k]) for k, v in whole["model"].items())
 
 
 def test_a_failed_background_checkpoint_write_stops_training(data_cfg, tmp_path, monkeypatch):

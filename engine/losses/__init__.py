@@ -55,6 +55,7 @@ class LossContext:
     seed: int = 0
     num_train: int = 0  # images in the training set (CRD's memory bank has a row for each)
     train_labels: torch.Tensor | None = None  # [num_train]: CRD draws its negatives from the other classes
+    epochs: int = 0  # the run's schedule length (guides taken in sequence)
 
 
 class DistillLoss(nn.Module):

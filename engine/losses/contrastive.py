@@ -83,42 +83,66 @@ def random_bank(rows: int, dim: int, generator: torch.Generator) -> torch.Tensor
     return torch.rand(rows, dim, generator=generator, device=generator.device) * 2 * s - s
 
 
-def _first_of_each(values: torch.Tensor) -> torch.Tensor:
-    """[m] bool: True at the first occurrence of each value."""
+def _first_of_each(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[m] bool, True at the first occurrence of each value; and the values sorted."""
     ordered, order = values.sort(stable=True)
     first = torch.ones_like(values, dtype=torch.bool)
     first[1:] = ordered[1:] != ordered[:-1]
-    return torch.zeros_like(first).scatter_(0, order, first)
+    return torch.zeros_like(first).scatter_(0, order, first), ordered
+
+
+def _among(ordered: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """[m] bool: which values are in the sorted tensor `ordered`."""
+    if not len(ordered):
+        return torch.zeros_like(values, dtype=torch.bool)
+    return ordered[torch.searchsorted(ordered, values).clamp_max(len(ordered) - 1)] == values
+
+
+def _redraw_repeats(pos: torch.Tensor, n: torch.Tensor, row: torch.Tensor, draw) -> torch.Tensor:
+    """Flat draws `pos` (row `row`, bound `n`) with every repeat within a row redrawn until none is left: a
+    redraw is kept when its value is new to its row and it is the first of its round to take it."""
+    width = int(n.max()) + 1
+    first, drawn = _first_of_each(row * width + pos)
+    todo, kept = (~first).nonzero().squeeze(1), drawn[:0]
+    while len(todo):
+        pos[todo] = draw(n[todo])
+        fresh = row[todo] * width + pos[todo]
+        keep = ~_among(drawn, fresh) & ~_among(kept, fresh) & _first_of_each(fresh)[0]
+        kept = torch.cat([kept, fresh[keep]]).sort().values  # the few redraws kept so far
+        todo = todo[~keep]
+    return pos
 
 
 def distinct_positions(n: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """[B, k] positions, row b a uniform draw of k of range(n[b]) without replacement (with
     replacement where k > n[b]), as the reference's np.random.choice(..., replace=k > n).
 
-    Draws k with replacement, then redraws only the repeats until none is left: a redraw is kept
-    when its value is new to the row and it is the first of its round to take it. Nothing depends on
-    which values are which, so the set is the uniform k-subset, for one sort of the draws rather
-    than a permutation of n per anchor."""
-    dev, rows = generator.device, len(n)
-    n = n.to(dev).repeat_interleave(k)  # each draw's bound, flat [B * k]
-    width = int(n.max()) if k else 0
-    row_start = torch.arange(rows * k, device=dev) // k * width  # offsets into a flat [B, width] table
+    Where k is at most half of n: k draws with replacement, then the repeats redrawn until none is
+    left (nothing depends on which values are which, so the set is the uniform k-subset; a few sorts
+    of B x k keys, not a permutation of n per anchor). Where k is more than half of n, redraws would
+    mostly collide: the first k of a random permutation."""
+    dev = generator.device
+    n = n.to(dev)
+    pos = torch.empty(len(n), k, dtype=torch.long, device=dev)
 
     def draw(bound: torch.Tensor) -> torch.Tensor:
-        return (torch.rand(len(bound), generator=generator, device=dev) * bound).long().clamp_max(bound - 1)
+        return (torch.rand(bound.shape, generator=generator, device=dev) * bound).long().clamp_max(bound - 1)
 
-    pos = draw(n)
-    key = row_start + pos
-    taken = torch.zeros(rows * width, dtype=torch.bool, device=dev)
-    taken[key] = True
-    todo = (~_first_of_each(key) & (n >= k)).nonzero().squeeze(1)  # a row with fewer than k keeps its repeats
-    while len(todo):
-        pos[todo] = draw(n[todo])
-        key = row_start[todo] + pos[todo]
-        keep = ~taken[key] & _first_of_each(key)
-        taken[key[keep]] = True
-        todo = todo[~keep]
-    return pos.view(rows, k)
+    sparse, dense, over = 2 * k <= n, (2 * k > n) & (k <= n), k > n
+    if sparse.any():
+        rows = sparse.nonzero().squeeze(1)
+        bound = n[rows].repeat_interleave(k)
+        flat = _redraw_repeats(draw(bound), bound, torch.arange(len(rows), device=dev).repeat_interleave(k), draw)
+        pos[rows] = flat.view(len(rows), k)
+    if dense.any():
+        rows = dense.nonzero().squeeze(1)
+        keys = torch.rand(len(rows), int(n[rows].max()), generator=generator, device=dev)
+        keys[torch.arange(keys.shape[1], device=dev)[None] >= n[rows][:, None]] = 2.0  # past the row's end: last
+        pos[rows] = keys.argsort(1)[:, :k]
+    if over.any():
+        rows = over.nonzero().squeeze(1)
+        pos[rows] = draw(n[rows][:, None].expand(-1, k))
+    return pos
 
 
 class ClassRows:

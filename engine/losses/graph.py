@@ -55,9 +55,10 @@ def _last_two_stages(cfg: KDConfig, ctx: LossContext) -> list[tuple[str, str]]:
         raise ValueError("loss 'irg' compares features: it needs the student and the teacher")
     else:
         pairs = list(zip(feature_names(ctx.student)[-2:], feature_names(ctx.teacher)[-2:]))
-    if len(pairs) != 2:
-        raise ValueError(f"loss 'irg' reads two consecutive stages of each network; got {len(pairs)} pair(s) "
-                         f"{pairs}: name two in kd.student_layers and kd.teacher_layers")
+    (s1, t1), (s2, t2) = pairs if len(pairs) == 2 else [(None, None)] * 2
+    if len(pairs) != 2 or s1 == s2 or t1 == t2:
+        raise ValueError(f"loss 'irg' reads two distinct consecutive stages of each network; got {pairs}: name two "
+                         "in kd.student_layers and kd.teacher_layers, earlier first")
     return pairs
 
 
@@ -76,8 +77,11 @@ class IRG(FeatureLoss):
         self.serves_topk = False
         self.cfg = cfg.irg
         for side, shapes in (("student", self.student_shapes), ("teacher", self.teacher_shapes)):
-            (c1, *_), (c2, *_) = (shapes[n] for n in (self.student_features if side == "student"
-                                                      else self.teacher_features))
+            (c1, *size1), (c2, *size2) = (shapes[n] for n in (self.student_features if side == "student"
+                                                              else self.teacher_features))
+            if len(size1) != 2 or len(size2) != 2 or size1[0] < size2[0]:
+                raise ValueError(f"loss 'irg': the {side}'s stages must be maps, the earlier at least as large as "
+                                 f"the later (got {shapes}); name them earlier first in kd.*_layers")
             if max(c1, c2) % min(c1, c2):
                 raise ValueError(f"loss 'irg': the {side}'s two stages have {c1} and {c2} channels; the "
                                  "transformation averages the wider's channels down to the narrower's, so one "

@@ -26,8 +26,10 @@ class HintonKD(DistillLoss):
     """(1 - lam) * CE(student, y) + lam * T^2 * KL(teacher_T || student_T).
 
     Several guides ([G, B, C], DGKD or a multi-teacher ensemble) combine by `ensemble.combine`:
-    'kl', the weighted mean of the KLs to each, or 'probs', the KL to the weighted mixture of
-    their softened probabilities. Either way lam keeps its meaning whatever the guide count.
+    'kl', the weighted mean of the KLs to each, 'probs', the KL to the weighted mixture of
+    their softened probabilities, or 'sequence', each guide alone for an equal share of the
+    run's epochs, in the order given (progressive distillation from a teacher's checkpoints).
+    Either way lam keeps its meaning whatever the guide count.
     With `standardize`, both sides are z-scored first; CE still reads the raw logits."""
 
     title = "KD (Hinton et al. 2015)"
@@ -39,12 +41,22 @@ class HintonKD(DistillLoss):
         self.combine = cfg.ensemble.combine
         self.cfg = cfg
         self.serves_topk = not cfg.standardize  # a z-score needs every class's logit
+        self.epochs = ctx.epochs if ctx else 0
+
+    def in_turn(self, epoch: float, guides: int) -> int:
+        """combine 'sequence': the guide whose share of the run's epochs `epoch` (0-based) falls in."""
+        if self.epochs < 1:
+            raise ValueError("kd.ensemble.combine 'sequence' shares the run's epochs among the guides: the loss "
+                             "needs LossContext.epochs")
+        return min(int(epoch * guides / self.epochs), guides - 1)
 
     def soft_temperature(self) -> float | None:
         return self.temperature
 
     def soft_term(self, batch: Batch, temp: float | torch.Tensor | None = None) -> torch.Tensor:
         t, w = _guides(batch)
+        if self.combine == "sequence" and t.shape[0] > 1:
+            w = torch.zeros_like(w).index_fill_(0, torch.tensor(self.in_turn(batch.epoch, t.shape[0]), device=w.device), 1.0)
         temp = self.temperature if temp is None else temp
         s, t = standardized(self.cfg, batch.student_logits, t)
         if self.combine == "probs" and t.shape[0] > 1:
