@@ -84,6 +84,8 @@ class FitNetsConfig(Strict):
     stagewise: bool = Field(False, description="True: the first hint_epochs train only up to the hint layer (paper); "
                                                 "False: hint and task loss together")
     hint_epochs: int = Field(2, ge=0, description="stage-wise: epochs of hint-only training before KD")
+    relu: bool = Field(True, description="a ReLU after the regressor's conv + BN, as RepDistiller's and mdistiller's "
+                                         "ConvReg (the teacher's stages are post-ReLU)")
 
 
 class ATConfig(Strict):

@@ -114,7 +114,7 @@ def test_fitnets_hint_by_hand_joint_and_stagewise(ctx):
     fs, ft = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4)
     batch = _batch(student_features={"s1": fs}, teacher_features={"s1": ft})
     bn = 1 / math.sqrt(1 + 1e-5)
-    sq = [((o + 1) * mean(fs[b, :, i, j].tolist()) * bn - ft[b, o, i, j].item()) ** 2
+    sq = [(max((o + 1) * mean(fs[b, :, i, j].tolist()) * bn, 0.0) - ft[b, o, i, j].item()) ** 2  # then the ReLU
           for b in range(2) for o in range(5) for i in range(4) for j in range(4)]
     hint = mean(sq)
     ce_ = mean(ce(s, y) for s, y in zip(S, Y))
@@ -187,9 +187,11 @@ def test_rkd_distance_and_angle_by_hand(ctx):
 
     dist = mean(smooth_l1(a, b) for a, b in zip(dists(es), dists(et)))
     ang = mean(smooth_l1(a, b) for a, b in zip(cosines(es), cosines(et)))
+    # 2x2 maps whose mean over positions is each vector: RKD reads the pooled vector, as both references do.
+    wobble = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]) * torch.rand(3, 2, 1, 1)
     batch = Batch(torch.zeros(3, 3), torch.zeros(3, dtype=torch.long), torch.zeros(3, 3),
-                  student_features={"s1": torch.tensor(es).view(3, 2, 1, 1)},
-                  teacher_features={"s1": torch.tensor(et).view(3, 2, 1, 1)})
+                  student_features={"s1": torch.tensor(es).view(3, 2, 1, 1) + wobble},
+                  teacher_features={"s1": torch.tensor(et).view(3, 2, 1, 1) + wobble.flip(0)})
     parts = loss(batch, 0.0)
     assert parts["rkd_distance"].item() == pytest.approx(dist, rel=1e-5)
     assert parts["rkd_angle"].item() == pytest.approx(ang, rel=1e-5)
@@ -241,11 +243,12 @@ def test_self_distillation_by_hand(ctx):
     ce_last = mean(ce(s, y) for s, y in zip(S, Y))
     ce_exit = mean(ce(e, y) for e, y in zip(exit_logits, Y))
     kl_exit = mean(kl(softmax(s, 3), softmax(e, 3)) for s, e in zip(S, exit_logits)) * 9
-    assert parts["total"].item() == pytest.approx(ce_last + 0.7 * ce_exit + 0.3 * kl_exit, rel=1e-5)
-    # The last layer teaches the exits, not the reverse: its gradient is its own CE's alone.
+    # The paper's sum over every classifier: the last one's KL to itself is 0, so its CE weighs 1 - alpha too.
+    assert parts["total"].item() == pytest.approx(0.7 * ce_last + 0.7 * ce_exit + 0.3 * kl_exit, rel=1e-5)
+    # The last layer teaches the exits, not the reverse: its gradient is its own (1 - alpha) * CE's alone.
     last, exits = torch.tensor(S, requires_grad=True), torch.tensor([exit_logits], requires_grad=True)
     loss(Batch(last, torch.tensor(Y), student_features={"exits": exits}), 0.0)["total"].backward()
-    by_hand = [[(p - (c == y)) / len(S) for c, p in enumerate(softmax(s))] for s, y in zip(S, Y)]
+    by_hand = [[0.7 * (p - (c == y)) / len(S) for c, p in enumerate(softmax(s))] for s, y in zip(S, Y)]
     assert torch.allclose(last.grad, torch.tensor(by_hand), atol=1e-6)
     assert exits.grad.abs().sum() > 0
 

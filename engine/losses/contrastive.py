@@ -18,17 +18,11 @@ from torch import nn
 from engine.config import KDConfig
 from engine.losses import Batch, LossContext, register
 from engine.losses.feature import FeatureLoss
-from engine.losses.relation import _last_stages
+from engine.losses.relation import _last_stages, pooled
 
 # The trainer's own generator is seeded with the run's seed; a fixed offset keeps the negatives'
 # stream from repeating its draws.
 _SEED_OFFSET = 0x637264 << 32
-
-
-def pooled(f: torch.Tensor) -> torch.Tensor:
-    """One vector per image: a map is averaged over its positions, a vector kept as it is."""
-    f = f.float()
-    return f.flatten(2).mean(2) if f.dim() > 2 else f.flatten(1)
 
 
 def nce_loss(log_p: torch.Tensor, num_train: int) -> torch.Tensor:

@@ -86,7 +86,7 @@ class FeatureLoss(DistillLoss):
 
 @register("fitnets")
 class FitNets(FeatureLoss):
-    """Romero et al. 2015. A regressor (1x1 conv + BN) maps the student's hint stage onto the
+    """Romero et al. 2015. A regressor (1x1 conv + BN, then ReLU with `relu`) maps the student's hint stage onto the
     teacher's; the hint loss is their mean squared error. Joint: base + beta * hint. Stage-wise
     (paper): the first hint_epochs minimise beta * hint alone, which trains only the layers up to
     the hint; the rest minimise the base objective."""
@@ -100,7 +100,8 @@ class FitNets(FeatureLoss):
         self.cfg = cfg.fitnets
         (s, t), = self.pairs
         cs, ct = self.student_shapes[s][0], self.teacher_shapes[t][0]
-        self.regressor = nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct)).to(ctx.sample.device)
+        layers = [nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct)] + ([nn.ReLU()] if cfg.fitnets.relu else [])
+        self.regressor = nn.Sequential(*layers).to(ctx.sample.device)
 
     def hint(self, batch: Batch) -> torch.Tensor:
         (s, t), = self.pairs

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from engine.config import KDConfig
 from engine.losses import Batch, LossContext, register
 from engine.losses.feature import FeatureLoss, match_stages
+from engine.losses.relation import pooled
 from models.features import feature_names
 
 
@@ -93,7 +94,6 @@ class IRG(FeatureLoss):
         ft1, ft2 = batch.teacher_features[t1], batch.teacher_features[t2]
         teacher = batch.teacher_logits if batch.teacher_logits.dim() == 2 else batch.teacher_logits[0]
         vertex = F.mse_loss(batch.student_logits.float(), teacher.float())
-        pooled = (lambda f: f.float().mean((2, 3)) if f.dim() == 4 else f)
         edge = (F.mse_loss(edges(pooled(fs2)), edges(pooled(ft2))) + F.mse_loss(edges(fs1), edges(ft1))
                 + F.mse_loss(edges(fs2), edges(ft2))) / 3
         tran = F.mse_loss(transformation(fs1, fs2), transformation(ft1, ft2))

@@ -23,6 +23,12 @@ def _last_stages(cfg: KDConfig, ctx: LossContext) -> list[tuple[str, str]]:
     return [(feature_names(ctx.student)[-1], feature_names(ctx.teacher)[-1])]
 
 
+def pooled(f: torch.Tensor) -> torch.Tensor:
+    """One vector per image: a map is averaged over its positions, a vector kept as it is."""
+    f = f.float()
+    return f.flatten(2).mean(2) if f.dim() > 2 else f.flatten(1)
+
+
 def pairwise_distances(e: torch.Tensor) -> torch.Tensor:
     """Euclidean distances between the rows, divided by their mean over distinct pairs."""
     sq = e.pow(2).sum(1)
@@ -47,8 +53,10 @@ def angles(e: torch.Tensor) -> torch.Tensor:
 
 @register("rkd")
 class RKD(FeatureLoss):
-    """Park et al. 2019: base + w_d * smoothL1(distances) + w_a * smoothL1(angles), on the
-    flattened embeddings."""
+    """Park et al. 2019: base + w_d * smoothL1(distances) + w_a * smoothL1(angles), on each network's
+    last stage pooled to one vector per image, as both references read it (the classifier's input).
+    Both are unchanged by a shift shared by the batch: the vectors are centred first, which keeps the
+    Gram-matrix angles accurate in float32."""
     batch_statistics = "distance and angle relations among the batch's images"
 
     title = "RKD (Park et al. 2019)"
@@ -58,9 +66,13 @@ class RKD(FeatureLoss):
         super().__init__(cfg, ctx, _last_stages(cfg, ctx))
         self.cfg = cfg.rkd
 
+    def reduce_teacher(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: pooled(f) for n, f in features.items()}  # what the feature cache keeps
+
     def forward(self, batch: Batch, lam: float) -> dict[str, torch.Tensor]:
         (s, t), = self.pairs
-        e_s, e_t = batch.student_features[s].float().flatten(1), batch.teacher_features[t].float().flatten(1)
+        e_s, e_t = (e - e.mean(0, keepdim=True) for e in (pooled(batch.student_features[s]),
+                                                           pooled(batch.teacher_features[t])))
         dist = F.smooth_l1_loss(pairwise_distances(e_s), pairwise_distances(e_t))
         ang = F.smooth_l1_loss(angles(e_s), angles(e_t))
         parts = self.base(batch, lam)

@@ -41,8 +41,9 @@ class WithExits(nn.Module):
 
 @register("self")
 class SelfDistillation(DistillLoss):
-    """CE on the last layer, plus for every exit (1 - alpha) * CE + alpha * T^2 * KL(last || exit),
-    the last layer held fixed in the KL. (The paper's feature-hint term is left out.)"""
+    """(1 - alpha) * CE on the last layer, plus for every exit (1 - alpha) * CE + alpha * T^2 * KL(last || exit),
+    the last layer held fixed in the KL: the paper's sum over every classifier, whose KL to itself is 0 (as
+    pytorch-be-your-own-teacher weights it). The paper's feature-hint term is left out."""
 
     title = "self-distillation, deep to shallow (Zhang et al. 2019)"
     section, kd_objective = "self_distill", False
@@ -72,5 +73,5 @@ class SelfDistillation(DistillLoss):
         ce = batch.ce(last)
         exit_ce = torch.stack([batch.ce(e) for e in exits])
         exit_kl = torch.stack([kl_soft(e, last.detach(), temp) for e in exits]) * temp**2
-        total = ce + ((1 - a) * exit_ce + a * exit_kl).sum()
+        total = (1 - a) * ce + ((1 - a) * exit_ce + a * exit_kl).sum()
         return {"total": total, "ce": ce, "exit_ce": exit_ce.mean(), "kd": exit_kl.mean()}
