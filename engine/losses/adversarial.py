@@ -17,6 +17,7 @@ from torch import nn
 
 from engine.config import KDConfig
 from engine.losses import Batch, DistillLoss, LossContext, register
+from engine.losses.feature import num_classes
 from engine.losses.logit import HintonKD, _guides, _Reverse
 
 
@@ -60,10 +61,7 @@ class AdversarialKD(DistillLoss):
             raise ValueError("loss 'adversarial' sizes its discriminator by the student's outputs: it needs the "
                              "student and a sample batch")
         self.kd, self.cfg = HintonKD(cfg), cfg.adversarial
-        with torch.no_grad():
-            was = ctx.student.training
-            classes = ctx.student.eval()(ctx.sample[:2]).shape[1]
-            ctx.student.train(was)
+        classes = num_classes(ctx.student, ctx.sample)
         self.discriminator = Discriminator(classes, self.cfg.shrink, self.cfg.final_relu).to(ctx.sample.device)
 
     def soft_temperature(self) -> float | None:

@@ -17,6 +17,16 @@ from models.features import feature_names, with_features
 
 
 @torch.no_grad()
+def num_classes(model: nn.Module, sample: torch.Tensor) -> int:
+    """The model's output width, read from one eval-mode forward pass."""
+    was = model.training
+    model.eval()
+    n = model(sample[:2]).shape[1]
+    model.train(was)
+    return n
+
+
+@torch.no_grad()
 def stage_shapes(model: nn.Module, names: list[str], sample: torch.Tensor) -> dict[str, tuple[int, ...]]:
     """Per-image shape of each named feature, read from one eval-mode forward pass."""
     was = model.training

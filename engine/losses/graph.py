@@ -71,11 +71,10 @@ class IRG(FeatureLoss):
 
     title = "IRG (Liu et al. 2019)"
     section = "irg"
-    serves_topk = False  # the vertex term reads every class's logit
 
     def __init__(self, cfg: KDConfig, ctx: LossContext):
         super().__init__(cfg, ctx, _last_two_stages(cfg, ctx))
-        self.serves_topk = False
+        self.serves_topk = False  # the vertex term reads every class's logit (FeatureLoss set KD's answer)
         self.cfg = cfg.irg
         for side, shapes in (("student", self.student_shapes), ("teacher", self.teacher_shapes)):
             (c1, *size1), (c2, *size2) = (shapes[n] for n in (self.student_features if side == "student"

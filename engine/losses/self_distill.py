@@ -8,7 +8,7 @@ from torch import nn
 
 from engine.config import KDConfig
 from engine.losses import Batch, DistillLoss, LossContext, kl_soft, register
-from engine.losses.feature import stage_shapes
+from engine.losses.feature import num_classes, stage_shapes
 from models.features import feature_names, with_features
 
 
@@ -16,15 +16,6 @@ def exit_head(channels: int, width: int, num_classes: int) -> nn.Module:
     """A small classifier on an intermediate stage: conv, BN, ReLU, global pool, linear."""
     return nn.Sequential(nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
                          nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
-
-
-@torch.no_grad()
-def _num_classes(model: nn.Module, sample: torch.Tensor) -> int:
-    was = model.training
-    model.eval()
-    n = model(sample[:2]).shape[1]
-    model.train(was)
-    return n
 
 
 class WithExits(nn.Module):
@@ -60,9 +51,9 @@ class SelfDistillation(DistillLoss):
         if not self.stages:
             raise ValueError(f"self: {getattr(ctx.student, 'arch', 'the model')} has no intermediate stage "
                              f"({names}) to put an exit on")
-        num_classes = _num_classes(ctx.student, ctx.sample)
+        classes = num_classes(ctx.student, ctx.sample)
         width = shapes[names[-1]][0]
-        self.heads = nn.ModuleList([exit_head(shapes[s][0], width, num_classes) for s in self.stages]).to(ctx.sample.device)
+        self.heads = nn.ModuleList([exit_head(shapes[s][0], width, classes) for s in self.stages]).to(ctx.sample.device)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return WithExits(model, self.stages, self.heads)
