@@ -3,7 +3,9 @@
 fashion-mnist  Debian's IDX files (dataset-fashion-mnist) or torchvision's download
 cifar10/100    torchvision's download and file layout, read with a restricted unpickler
 imagefolder:P  one folder per class (P/train and P/test when present)
-csv:F          a CSV with columns path,label (and optionally split = train | test); paths relative to F
+csv:F          a CSV with columns path,label (and optionally split = train | test); paths relative to F. Paired
+               inputs: a path.<modality> column per modality instead of path (path.rgb, path.depth), each image
+               resized alike and stored side by side along the channels (models/views.py reads one back)
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from models.views import DERIVED, MODALITY_RE, is_derived
 
 from engine.config import AugmentConfig, DataConfig
 from engine.errors import DataError
@@ -67,6 +71,7 @@ class Splits:
     augment: AugmentConfig
     norm: tuple[list[float], list[float]] | None = None  # configured mean and std; None: the train split's
     recorded: str | None = None  # the fingerprint a stored copy's manifest holds
+    modalities: list[str] | None = None  # a paired CSV's inputs, side by side along the channels (models/views.py)
 
     @property
     def num_classes(self) -> int:
@@ -85,11 +90,15 @@ class Splits:
     def fingerprint(self) -> str:
         if self.recorded:
             return self.recorded
-        h = hashlib.sha256("\n".join([self.name, *self.classes]).encode())
+        h = hashlib.sha256(self.header())
         for part in (self.train, self.val, self.test):
             h.update(part.x.numpy().tobytes())
             h.update(part.y.numpy().tobytes())
         return h.hexdigest()[:16]
+
+    def header(self) -> bytes:
+        """What the fingerprint hashes before the pixels: the name, the classes and any modalities."""
+        return "\n".join([self.name, *self.classes, *(["modalities:", *self.modalities] if self.modalities else [])]).encode()
 
     def write(self, folder: Path) -> dict:
         """Store the splits in `folder` as engine/store.py lays them out (decoding image files a shard at a time);
@@ -106,7 +115,7 @@ class Splits:
         m = read_manifest(folder)
         parts = {s: open_split(folder, m, s) for s in ("train", "val", "test")}
         return cls(m["name"], list(m["classes"]), augment=augment_of(m), norm=(m["mean"], m["std"]),
-                   recorded=m["fingerprint"], **parts)
+                   recorded=m["fingerprint"], modalities=m.get("modalities"), **parts)
 
 
 def channel_stats(x, rows: int = 8192) -> tuple[list[float], list[float]]:
@@ -268,37 +277,40 @@ def load_cifar(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str]]:
 # ---------------------------------------------------------------- image folders
 
 class Undecoded:
-    """A split's image files, listed but not decoded: `x[index]` selects files as a tensor selects rows, and
+    """A split's image files, listed but not decoded: `x[index]` selects rows as a tensor does, and
     `decode(start, stop)` converts and resizes a run of them. The store decodes a split chunk by chunk as it writes
-    it, so preparing a folder of images never holds more than a chunk of pixels."""
+    it, so preparing a folder of images never holds more than a chunk of pixels. A row is one file per modality
+    (one, except for a paired CSV), stored side by side along the channels."""
 
-    def __init__(self, files: list[Path], size: int, channels: int, where: str):
-        self.files, self.size, self.channels, self.where = files, size, channels, where
+    def __init__(self, files: list[tuple[Path, ...]], size: int, channels: int, where: str, modalities: int = 1):
+        self.files, self.size, self.channels, self.where, self.modalities = files, size, channels, where, modalities
 
     def __len__(self) -> int:
         return len(self.files)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (len(self.files), self.channels, self.size, self.size)
+        return (len(self.files), self.channels * self.modalities, self.size, self.size)
 
     def __getitem__(self, index: torch.Tensor) -> "Undecoded":
-        return Undecoded([self.files[i] for i in index.tolist()], self.size, self.channels, self.where)
+        return Undecoded([self.files[i] for i in index.tolist()], self.size, self.channels, self.where,
+                         self.modalities)
 
     def decode(self, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, list[str]]:
-        """uint8 [n, C, H, W] for files start..stop, and each file that could not be read (path and why); the rows
-        of unreadable files are left zero."""
+        """uint8 [n, C, H, W] for rows start..stop, and each file that could not be read (path and why); the
+        channels of unreadable files are left zero."""
         from PIL import Image
 
-        files = self.files[start:stop]
-        out, bad = np.zeros((len(files), self.size, self.size, self.channels), np.uint8), []
-        for i, p in enumerate(files):
-            try:
-                with Image.open(p) as im:
-                    im = im.convert("L" if self.channels == 1 else "RGB").resize((self.size, self.size))
-                    out[i] = np.asarray(im, dtype=np.uint8).reshape(self.size, self.size, self.channels)
-            except Exception as e:
-                bad.append(f"{p} ({type(e).__name__})")
+        rows, c = self.files[start:stop], self.channels
+        out, bad = np.zeros((len(rows), self.size, self.size, c * self.modalities), np.uint8), []
+        for i, row in enumerate(rows):
+            for j, p in enumerate(row):
+                try:
+                    with Image.open(p) as im:
+                        im = im.convert("L" if c == 1 else "RGB").resize((self.size, self.size))
+                        out[i, ..., j * c:(j + 1) * c] = np.asarray(im, dtype=np.uint8).reshape(self.size, self.size, c)
+                except Exception as e:
+                    bad.append(f"{p} ({type(e).__name__})")
         return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), bad
 
 
@@ -317,10 +329,11 @@ def _decoded(parts: list[ImageSet]) -> list[ImageSet]:
     return [ImageSet(x, p.y, p.ids, p.paths) for p, (x, _) in zip(parts, found)]
 
 
-def _read_images(items: list[tuple[Path, int]], cfg: DataConfig, where: str, base: Path) -> ImageSet:
-    """The listed images, to be decoded, converted and resized to data.image_size and data.channels."""
-    x = Undecoded([p for p, _ in items], cfg.image_size, cfg.channels, where)
-    paths = [Path(os.path.relpath(p, base)).as_posix() for p, _ in items]
+def _read_images(items: list[tuple[tuple[Path, ...], int]], cfg: DataConfig, where: str, base: Path) -> ImageSet:
+    """The listed images (a file per modality each), to be decoded, converted and resized to data.image_size and
+    data.channels. A row's path, for files keyed by image, is its first modality's."""
+    x = Undecoded([p for p, _ in items], cfg.image_size, cfg.channels, where, len(items[0][0]) if items else 1)
+    paths = [Path(os.path.relpath(p[0], base)).as_posix() for p, _ in items]
     return ImageSet(x, torch.tensor([label for _, label in items], dtype=torch.long), paths=paths)
 
 
@@ -332,7 +345,7 @@ def _read_folder(root: Path, classes: list[str], cfg: DataConfig, base: Path) ->
         files = sorted(p for p in (root / cls).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
         if not files:
             raise DataError(f"{root / cls}: class folder has no images ({', '.join(IMG_EXTENSIONS)})")
-        items += [(p, label) for p in files]
+        items += [((p,), label) for p in files]
     return _read_images(items, cfg, str(root), base)
 
 
@@ -374,12 +387,11 @@ def load_csv(cfg: DataConfig) -> tuple[ImageSet, ImageSet | None, list[str]]:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path}: not a readable CSV ({e})") from None
-    columns = set(rows[0]) if rows else set()
-    if not {"path", "label"} <= columns:
-        raise DataError(f"{path}: needs a header with columns path,label (found {sorted(columns) or 'none'})")
+    columns = list(rows[0]) if rows else []
+    files = path_columns(columns, path)
     for i, r in enumerate(rows, start=2):
-        if not (r["path"] or "").strip() or not (r["label"] or "").strip():
-            raise DataError(f"{path}: line {i}: empty path or label")
+        if not all((r[c] or "").strip() for c in files) or not (r["label"] or "").strip():
+            raise DataError(f"{path}: line {i}: empty {' or '.join(files)} or label")
         if "split" in r and (r["split"] or "train").strip() not in ("train", "test"):
             raise DataError(f"{path}: line {i}: split must be train or test (got {r['split']!r})")
     classes = _class_order([r["label"].strip() for r in rows])
@@ -387,12 +399,33 @@ def load_csv(cfg: DataConfig) -> tuple[ImageSet, ImageSet | None, list[str]]:
 
     def items(split: str | None) -> list[tuple[Path, int]]:
         chosen = [r for r in rows if split is None or (r.get("split") or "train").strip() == split]
-        return [(path.parent / r["path"].strip(), index[r["label"].strip()]) for r in chosen]
+        return [(tuple(path.parent / r[c].strip() for c in files), index[r["label"].strip()]) for r in chosen]
 
     if "split" in columns and any((r.get("split") or "").strip() == "test" for r in rows):
         return (_read_images(items("train"), cfg, f"{path} (train rows)", path.parent),
                 _read_images(items("test"), cfg, f"{path} (test rows)", path.parent), classes)
     return _read_images(items(None), cfg, str(path), path.parent), None, classes
+
+
+def path_columns(columns: list[str], path: Path) -> list[str]:
+    """The CSV's image columns: path, or a path.<modality> column per modality of paired inputs."""
+    paired = [c for c in columns if c.startswith("path.")]
+    if "label" not in columns or ("path" in columns) == bool(paired):
+        raise DataError(f"{path}: needs a header with columns path,label, or path.<modality> columns (one per input "
+                        f"of a pair) and label (found {columns or 'none'})")
+    bad = [c for c in paired if not MODALITY_RE.fullmatch(c[5:]) or is_derived(c[5:])]
+    if bad:
+        raise DataError(f"{path}: column {bad[0]!r}: a modality is named by letters, digits, _ or - and not after "
+                        f"a derived view ({', '.join(DERIVED)})")
+    return paired or ["path"]
+
+
+def csv_modalities(cfg: DataConfig) -> list[str] | None:
+    """A paired CSV's modalities in column order; None for one path column."""
+    with _csv_path(cfg).open(newline="") as f:
+        columns = csv.DictReader(f).fieldnames or []
+    paired = [c[5:] for c in columns if c.startswith("path.")]
+    return paired or None
 
 
 def _csv_path(cfg: DataConfig) -> Path:
@@ -403,7 +436,8 @@ def csv_sources(path: Path) -> list[Path]:
     """The CSV and the deepest folder holding every image it lists, so that a changed image is a changed input."""
     try:
         with path.open(newline="") as f:
-            rows = [(r.get("path") or "").strip() for r in csv.DictReader(f)]
+            rows = [(v or "").strip() for r in csv.DictReader(f) for k, v in r.items()
+                    if k is not None and (k == "path" or k.startswith("path.")) and isinstance(v, str)]
     except (OSError, UnicodeDecodeError, csv.Error):
         return [path]  # the loader names what is wrong
     images = [os.path.abspath(path.parent / r) for r in rows if r]
@@ -445,12 +479,14 @@ def _shuffled(n: int, seed: int) -> torch.Tensor:
 def load_splits(cfg: DataConfig, decode: bool = True) -> Splits:
     """Load a data set by name and carve the seeded validation split from its train split. `decode=False` leaves
     the images of a folder or CSV undecoded (Undecoded), for the store to decode chunk by chunk."""
+    modalities = None
     if cfg.name == "fashion-mnist":
         (train, test), classes = load_fashion_mnist(cfg), FASHION_CLASSES
     elif cfg.name in ("cifar10", "cifar100"):
         train, test, classes = load_cifar(cfg)
     else:
         train, test, classes = (load_csv if cfg.name.startswith("csv:") else load_image_folder)(cfg)
+        modalities = csv_modalities(cfg) if cfg.name.startswith("csv:") else None
     train = train.listed()
     if test is None:  # one folder only: carve a seeded test split too
         order = _shuffled(len(train), cfg.split_seed + 1)
@@ -474,4 +510,4 @@ def load_splits(cfg: DataConfig, decode: bool = True) -> Splits:
     parts = [train.subset(order[n_val:]), train.subset(order[:n_val]), test]
     if decode:
         parts = _decoded(parts)
-    return Splits(cfg.name.split(":")[0], list(classes), *parts, augment, norm)
+    return Splits(cfg.name.split(":")[0], list(classes), *parts, augment, norm, modalities=modalities)

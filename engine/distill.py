@@ -194,14 +194,14 @@ def _import_teacher(spec: TrainSpec, ws: Workspace) -> nn.Module:
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise KDError(f"{path}: not a state_dict (a mapping of names to tensors); save model.state_dict(), "
                           "or a torch.export program with torch.export.save")
-        model = ws.load_state(ws.build(spec.arch), state, path)
+        model = ws.load_state(ws.build(spec.arch, input=spec.input), state, path)
     check_fits(model, ws.splits.input_shape, ws.splits.classes, path)
     return model
 
 
 def _loss(spec: TrainSpec, ws: Workspace, model: nn.Module, guides: list[nn.Module | None]) -> DistillLoss:
     ctx = LossContext(student=model, teacher=guides[0] if guides else None,
-                      sample=ws.train.normalize(ws.train.x[:8]), build=ws.build, seed=spec.seed,
+                      sample=ws.train.normalize(ws.train.x[:8]), build=lambda arch, seed: ws.build(arch, seed, spec.input), seed=spec.seed,
                       num_train=len(ws.train), train_labels=ws.train.y, epochs=spec.train.epochs)
     try:
         loss = build_loss(spec.loss, spec.kd, ctx)
@@ -239,7 +239,7 @@ def _check_parallel(spec: TrainSpec, loss: DistillLoss) -> None:
 def _start_model(spec: TrainSpec, ws: Workspace, folders: Folders) -> nn.Module:
     if spec.imported:
         return _import_teacher(spec, ws)
-    return ws.load_model_dir(folders.model(spec.init)) if spec.init else ws.build(spec.arch, seed=spec.seed)
+    return ws.load_model_dir(folders.model(spec.init)) if spec.init else ws.build(spec.arch, spec.seed, spec.input)
 
 
 def prepare(spec: TrainSpec, ws: Workspace, folders: Folders, generator) -> tuple[nn.Module, DistillLoss | None,

@@ -94,6 +94,8 @@ class Imported(Frozen):
 class TrainSpec(Frozen):
     role: Role = Field(description="teacher | assistant | student: MLflow's tag, and the config section it came from")
     arch: str
+    input: Optional[str] = Field(None, description="the view of the stored input it reads (models/views.py): a "
+                                                   "modality, lowres-F, edges; None: all of it")
     seed: int = Field(0, ge=0)
     train: TrainConfig
     loss: str = Field("ce", description="by name (engine.losses.LOSSES); 'ce' learns from labels only")
@@ -128,8 +130,9 @@ class TrainSpec(Frozen):
         own = self.model_dump(mode="json", exclude=NOT_IDENTITY | {"guides", "init"})
         if self.parallel is None:  # one process: the identity every training had before processes were a setting
             del own["parallel"]
-        if self.stop_after is None:  # likewise before early stops were a setting
-            del own["stop_after"]
+        for key in ("stop_after", "input"):  # likewise before early stops and views were settings
+            if own[key] is None:
+                del own[key]
         if own.get("use") and not own["use"]["fresh_views"]:  # likewise before fresh views were a setting
             del own["use"]["fresh_views"]
         return {**own, "guides": [g.identity() for g in self.guides],

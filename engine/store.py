@@ -123,7 +123,7 @@ def write_store(splits, folder: Path, shard_bytes: int | None = None) -> dict:
     the manifest last. Its fingerprint equals `splits.fingerprint()` of the same splits in memory. Returns it."""
     from engine.data import channel_stats, unreadable
 
-    digest, bad = hashlib.sha256("\n".join([splits.name, *splits.classes]).encode()), []
+    digest, bad = hashlib.sha256(splits.header()), []
     entries = {s: _write_split(getattr(splits, s), folder / s, shard_bytes or SHARD_BYTES, digest, bad)
                for s in SPLITS}
     if bad:
@@ -134,7 +134,8 @@ def write_store(splits, folder: Path, shard_bytes: int | None = None) -> dict:
         mean, std = channel_stats(_images(folder / "train", entries["train"]))
     manifest = {"format": FORMAT, "name": splits.name, "classes": splits.classes,
                 "augment": splits.augment.model_dump(), "configured_norm": splits.norm is not None,
-                "mean": mean, "std": std, "fingerprint": digest.hexdigest()[:16], "splits": entries}
+                "mean": mean, "std": std, "fingerprint": digest.hexdigest()[:16], "splits": entries,
+                **({"modalities": splits.modalities} if splits.modalities else {})}
     save_json(manifest, folder / STORE_FILE)
     return manifest
 

@@ -19,7 +19,7 @@ from engine.fingerprint import model_fingerprint
 from engine.placement import loader_workers, placement, resident
 from engine.store import SPLITS
 from engine.teacher_import import PROGRAM_FILES, load_program, save_program
-from models import build_model
+from models import build_model, views
 from models.profile import profile
 
 MODEL_FILE, MODEL_META, HISTORY_FILE = "model.pt", "model.json", "history.json"
@@ -58,9 +58,19 @@ class Workspace:
         taken = sum(getattr(self, s).x.numel() for s in SPLITS if self.placement[s] == "memory")
         return resident(self.data, self.device, nbytes, taken)
 
-    def build(self, arch: str, seed: int | None = None) -> nn.Module:
+    def build(self, arch: str, seed: int | None = None, input: str | None = None) -> nn.Module:
+        """The model for these splits; with `input`, one that reads that view of them (models/views.py)."""
         c, h, _ = self.splits.input_shape
+        view = None
+        if input:
+            try:
+                view, c = views.view(input, self.splits.modalities, c, h, self.splits.name)
+            except ValueError as e:
+                raise KDError(f"{arch}: {e}") from None
         model = build_model(arch, c, self.splits.num_classes, h, seed)
+        if view is not None:
+            model = views.Viewed(view, model, input)
+            model.arch = arch
         return model.to(self.device, memory_format=torch.channels_last)
 
     def load_state(self, model: nn.Module, state: dict, source: str) -> nn.Module:
@@ -85,7 +95,7 @@ class Workspace:
                           "there is no model to run")
         if meta["arch"] in PROGRAM_FILES:  # an imported torch.export or TorchScript teacher, kept as it came
             return load_program(meta["arch"], model_dir / PROGRAM_FILES[meta["arch"]], self.device)
-        model = self.build(meta["arch"])
+        model = self.build(meta["arch"], input=meta.get("input"))
         return self.load_state(model, load_torch(model_dir / MODEL_FILE, self.device), str(model_dir / MODEL_FILE))
 
     def load_guide(self, model_dir: Path) -> nn.Module | None:
@@ -112,7 +122,8 @@ class Workspace:
             save_program(model, out_dir / PROGRAM_FILES[model.arch])
         save_torch(model.state_dict(), out_dir / MODEL_FILE)
         save_json(history, out_dir / HISTORY_FILE)
-        meta = {**meta, "arch": model.arch, **self.data_meta(), "model_fingerprint": model_fingerprint(model),
+        meta = {**meta, "arch": model.arch, **({"input": model.input} if isinstance(model, views.Viewed) else {}),
+                **self.data_meta(), "model_fingerprint": model_fingerprint(model),
                 **profile(model, self.splits.input_shape)}
         save_json(meta, out_dir / MODEL_META)
         return meta

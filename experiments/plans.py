@@ -73,7 +73,7 @@ def reading(g: TrainSpec, use: GuideUse, default: GuideUse) -> TrainSpec:
 
 def zoo(cfg: PipelineConfig, role: Role, arch: str, seed: int, guides: list[TrainSpec] = (), *, epochs: int | None = None,
         lr: float | None = None, kd: KDConfig | None = None, survival: float = 1.0,
-        use: GuideUse | None = None, stop_after: int | None = None) -> TrainSpec:
+        use: GuideUse | None = None, stop_after: int | None = None, input: str | None = None) -> TrainSpec:
     """An experiment's training: its role's recipe (epochs, lr overridden), its hop's loss (`kd`, else the config's),
     its guides read as `use` says (else as the config's `cache`), test accuracy measured; in data/zoo/<id>. It
     learns from labels only when it has no guides and its loss needs a teacher; DML and self-distillation need none."""
@@ -81,10 +81,12 @@ def zoo(cfg: PipelineConfig, role: Role, arch: str, seed: int, guides: list[Trai
     used = hop if guides or not LOSSES[hop.loss].needs_teacher else None
     if use is not None:
         guides = [reading(g, use, training.use(cfg)) for g in guides]
+    input = input or getattr(cfg, role).input
     s = training.spec(cfg, role, arch, seed, train=training.recipe(cfg, role, epochs=epochs, lr=lr), kd=used,
-                      guides=tuple(guides), reading=use, survival=survival, test=True, stop_after=stop_after)
+                      guides=tuple(guides), reading=use, survival=survival, test=True, stop_after=stop_after,
+                      input=input)
     folder, source = Catalog(Path(".")).zoo(s.id), " + ".join(f"{g.role} {g.arch}" for g in guides) or "labels"
-    stopped = f", stopped after epoch {stop_after}" if stop_after else ""
+    stopped = (f", stopped after epoch {stop_after}" if stop_after else "") + (f", reading {input}" if input else "")
     return s.model_copy(update={"name": s.id, "out": str(folder / "model"), "targets": str(folder / DEFAULT_TARGETS),
                                 "method": training.method(s),
                                 "title": f"{role} {arch} s{seed} from {source} ({training.method(s)}{stopped})"})
@@ -328,7 +330,21 @@ def _method_rows(cfg: PipelineConfig, seed: int, t: TrainSpec) -> list[tuple[str
             ("ensemble", _student(cfg, seed, ensemble), f"ensemble {names}, mean KL"),
             ("ensemble-weighted", _student(cfg, seed, ensemble,
                                            kd=_hop(cfg, "kd", ensemble={"combine": "probs", "weighted": True})),
-             f"ensemble {names}, mixture weighted by val. acc.")]
+             f"ensemble {names}, mixture weighted by val. acc.")] + _cross_modal_rows(cfg, seed, t)
+
+
+CROSS = "xm-"  # the cross-modal rows' variants: read against their own view, not against KD
+
+
+def _cross_modal_rows(cfg: PipelineConfig, seed: int, t: TrainSpec) -> list[tuple[str, TrainSpec, str]]:
+    """A student that reads another view of each example than its teacher (the whole input): from labels, and
+    distilled from the teacher's cache (cross-modal distillation, as SoundNet's KL on a teacher's class posteriors)."""
+    s, rows = cfg.student.arch, []
+    for v in cfg.experiments.cross_modal:
+        slug = v.replace("/", "-")
+        rows += [(f"{CROSS}nokd-{slug}", _student(cfg, seed, input=v), f"NOKD {s} reading {v}"),
+                 (f"{CROSS}kd-{slug}", _student(cfg, seed, [t], input=v), f"KD {t.arch} (whole input) -> {s} reading {v}")]
+    return rows
 
 
 def methods(cfg: PipelineConfig) -> Plan:
@@ -351,13 +367,17 @@ def methods(cfg: PipelineConfig) -> Plan:
     # Each row is read against KD at its own learning rate.
     contrasts = [(a, b) for a, b in (("kd", "nokd"), ("kd-low-lr", "nokd-low-lr")) if {a, b} <= set(variants)]
     contrasts += [(v, "kd-low-lr" if v.endswith("-low-lr") else "kd") for v in variants
-                  if v not in ("nokd", "kd", "nokd-low-lr", "kd-low-lr")
+                  if v not in ("nokd", "kd", "nokd-low-lr", "kd-low-lr") and not v.startswith(CROSS)
                   and ("kd-low-lr" if v.endswith("-low-lr") else "kd") in variants]
     # A method that needs the lower rate is also read against KD at the pipeline's: the choice a user has.
     contrasts += [(v, "kd") for v in variants if v.endswith("-low-lr") and v not in ("nokd-low-lr", "kd-low-lr")
                   and "kd" in variants]
     # Logit standardization is an option on a method: also read against that method without it.
     contrasts += [(a, b) for a, b in (("takd-ls", "takd"), ("dkd-ls", "dkd-b2")) if {a, b} <= set(variants)]
+    # Cross-modal: what the teacher adds on the student's view, and what the view costs from labels.
+    contrasts += [(c, d) for v in variants if v.startswith(f"{CROSS}kd-")
+                  for c, d in ((v, v.replace("kd-", "nokd-", 1)), (v.replace("kd-", "nokd-", 1), "nokd"))
+                  if {c, d} <= set(variants)]
     refs = [_ref("teacher", t)]
     refs += [_ref(f"assistant{'-' + slug if slug else ''}", spec, f"assistant {spec.arch}{' (' + how + ')' if how else ''}")
              for slug, spec, how in _method_assistants(cfg, rows)]

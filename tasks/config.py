@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from engine.config import DataConfig, KDConfig, SafePath, Strict, TrainConfig
 from engine.spec import GuideUse, Parallel, ParallelRecipe
 from engine.errors import KDError
-from models import check_name
+from models import check_name, views
+from models.views import VIEW_HELP
 
 
 # One recipe at CPU scale (docs/experiments.md: "A teacher worth distilling"): SGD + Nesterov at lr 0.1 with a
@@ -30,6 +31,7 @@ class ModelConfig(Strict):
     """Every field has a default, so a partial section (the Prefect form's, say) is complete."""
 
     arch: str = Field(description=ARCH)
+    input: Optional[str] = Field(None, description=VIEW_HELP)
     train: TrainConfig = Field(default_factory=TrainConfig)
     kd: Optional[KDConfig] = Field(None, description="distillation settings of the hop into this model (any loss at "
                                                      "each hop); unset keys inherit from the top-level kd")
@@ -38,6 +40,13 @@ class ModelConfig(Strict):
     @classmethod
     def _known(cls, v: str) -> str:
         check_name(v)
+        return v
+
+    @field_validator("input")
+    @classmethod
+    def _view(cls, v: str | None) -> str | None:
+        if v is not None:
+            views.parse(v)  # the modality is checked against the data when the model is built
         return v
 
 
@@ -207,8 +216,21 @@ class ExperimentsConfig(Strict):
                                  description="methods: DML's peers, trained with the student from scratch")
     low_lr: float = Field(0.01, gt=0, le=10, description="methods: the learning rate of the DKD and DML rows that "
                                                          "repeat a collapsed setting at a lower one")
+    cross_modal: list[str] = Field(default_factory=lambda: ["lowres-4", "edges"],
+                                   description="methods: cross-modal rows: a student that reads each of these views "
+                                               "(models/views.py) from labels and from the teacher, which reads the "
+                                               "whole input; [] for none")
     methods: Optional[list[str]] = Field(None, min_length=1, description="methods: only these variants (kd, kd-ls, "
                                                                          "dist, ...) and what they learn from; unset: all")
+
+    @field_validator("cross_modal")
+    @classmethod
+    def _views(cls, v: list[str]) -> list[str]:
+        for text in v:
+            views.parse(text)
+        if len(set(v)) != len(v):
+            raise ValueError(f"each view once: {v}")
+        return v
 
     @field_validator("cache_views")
     @classmethod

@@ -296,6 +296,7 @@ def _spec(cfg: PipelineConfig, inst: Instance, made: dict[str, TrainSpec]) -> Tr
     source, init, name = made_by(m.source), made_by(m.init), inst.model_name()
     kd = training.hop_kd(cfg, m.role).model_copy(update=m.kd) if source else None
     s = training.spec(cfg, m.role, section.arch, inst.seed if inst.seed is not None else section.seed,
+                      input=section.input,
                       train=_recipe(cfg, m), kd=kd, guides=(source,) if source else (), init=init,
                       quantized=m.quantized, imported=training.imported(cfg) if m.role == "teacher" else None,
                       as_is=_as_is(cfg, m), name=name, out=str(cat.model(name)), targets=str(cat.soft_targets(name)),

@@ -320,6 +320,7 @@ def test_every_method_trains_end_to_end_on_tiny_data(methods_cfg):
     assert {meta[v]["loss"] for v in ("kd-ls", "dist", "ctkd", "mlkd", "crd", "reviewkd")} == {
         "kd", "dist", "ctkd", "mlkd", "crd", "reviewkd"}
     assert meta["crd"]["params"] == meta["nokd"]["params"]  # the heads and memory banks are dropped
+    assert meta["xm-kd-edges"]["input"] == "edges" and "input" not in meta["kd"]  # cross-modal: the student's view
 
     def history(variant: str) -> list[dict]:
         return json.loads((cat.root / plan.select(variant)[0].spec.out / "history.json").read_text())
@@ -424,3 +425,19 @@ def test_each_loss_reports_the_settings_it_reads():
     assert loss_settings(KDConfig(), "ce") == {}
     assert "dkd.temperature=4.0" in _hop(kd, "takd") and "lam" not in _hop(kd, "takd")
     assert "lam=0.1" in _hop(KDConfig(), "blkd") and _hop(None, "nokd") == "labels only"
+
+
+def test_the_methods_plan_reads_each_cross_modal_row_against_its_own_view():
+    """A student on another view than its teacher's is read against NOKD on that view (what the teacher adds) and
+    NOKD on the whole input (what the view costs), never against KD on the whole input."""
+    from experiments.plans import build_plan
+    from tasks.config import load_config
+
+    plan = build_plan("methods", load_config(None, {"experiments.cross_modal": ["lowres-4", "photo/edges"]}))
+    row = plan.select("xm-kd-photo-edges", 0)[0]
+    assert row.spec.input == "photo/edges" and row.spec.guides[0].input is None
+    assert plan.select("xm-nokd-lowres-4", 0)[0].spec.guides == ()
+    xm = [c for c in plan.contrasts if any(v.startswith("xm-") for v in c)]
+    assert xm == [("xm-kd-lowres-4", "xm-nokd-lowres-4"), ("xm-nokd-lowres-4", "nokd"),
+                  ("xm-kd-photo-edges", "xm-nokd-photo-edges"), ("xm-nokd-photo-edges", "nokd")]
+    assert not build_plan("methods", load_config(None, {"experiments.cross_modal": []})).select("xm-*")
