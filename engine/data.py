@@ -409,8 +409,8 @@ def load_csv(cfg: DataConfig) -> tuple[ImageSet, ImageSet | None, list[str]]:
 
 def path_columns(columns: list[str], path: Path) -> list[str]:
     """The CSV's image columns: path, or a path.<modality> column per modality of paired inputs."""
-    paired = [c for c in columns if c.startswith("path.")]
-    if "label" not in columns or ("path" in columns) == bool(paired):
+    paired = [] if "path" in columns else [c for c in columns if c.startswith("path.")]
+    if "label" not in columns or not ("path" in columns or paired):
         raise DataError(f"{path}: needs a header with columns path,label, or path.<modality> columns (one per input "
                         f"of a pair) and label (found {columns or 'none'})")
     bad = [c for c in paired if not MODALITY_RE.fullmatch(c[5:]) or is_derived(c[5:])]
@@ -424,7 +424,7 @@ def csv_modalities(cfg: DataConfig) -> list[str] | None:
     """A paired CSV's modalities in column order; None for one path column."""
     with _csv_path(cfg).open(newline="") as f:
         columns = csv.DictReader(f).fieldnames or []
-    paired = [c[5:] for c in columns if c.startswith("path.")]
+    paired = [] if "path" in columns else [c[5:] for c in columns if c.startswith("path.")]
     return paired or None
 
 

@@ -186,6 +186,10 @@ def _import_teacher(spec: TrainSpec, ws: Workspace) -> nn.Module:
     if kind == TORCHSCRIPT:
         log.warning(TORCHSCRIPT_DEPRECATED.format(path=path))
     if kind in PROGRAM_FILES:
+        if spec.input:
+            raise KDError(f"{path}: teacher.input {spec.input!r} needs a model the pipeline builds, but a {kind} "
+                          "program takes the input it was made for; import a state_dict for teacher.arch, or "
+                          "export the program on its own view")
         model = load_program(kind, path, ws.device)
     else:
         state = load_torch(path, ws.device)
@@ -194,7 +198,9 @@ def _import_teacher(spec: TrainSpec, ws: Workspace) -> nn.Module:
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise KDError(f"{path}: not a state_dict (a mapping of names to tensors); save model.state_dict(), "
                           "or a torch.export program with torch.export.save")
-        model = ws.load_state(ws.build(spec.arch, input=spec.input), state, path)
+        model = ws.build(spec.arch, input=spec.input)
+        # A user's weights are the bare network's: with a view, they are the wrapped network's.
+        ws.load_state(model.net if spec.input else model, state, path)
     check_fits(model, ws.splits.input_shape, ws.splits.classes, path)
     return model
 
@@ -239,7 +245,13 @@ def _check_parallel(spec: TrainSpec, loss: DistillLoss) -> None:
 def _start_model(spec: TrainSpec, ws: Workspace, folders: Folders) -> nn.Module:
     if spec.imported:
         return _import_teacher(spec, ws)
-    return ws.load_model_dir(folders.model(spec.init)) if spec.init else ws.build(spec.arch, spec.seed, spec.input)
+    if not spec.init:
+        return ws.build(spec.arch, spec.seed, spec.input)
+    start = read_meta(folders.model(spec.init)).get("input")
+    if start != spec.input:
+        raise KDError(f"{spec.name}: starts from {spec.init.name}, which reads {start or 'the whole input'}, but "
+                      f"reads {spec.input or 'the whole input'} itself; give both the same input")
+    return ws.load_model_dir(folders.model(spec.init))
 
 
 def prepare(spec: TrainSpec, ws: Workspace, folders: Folders, generator) -> tuple[nn.Module, DistillLoss | None,

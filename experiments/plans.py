@@ -343,7 +343,8 @@ def _cross_modal_rows(cfg: PipelineConfig, seed: int, t: TrainSpec) -> list[tupl
     for v in cfg.experiments.cross_modal:
         slug = v.replace("/", "-")
         rows += [(f"{CROSS}nokd-{slug}", _student(cfg, seed, input=v), f"NOKD {s} reading {v}"),
-                 (f"{CROSS}kd-{slug}", _student(cfg, seed, [t], input=v), f"KD {t.arch} (whole input) -> {s} reading {v}")]
+                 (f"{CROSS}kd-{slug}", _student(cfg, seed, [t], input=v),
+                  f"KD {t.arch} ({t.input or 'whole input'}) -> {s} reading {v}")]
     return rows
 
 

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.features import feature_names
 
 
 class Channels(nn.Module):
@@ -46,8 +45,7 @@ class LowRes(nn.Module):
         self.factor, self.size = factor, size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        small = F.adaptive_avg_pool2d(x, self.size // self.factor)
-        return F.interpolate(small, size=self.size, mode="nearest")
+        return F.interpolate(F.avg_pool2d(x, self.factor), size=self.size, mode="nearest")
 
 
 class Edges(nn.Module):
@@ -118,8 +116,9 @@ def view(text: str, modalities: list[str] | None, channels: int, size: int, wher
         steps.append(Channels(i * per, (i + 1) * per))
         channels = per
     for name, arg in derived:
-        if name == "lowres" and size // arg < 1:
-            raise ValueError(f"input {text!r}: {size}-pixel images cannot be pooled by {arg}")
+        if name == "lowres" and size % arg:
+            raise ValueError(f"input {text!r}: {size}-pixel images do not divide into {arg} x {arg} cells; use a "
+                             f"factor that divides {size}")
         steps.append(DERIVED[name][1](arg, channels, size))
     return nn.Sequential(*steps), channels
 
@@ -130,7 +129,9 @@ class Viewed(nn.Module):
     def __init__(self, view: nn.Module, net: nn.Module, input: str):
         super().__init__()
         self.view, self.net, self.input = view, net, input
-        self.feature_names = [f"net.{n}" for n in feature_names(net)]
+        named = getattr(net, "feature_names", None)
+        if named:  # else the stages are found in its own graph, as for any model that names none
+            self.feature_names = [f"net.{n}" for n in named]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.view(x))

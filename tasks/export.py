@@ -14,6 +14,7 @@ from engine.export import Deployable, onnx_max_abs_diff, pt2_max_abs_diff, to_on
 from engine.quantize import calibration_images, int8_file, measure
 from engine.trainer import predict
 from engine.spec import TrainSpec
+from models.views import Viewed
 from engine.workspace import Workspace, read_meta
 from tasks import tracking
 from tasks.catalog import Catalog
@@ -93,7 +94,9 @@ def work(run: StageRun) -> dict:
     classes = ws.splits.classes
     save_json({str(i): c for i, c in enumerate(classes)}, out / LABELS_FILE)
     save_json({"input_shape": list(ws.splits.input_shape), "value_range": [0.0, 1.0], "mean": ws.mean,
-               "std": ws.std, "layout": "NCHW, float32; normalised inside the model"}, out / PREPROCESS_FILE)
+               "std": ws.std, "layout": "NCHW, float32; normalised inside the model",
+               **({"modalities": ws.splits.modalities} if ws.splits.modalities else {}),
+               **({"reads": model.model.input} if isinstance(model.model, Viewed) else {})}, out / PREPROCESS_FILE)
     data = {**require(cat.prepared, "the prepared data set")["result"], "mean": [round(v, 4) for v in ws.mean],
             "std": [round(v, 4) for v in ws.std]}
     selected = "by export.model" if cfg.export.model else "as the student with the best validation accuracy"

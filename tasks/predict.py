@@ -18,6 +18,10 @@ def load_images(paths: list[str], export_dir: Path) -> np.ndarray:
 
     spec = json.loads((export_dir / "preprocessing.json").read_text())
     c, h, w = spec["input_shape"]
+    if spec.get("modalities"):
+        raise KDError(f"{export_dir / 'preprocessing.json'}: the student takes {len(spec['modalities'])} paired "
+                      f"inputs side by side ({', '.join(spec['modalities'])}); predict reads one image per example. "
+                      "Stack each example's images along the channels and call the ONNX or .pt2 file directly")
     out = []
     for p in paths:
         try:

@@ -35,7 +35,7 @@ from tasks.stage import StageRun, Work, read_stage, run_once, stage_lock
 # The cache settings a distillation reads, and those a cache is made with (engine/spec.py says which is which).
 CACHE_USE = tuple(f"cache.{f}" for f in GuideUse.model_fields)
 CACHE_MAKE = tuple(f"cache.{f}" for f in CacheSpec.model_fields)
-STUDENT = ("student.arch", "student.train")
+STUDENT = ("student.arch", "student.input", "student.train")
 HOP = ("kd", *CACHE_USE)
 DISTILLED = (*STUDENT, "student.kd", *HOP)
 CALIBRATION = ("quantize.calibration_images", "quantize.calibration_seed")
@@ -135,7 +135,7 @@ TRAINING = _trainings(
                                    versus=("blkd", "nokd")), DISTILLED, {"per_seed": True}),
     ("fine-tune-student", Model("student-takd-ft", "student", "FT", init="distill-student-takd", variant="takd_ft",
                                 label="TAKD + fine-tuning", versus=("takd",)),
-     ("student.train", "finetune"), {"per_seed": True}),
+     ("student.input", "student.train", "finetune"), {"per_seed": True}),
     ("distill-student-qad", Model("student-takd-qad", "student", "QAD", source="distill-assistant",
                                   init="fine-tune-student", quantized=True, variant="takd_qad",
                                   label="TAKD + QAD (its fp32 weights)"),

@@ -13,6 +13,7 @@ from engine.config import DataConfig
 from engine.data import Splits, load_splits
 from engine.errors import DataError, KDError
 from engine.workspace import Workspace
+from models import build_model
 from models.views import Edges, LowRes, parse, view
 from tasks.config import load_config
 from tasks.stages import run_stage
@@ -52,7 +53,7 @@ def test_a_paired_csv_stores_its_modalities_side_by_side_and_keeps_their_names(t
 
 
 @pytest.mark.parametrize("header, why", [
-    ("path,path.sketch,label,split", "needs a header with columns path,label, or path.<modality> columns"),
+    ("path.photo,path.sketch,y,split", "needs a header with columns path,label, or path.<modality> columns"),
     ("path.photo,path.edges,label,split", r"column 'path.edges': a modality is named by .* not after a derived view"),
 ])
 def test_paired_csv_faults_are_named(tmp_path, header, why):
@@ -130,3 +131,53 @@ def test_cross_modal_distillation_teacher_and_student_read_their_own_modality(tm
     assert torch.equal(teacher(other), teacher(x)) and not torch.allclose(student(other), student(x))
     meta = json.loads((cat.model("student-blkd-s0") / "model.json").read_text())
     assert meta["input"] == "sketch" and meta["input_shape"] == [6, 12, 12]
+
+
+def test_an_imported_teacher_reads_its_view_from_bare_weights_and_a_program_is_refused(project, tmp_path):
+    from tests.test_own_data import _exported
+
+    cfg, cat = project
+    run_stage("prepare-data", cfg, cat)
+    torch.manual_seed(5)
+    net = build_model("plain-4", 1, 10, 28)
+    torch.save(net.state_dict(), weights := tmp_path / "teacher.pt")
+    over = {**tiny_overrides(Path(cfg.data.source_dir), cat.root), "teacher.input": "lowres-4"}
+    run_stage("train-teacher", load_config(None, {**over, "teacher.checkpoint": str(weights)}), cat)
+    ws = Workspace(cat.prepared, "cpu")
+    teacher = ws.load_model_dir(cat.model("teacher")).eval()
+    x = ws.test.normalize(ws.test.x[:4])
+    assert teacher.input == "lowres-4" and torch.allclose(teacher(x), net.eval()(LowRes(4, 28)(x)), atol=1e-6)
+    program = _exported(net, tmp_path / "teacher.pt2")
+    with pytest.raises(KDError, match="teacher.input 'lowres-4' needs a model the pipeline builds"):
+        run_stage("train-teacher", load_config(None, {**over, "teacher.checkpoint": str(program)}), cat)
+
+
+def test_a_view_that_does_not_fit_and_a_start_that_reads_another_input_are_refused(project):
+    cfg, cat = project
+    run_stage("prepare-data", cfg, cat)
+    with pytest.raises(KDError, match="28-pixel images do not divide into 3 x 3 cells"):
+        Workspace(cat.prepared, "cpu").build("plain-2", input="lowres-3")
+    over = {**tiny_overrides(Path(cfg.data.source_dir), cat.root), "student.seeds": [0]}
+    for stage in ("train-teacher", "cache-teacher", "distill-assistant", "cache-assistant"):
+        run_stage(stage, cfg, cat)
+    run_stage("distill-student-takd", load_config(None, over), cat, seed=0)
+    with pytest.raises(KDError, match="starts from student-takd-s0, which reads the whole input, but reads edges"):
+        run_stage("fine-tune-student", load_config(None, {**over, "student.input": "edges"}), cat, seed=0)
+
+
+def test_an_unpaired_csv_keeps_its_extra_path_columns_as_data(tmp_path):
+    def load(header: str) -> Splits:
+        path = _paired_csv(tmp_path / header.replace(",", "-"), header=header)
+        return load_splits(DataConfig(name=f"csv:{path}", image_size=12, channels=3, val_fraction=0.2))
+
+    splits, plain = load("path,path.sketch,label,split"), load("path,sketch,label,split")
+    assert splits.modalities is None and torch.equal(splits.train.x, plain.train.x)  # the path column's images
+
+
+def test_predict_refuses_a_paired_student_with_what_to_do(tmp_path):
+    from tasks.predict import load_images
+
+    (tmp_path / "preprocessing.json").write_text(json.dumps({"input_shape": [6, 12, 12],
+                                                             "modalities": ["photo", "sketch"]}))
+    with pytest.raises(KDError, match="takes 2 paired inputs side by side \\(photo, sketch\\)"):
+        load_images(["a.png"], tmp_path)
