@@ -422,10 +422,10 @@ def path_columns(columns: list[str], path: Path) -> list[str]:
 
 def csv_modalities(cfg: DataConfig) -> list[str] | None:
     """A paired CSV's modalities in column order; None for one path column."""
-    with _csv_path(cfg).open(newline="") as f:
-        columns = csv.DictReader(f).fieldnames or []
-    paired = [] if "path" in columns else [c[5:] for c in columns if c.startswith("path.")]
-    return paired or None
+    path = _csv_path(cfg)
+    with path.open(newline="") as f:
+        files = path_columns(csv.DictReader(f).fieldnames or [], path)
+    return None if files == ["path"] else [c[5:] for c in files]
 
 
 def _csv_path(cfg: DataConfig) -> Path:
