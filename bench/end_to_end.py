@@ -97,6 +97,13 @@ def compare(dvc: dict[str, dict], flow: dict[str, dict]) -> dict:
             "latency_flow_over_dvc_range": [min(ratios), max(ratios)] if ratios else None}
 
 
+def _profile(root: Path) -> str:
+    """The models and epochs the run trained: its accuracies belong to that profile, not to today's."""
+    c = load_config(root / "params.yaml")
+    return ", ".join(f"{m} {getattr(c, m).arch} {getattr(c, m).train.epochs} epochs"
+                     for m in ("teacher", "assistant", "student"))
+
+
 def run(ctx: Context) -> dict:
     """`targets` (ctx.extra): only these stages and what they read, both ways (the tests stop at evaluate)."""
     targets = ctx.extra.get("targets", [])
@@ -124,5 +131,5 @@ def run(ctx: Context) -> dict:
         "dvc_repro_noop_runs_s": [round(s, 2) for s in noop],
         "prefect_process_s_with_server_start": process_s, "prefect_flow_run_s": flow["flow_s"],
         "prefect_import_s": flow["import_s"], "prefect_flow_state": flow["state"], "flow_workers": flow["workers"],
-        "dvc_status_clean_after_flow": "up to date" in status,
+        "dvc_status_clean_after_flow": "up to date" in status, "profile": _profile(dvc_root),
         **compare(models["dvc"], models["flow"])}}
