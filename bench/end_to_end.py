@@ -100,8 +100,8 @@ def compare(dvc: dict[str, dict], flow: dict[str, dict]) -> dict:
 def _profile(root: Path) -> str:
     """The models and epochs the run trained: its accuracies belong to that profile, not to today's."""
     c = load_config(root / "params.yaml")
-    return ", ".join(f"{m} {getattr(c, m).arch} {getattr(c, m).train.epochs} epochs"
-                     for m in ("teacher", "assistant", "student"))
+    said = {m: (getattr(c, m).arch, getattr(c, m).train.epochs) for m in ("teacher", "assistant", "student")}
+    return ", ".join(f"{m} {a} {e} epoch{'s' * (e != 1)}" for m, (a, e) in said.items())
 
 
 def run(ctx: Context) -> dict:
